@@ -1,0 +1,114 @@
+"""`clip-train <command>` / `python -m clip_train <command>`: train, eval, export, make-shards, make-demo.
+
+Bad input ends with one `clip-train: error: ...` line and exit code 2, never a deep traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from clip_train.config import ClipTrainError, check_paths, load_config
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    # force: accelerate/wandb imports may have configured the root logger already.
+    logging.basicConfig(level=logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Only rank 0 reports progress: one copy of each line in a cluster log; others warn.
+    logging.getLogger("clip_train").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. optim.lr=1e-3 train.steps=100")
+
+
+def _load(args: argparse.Namespace):
+    """The validated config, with inputs and the model name checked before anything heavy."""
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
+    from clip_train.model import resolve_model_name  # imports torch: after the cheap checks
+
+    resolve_model_name(cfg.model.name)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before the heavy imports: a bad config fails in a second
+    from clip_train.train import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from clip_train.evaluate import run_eval
+
+    run_eval(cfg, args.checkpoint, args.output)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip_train.checkpoint import export_open_clip, load_model_weights
+    from clip_train.model import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    bundle = build_model(cfg.model)
+    load_model_weights(bundle.model, args.checkpoint)
+    export_open_clip(bundle.model, args.output)
+    print(f"wrote {args.output}: load it with open_clip.create_model_and_transforms("
+          f"{bundle.name!r}, pretrained={args.output!r})"
+          + (f" after open_clip.add_model_config({cfg.model.name!r})" if cfg.model.name.endswith(".json") else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "make-shards":
+        from clip_train.data import make_shards_main
+
+        return _guarded(lambda: make_shards_main(argv[1:]))
+    if argv and argv[0] == "make-demo":
+        from clip_train.demo import make_demo_main
+
+        return _guarded(lambda: make_demo_main(argv[1:]))
+
+    parser = argparse.ArgumentParser(prog="clip-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (plain python: 1 process; accelerate launch: N)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval of a checkpoint")
+    _config_args(p)
+    p.add_argument("--checkpoint", help="training checkpoint directory or exported open_clip file")
+    p.add_argument("--output", help="results JSON (default: <train.output_dir>/eval.json)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write a plain open_clip state dict from a checkpoint")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint directory")
+    p.add_argument("--output", required=True, help="file to write, e.g. model.pt")
+    p.set_defaults(func=cmd_export)
+    sub.add_parser("make-shards", help="write webdataset shards from a folder or manifest (see --help)")
+    sub.add_parser("make-demo", help="write the demo's handwritten-digits shards (see --help)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return _guarded(lambda: args.func(args))
+
+
+def _guarded(fn) -> int:
+    try:
+        return fn()
+    except (ClipTrainError, FileNotFoundError) as err:
+        print(f"clip-train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

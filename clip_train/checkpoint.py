@@ -1,0 +1,125 @@
+"""Resumable checkpoints (atomic, last K kept) and export to a plain open_clip state dict.
+
+A checkpoint is `accelerator.save_state` (model, optimizer, grad scaler, every process's RNG
+states, and registered objects such as the run progress) written to a temporary directory and
+renamed into place, so a crash while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class Progress:
+    """Run state saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+    # One entry per process, in rank order: where that process's data stream stands.
+    data_states: list = field(default_factory=list)
+    wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints in step order (temporary directories are not matched)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: None, `latest` (None if there is none yet) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "custom_checkpoint_0.pkl").is_file():
+        from clip_train.config import ConfigError
+
+        raise ConfigError(f"train.resume: {resume!r} is not a clip-train checkpoint directory "
+                          "(use train.resume=latest to pick the newest one in train.output_dir)")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> Path:
+    """Save atomically on every process (each writes its own RNG state), then prune to `keep`."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _model_state_from_dir(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    if torch_file.is_file():
+        return torch.load(torch_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this checkpoint")
+
+
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """Load weights into an open_clip model from a training checkpoint dir or an exported file."""
+    p = Path(path)
+    if p.is_dir():
+        state = _model_state_from_dir(p)
+        # save_state stores the DualEncoder wrapper: strip its `clip.` prefix.
+        state = {k.removeprefix("clip."): v for k, v in state.items()}
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    model.load_state_dict(state, strict=True)
+
+
+def export_open_clip(model: nn.Module, path: str) -> None:
+    """Write a plain open_clip state dict: `create_model_and_transforms(name, pretrained=path)` loads it."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,382 @@
+"""Contrastive losses (CLIP / SigLIP): exact, distributed, and memory-linear in the batch.
+
+Pure functions, no module state. Each process passes its LOCAL raw embeddings; they are
+normalised in float32, all-gathered WITH gradient, and the process computes the loss of its own
+rows against every global column (open_clip's `local_loss=True, gather_with_grad=True`). The mean
+of the per-process losses is the single-process loss on the concatenated batch, and because the
+gather's backward sums the gradient from every process before slicing, the gradients averaged by
+DDP/Accelerate are the single-process gradients (encoders and logit scale/bias alike).
+
+Two implementations of the same maths:
+- plain: the B x G logit block exists (fast while it is small);
+- tiled: custom autograd Functions walk T x C tiles, keep an online log-sum-exp (clip) or a running
+  softplus sum (siglip) in the forward, and recompute tiles in the backward. Peak extra memory is
+  O((B + G) * D + T * C) instead of O(B * G).
+
+Shape legend: B local batch (rows of this process), G global batch (world * B), D embedding dim,
+T row tile, C column tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["all_gather_with_grad", "contrastive_loss", "representation_health"]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: sum the incoming gradient over processes, keep
+    this rank's slice. The sum is what carries the other processes' loss terms back to our
+    embeddings; a gather without it (or `accelerator.gather`) silently drops them."""
+
+    @staticmethod
+    def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rows = (rank * x_BD.shape[0], (rank + 1) * x_BD.shape[0])
+        parts = [torch.empty_like(x_BD) for _ in range(world)]
+        dist.all_gather(parts, x_BD.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_GD: torch.Tensor) -> torch.Tensor:
+        # all_reduce + slice instead of reduce_scatter: gloo has no reduce_scatter, and the
+        # embedding gradient is tiny next to the encoders' (G * D floats).
+        grad_GD = grad_GD.contiguous().clone()
+        dist.all_reduce(grad_GD, op=dist.ReduceOp.SUM)
+        start, stop = ctx.rows
+        return grad_GD[start:stop]
+
+
+def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
+    """(world*B, D) concatenation over processes in rank order; identity when torch.distributed
+    is not initialised or world size is 1. Backward: all_reduce(SUM) of the incoming gradient,
+    then this rank's slice (works on gloo, which has no reduce_scatter, and NCCL).
+
+    Every process must call it with the same shape (equal local batch sizes)."""
+    if _world_size() == 1:
+        return x_BD
+    return _AllGatherWithGrad.apply(x_BD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled kernels. Only the terms that couple every row with every column live here; the positive
+# (diagonal) terms are O(B * D) and stay in ordinary autograd.
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _tiles(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class _TiledLogSumExp(torch.autograd.Function):
+    """lse_B[i] = log sum_c exp(scale * <q_i, k_c>) without the B x G matrix.
+
+    Forward: for each row tile, merge per-column-tile logsumexps with logaddexp (online LSE).
+    Backward: recompute each tile's logits; dL/dlogits_ic = g_i * softmax_ic, so
+    dq = scale * P @ k, dk = scale * P^T @ q and dL/dscale = sum_i <q_i, (P @ k)_i>."""
+
+    @staticmethod
+    def forward(ctx, q_BD, k_GD, scale, tile_size: int):
+        lse_B = q_BD.new_empty(q_BD.shape[0])
+        for r0, r1 in _tiles(q_BD.shape[0], tile_size):
+            qs_TD = q_BD[r0:r1] * scale
+            lse_T = None
+            for c0, c1 in _tiles(k_GD.shape[0], tile_size):
+                tile_lse_T = torch.logsumexp(qs_TD @ k_GD[c0:c1].T, dim=1)
+                lse_T = tile_lse_T if lse_T is None else torch.logaddexp(lse_T, tile_lse_T)
+            lse_B[r0:r1] = lse_T
+        ctx.save_for_backward(q_BD, k_GD, scale, lse_B)
+        ctx.tile_size = tile_size
+        return lse_B
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lse_B):
+        q_BD, k_GD, scale, lse_B = ctx.saved_tensors
+        need_q, need_k, need_scale, _ = ctx.needs_input_grad
+        # (P @ k) without the scale factor; also yields the scale gradient, so compute it when
+        # either q or scale needs a gradient.
+        pk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
+        pq_GD = torch.zeros_like(k_GD) if need_k else None
+        for r0, r1 in _tiles(q_BD.shape[0], ctx.tile_size):
+            q_TD = q_BD[r0:r1]
+            qs_TD = q_TD * scale
+            shift_T1 = lse_B[r0:r1, None]
+            g_T1 = grad_lse_B[r0:r1, None]
+            for c0, c1 in _tiles(k_GD.shape[0], ctx.tile_size):
+                k_CD = k_GD[c0:c1]
+                # In place: the tile is the only T x C buffer alive.
+                p_TC = (qs_TD @ k_CD.T).sub_(shift_T1).exp_().mul_(g_T1)
+                if pk_BD is not None:
+                    pk_BD[r0:r1].addmm_(p_TC, k_CD)
+                if pq_GD is not None:
+                    pq_GD[c0:c1].addmm_(p_TC.T, q_TD)
+        grad_scale = _dot(q_BD, pk_BD).reshape(scale.shape) if need_scale else None
+        # Scale in place: no second copy of the O(B * D) accumulators.
+        grad_q = pk_BD.mul_(scale) if need_q else None
+        grad_k = pq_GD.mul_(scale) if need_k else None
+        return grad_q, grad_k, grad_scale, None
+
+
+class _TiledSymmetricLogSumExp(torch.autograd.Function):
+    """Both directions of one square block at once (a single process: rows and columns are the
+    same batch): lse_row_B[i] = log sum_j exp(S_ij), lse_col_B[j] = log sum_i exp(S_ij) with
+    S = scale * a @ b^T. One tile of S serves both, so forward and backward each do half the
+    matrix products of two `_TiledLogSumExp` calls.
+
+    Backward: dL/dS_ij = g_i * softmax_row_ij + h_j * softmax_col_ij =: M_ij;
+    da = scale * M @ b, db = scale * M^T @ a, dL/dscale = sum_i <a_i, (M @ b)_i>."""
+
+    @staticmethod
+    def forward(ctx, a_BD, b_BD, scale, tile_size: int):
+        lse_row_B = a_BD.new_empty(a_BD.shape[0])
+        lse_col_B = a_BD.new_full((b_BD.shape[0],), float("-inf"))
+        for r0, r1 in _tiles(a_BD.shape[0], tile_size):
+            as_TD = a_BD[r0:r1] * scale
+            lse_T = None
+            for c0, c1 in _tiles(b_BD.shape[0], tile_size):
+                logits_TC = as_TD @ b_BD[c0:c1].T
+                tile_lse_T = torch.logsumexp(logits_TC, dim=1)
+                lse_T = tile_lse_T if lse_T is None else torch.logaddexp(lse_T, tile_lse_T)
+                torch.logaddexp(
+                    lse_col_B[c0:c1], torch.logsumexp(logits_TC, dim=0), out=lse_col_B[c0:c1]
+                )
+            lse_row_B[r0:r1] = lse_T
+        ctx.save_for_backward(a_BD, b_BD, scale, lse_row_B, lse_col_B)
+        ctx.tile_size = tile_size
+        return lse_row_B, lse_col_B
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row_B, grad_col_B):
+        a_BD, b_BD, scale, lse_row_B, lse_col_B = ctx.saved_tensors
+        need_a, need_b, need_scale, _ = ctx.needs_input_grad
+        # An output that did not reach the loss has no gradient: treat it as zero.
+        grad_row_B = torch.zeros_like(lse_row_B) if grad_row_B is None else grad_row_B
+        grad_col_B = torch.zeros_like(lse_col_B) if grad_col_B is None else grad_col_B
+        mb_BD = torch.zeros_like(a_BD) if (need_a or need_scale) else None
+        ma_BD = torch.zeros_like(b_BD) if need_b else None
+        for r0, r1 in _tiles(a_BD.shape[0], ctx.tile_size):
+            a_TD = a_BD[r0:r1]
+            as_TD = a_TD * scale
+            for c0, c1 in _tiles(b_BD.shape[0], ctx.tile_size):
+                b_CD = b_BD[c0:c1]
+                logits_TC = as_TD @ b_CD.T
+                m_TC = (logits_TC - lse_row_B[r0:r1, None]).exp_().mul_(grad_row_B[r0:r1, None])
+                col_TC = logits_TC.sub_(lse_col_B[None, c0:c1]).exp_()
+                m_TC.add_(col_TC.mul_(grad_col_B[None, c0:c1]))
+                del logits_TC, col_TC
+                if mb_BD is not None:
+                    mb_BD[r0:r1].addmm_(m_TC, b_CD)
+                if ma_BD is not None:
+                    ma_BD[c0:c1].addmm_(m_TC.T, a_TD)
+        grad_scale = _dot(a_BD, mb_BD).reshape(scale.shape) if need_scale else None
+        grad_a = mb_BD.mul_(scale) if need_a else None
+        grad_b = ma_BD.mul_(scale) if need_b else None
+        return grad_a, grad_b, grad_scale, None
+
+
+class _TiledSoftplusSum(torch.autograd.Function):
+    """sum_{i,c} softplus(scale * <q_i, k_c> + bias) without the B x G matrix.
+
+    Backward: dL/dlogits_ic = g * sigmoid(logits_ic); dq = scale * S @ k, dk = scale * S^T @ q,
+    dL/dscale = sum_i <q_i, (S @ k)_i>, dL/dbias = sum S."""
+
+    @staticmethod
+    def forward(ctx, q_BD, k_GD, scale, bias, tile_size: int):
+        # float64 accumulator: up to B * G terms, each O(1).
+        total = torch.zeros((), dtype=torch.float64, device=q_BD.device)
+        for r0, r1 in _tiles(q_BD.shape[0], tile_size):
+            qs_TD = q_BD[r0:r1] * scale
+            for c0, c1 in _tiles(k_GD.shape[0], tile_size):
+                logits_TC = (qs_TD @ k_GD[c0:c1].T).add_(bias)
+                total += F.softplus(logits_TC).sum(dtype=torch.float64)
+        ctx.save_for_backward(q_BD, k_GD, scale, bias)
+        ctx.tile_size = tile_size
+        return total.to(q_BD.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        q_BD, k_GD, scale, bias = ctx.saved_tensors
+        need_q, need_k, need_scale, need_bias, _ = ctx.needs_input_grad
+        pk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
+        pq_GD = torch.zeros_like(k_GD) if need_k else None
+        grad_bias = torch.zeros((), dtype=torch.float64, device=q_BD.device)
+        for r0, r1 in _tiles(q_BD.shape[0], ctx.tile_size):
+            q_TD = q_BD[r0:r1]
+            qs_TD = q_TD * scale
+            for c0, c1 in _tiles(k_GD.shape[0], ctx.tile_size):
+                k_CD = k_GD[c0:c1]
+                s_TC = (qs_TD @ k_CD.T).add_(bias).sigmoid_().mul_(grad_total)
+                if need_bias:
+                    grad_bias += s_TC.sum(dtype=torch.float64)
+                if pk_BD is not None:
+                    pk_BD[r0:r1].addmm_(s_TC, k_CD)
+                if pq_GD is not None:
+                    pq_GD[c0:c1].addmm_(s_TC.T, q_TD)
+        grad_scale = _dot(q_BD, pk_BD).reshape(scale.shape) if need_scale else None
+        # Scale in place: no second copy of the O(B * D) accumulators.
+        grad_q = pk_BD.mul_(scale) if need_q else None
+        grad_k = pq_GD.mul_(scale) if need_k else None
+        grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
+        return grad_q, grad_k, grad_scale, grad_bias, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The two implementations, on normalised float32 embeddings: local rows (_BD) vs global
+# columns (_GD). `offset` is the global index of this process's first row.
+
+
+def _clip_plain(img_BD, txt_BD, img_GD, txt_GD, scale, offset: int) -> torch.Tensor:
+    labels_B = torch.arange(img_BD.shape[0], device=img_BD.device) + offset
+    # Scaling the B x D queries rather than the B x G logits keeps autograd from saving the
+    # unscaled logits for the scale's gradient.
+    logits_i2t_BG = (img_BD * scale) @ txt_GD.T
+    if img_GD is img_BD and txt_GD is txt_BD:
+        # One process: text->image logits are the transpose, no second product.
+        logits_t2i_BG = logits_i2t_BG.T
+    else:
+        logits_t2i_BG = (txt_BD * scale) @ img_GD.T
+    return (F.cross_entropy(logits_i2t_BG, labels_B) + F.cross_entropy(logits_t2i_BG, labels_B)) / 2
+
+
+def _clip_tiled(img_BD, txt_BD, img_GD, txt_GD, scale, tile_size: int) -> torch.Tensor:
+    # CE_i = lse_i - positive_i, and the positive logit scale * <img_i, txt_i> is the same in
+    # both directions.
+    if img_GD is img_BD and txt_GD is txt_BD:
+        # One process: the text->image block is the transpose of the image->text block.
+        lse_i2t_B, lse_t2i_B = _TiledSymmetricLogSumExp.apply(img_BD, txt_BD, scale, tile_size)
+    else:
+        lse_i2t_B = _TiledLogSumExp.apply(img_BD, txt_GD, scale, tile_size)
+        lse_t2i_B = _TiledLogSumExp.apply(txt_BD, img_GD, scale, tile_size)
+    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
+    return (lse_i2t_B.mean() + lse_t2i_B.mean()) / 2 - positive_B.mean()
+
+
+def _siglip_plain(img_BD, txt_GD, scale, bias, offset: int) -> torch.Tensor:
+    b, g = img_BD.shape[0], txt_GD.shape[0]
+    logits_BG = (img_BD * scale) @ txt_GD.T + bias
+    labels_BG = -torch.ones((b, g), device=img_BD.device, dtype=img_BD.dtype)
+    labels_BG[torch.arange(b), torch.arange(b) + offset] = 1.0
+    return -F.logsigmoid(labels_BG * logits_BG).sum() / b
+
+
+def _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size: int) -> torch.Tensor:
+    # -log sigmoid(y * x) = softplus(x) - [y = +1] * x: every pair is a negative, and each
+    # positive pair subtracts its logit.
+    negatives = _TiledSoftplusSum.apply(img_BD, txt_GD, scale, bias, tile_size)
+    positives = (scale * (img_BD * txt_BD).sum(dim=1) + bias).sum()
+    return (negatives - positives) / img_BD.shape[0]
+
+
+def _as_float32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    # .float() keeps the autograd link to a learnable parameter (whatever its dtype).
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int) -> str:
+    """`auto` -> plain when the whole B x G block fits in one tile (tiling would then allocate the
+    same block anyway, only slower), tiled beyond. With the default tile of 4096 the switch is at
+    B*G = 4096^2: a 64 MiB float32 block, of which plain holds a few copies (logits, log-softmax,
+    their gradient) per direction."""
+    if impl == "auto":
+        return "plain" if local_batch * global_batch <= tile_size * tile_size else "tiled"
+    if impl not in ("plain", "tiled"):
+        raise ValueError(f"impl: got {impl!r}, expected auto, plain or tiled")
+    return impl
+
+
+def contrastive_loss(
+    img_emb_BD: torch.Tensor,
+    txt_emb_BD: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+    *,
+    kind: str = "clip",
+    impl: str = "auto",
+    tile_size: int = 4096,
+    max_logit_scale: float = 100.0,
+) -> torch.Tensor:
+    """Takes this process's LOCAL raw (unnormalised) embeddings and the raw learnable parameters
+    as open_clip stores them (logit_scale is log-space: the loss uses
+    clamp(exp(logit_scale), max=max_logit_scale); logit_bias for siglip). Normalises in float32,
+    runs with autocast disabled, all-gathers with grad, and returns this process's loss over its
+    own rows against all global columns, such that the MEAN over processes equals the
+    single-process loss on the concatenated batch, and gradients after DDP/Accelerate averaging
+    equal single-process gradients (encoders via the embeddings AND logit_scale/logit_bias).
+
+    kind: "clip" (symmetric InfoNCE; a logit_bias is ignored, it cancels in the softmax) or
+    "siglip" (open_clip's SigLipLoss: sum over every pair of -log sigmoid(label * logit), divided
+    by the local rows; logit_bias None means 0). impl: "plain", "tiled" or "auto" (see
+    `resolve_impl`). Every process must hold the same number of rows.
+    """
+    if kind not in ("clip", "siglip"):
+        raise ValueError(f"kind: got {kind!r}, expected clip or siglip")
+    if img_emb_BD.shape != txt_emb_BD.shape or img_emb_BD.dim() != 2:
+        raise ValueError(
+            f"expected two (B, D) embeddings of one shape, got "
+            f"{tuple(img_emb_BD.shape)} and {tuple(txt_emb_BD.shape)}"
+        )
+    if tile_size <= 0:
+        raise ValueError(f"tile_size must be > 0, got {tile_size}")
+    device = img_emb_BD.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        logit_scale = _as_float32(logit_scale, device)
+        # CLIP clamps the temperature: beyond 100 training became unstable. clamp's gradient is
+        # zero above the bound, so a clamped scale stops moving up.
+        scale = logit_scale.exp().clamp(max=max_logit_scale)
+        img_BD = F.normalize(img_emb_BD.float(), dim=-1)
+        txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
+        # One collective for both modalities; cheaper, and both backwards happen in one
+        # all_reduce so the processes cannot disagree on the order.
+        if _world_size() == 1:
+            img_GD, txt_GD = img_BD, txt_BD
+        else:
+            both_GD = all_gather_with_grad(torch.cat([img_BD, txt_BD], dim=1))
+            img_GD, txt_GD = both_GD.split(img_BD.shape[1], dim=1)
+        b, g = img_BD.shape[0], img_GD.shape[0]
+        impl = resolve_impl(impl, b, g, tile_size)
+        offset = _rank() * b
+        if kind == "clip":
+            if impl == "plain":
+                return _clip_plain(img_BD, txt_BD, img_GD, txt_GD, scale, offset)
+            return _clip_tiled(img_BD, txt_BD, img_GD, txt_GD, scale, tile_size)
+        bias = _as_float32(0.0 if logit_bias is None else logit_bias, device)
+        if impl == "plain":
+            return _siglip_plain(img_BD, txt_GD, scale, bias, offset)
+        return _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size)
+
+
+@torch.no_grad()
+def representation_health(img_emb_BD: torch.Tensor, txt_emb_BD: torch.Tensor) -> dict[str, float]:
+    """Wang & Isola (2020) on normalised embeddings of one process, no gather:
+    alignment = mean ||x_i - y_i||^2 over pairs (0 is perfect), uniformity = log mean_{i != j}
+    exp(-2 ||x_i - x_j||^2) over image pairs (lower is more uniform; nan for B < 2).
+    O(B^2) memory: meant for a local batch."""
+    x_BD = F.normalize(img_emb_BD.float(), dim=-1)
+    y_BD = F.normalize(txt_emb_BD.float(), dim=-1)
+    alignment = (x_BD - y_BD).pow(2).sum(dim=1).mean()
+    sq_dist_P = torch.pdist(x_BD).pow(2)  # the B(B-1)/2 pairs i < j; mean over i != j is the same
+    if sq_dist_P.numel() == 0:
+        uniformity = float("nan")
+    else:
+        n = torch.tensor(float(sq_dist_P.numel()), device=x_BD.device)
+        uniformity = float(torch.logsumexp(-2.0 * sq_dist_P, dim=0) - n.log())
+    return {"alignment": float(alignment), "uniformity": uniformity}

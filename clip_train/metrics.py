@@ -1,0 +1,98 @@
+"""Metrics: a main-process `metrics.jsonl` always, trackers (W&B) through Accelerate when enabled,
+and progress that fits the place (a bar on a terminal, plain lines in a cluster log)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clip_train.config import Config, to_yaml
+
+log = logging.getLogger("clip_train")
+
+
+def wandb_mode(mode: str) -> str:
+    """Resolve `auto`: online only when W&B credentials exist, so a run never blocks on a login."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def init_trackers(accelerator, cfg: Config, run_id: str | None) -> str | None:
+    """Start the W&B run through Accelerate (main process); returns the run id to checkpoint."""
+    if not cfg.wandb.enabled:
+        return None
+    from omegaconf import OmegaConf
+
+    init = {"mode": wandb_mode(cfg.wandb.mode), "dir": cfg.train.output_dir, "tags": list(cfg.wandb.tags),
+            "resume": "allow"}
+    if cfg.wandb.entity:
+        init["entity"] = cfg.wandb.entity
+    if cfg.wandb.name:
+        init["name"] = cfg.wandb.name
+    if run_id:
+        init["id"] = run_id  # a resumed run continues the same W&B run
+    accelerator.init_trackers(cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                              init_kwargs={"wandb": init})
+    if accelerator.is_main_process:
+        return accelerator.get_tracker("wandb", unwrap=True).id
+    return None
+
+
+class MetricsLog:
+    """Writes metrics to `<output_dir>/metrics.jsonl` and the trackers; main process only."""
+
+    def __init__(self, accelerator, cfg: Config):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            (self.path.parent / "config.yaml").write_text(to_yaml(cfg))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self.accelerator.log(metrics, step=step)
+
+
+class Progress:
+    """A tqdm bar when a person watches a terminal, log lines every `every` steps otherwise."""
+
+    def __init__(self, enabled: bool, total: int, start: int, every: int):
+        self.every = every
+        self.bar = None
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.total = total
+
+    def update(self, step: int, metrics: dict) -> None:
+        short = {k: metrics[k] for k in ("loss", "lr", "samples_per_s") if k in metrics}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
+        elif self.lines and (step % self.every == 0 or step == self.total):
+            text = " ".join(f"{k}={v:.4g}" for k, v in short.items())
+            log.info("step %d/%d %s", step, self.total, text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,241 @@
+"""The training job: parse → accelerator → model/data/optimizer → one loop → close."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+
+from clip_train.checkpoint import Progress, export_open_clip, resolve_resume, save_checkpoint
+from clip_train.config import ClipTrainError, Config
+from clip_train.data import build_train_loader
+from clip_train.evaluate import evaluate
+from clip_train.grad_cache import train_step
+from clip_train.loss import contrastive_loss, representation_health
+from clip_train.metrics import MetricsLog, Progress as ProgressDisplay, init_trackers
+from clip_train.model import DualEncoder, build_model, tower_trainable
+from clip_train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("clip_train")
+
+
+class LaunchError(ClipTrainError):
+    """The processes were not started the way the trainer needs."""
+
+
+class TrainingError(ClipTrainError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """Accelerate's mixed_precision value; fp32 on CPU unless bf16 is asked for explicitly."""
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if not cuda and precision == "fp16":
+        log.warning("train.precision=fp16 needs CUDA; falling back to fp32 on the CPU")
+        return "no"
+    if not cuda and precision == "bf16":
+        log.warning("train.precision=bf16 on the CPU runs much slower than fp32 (use train.precision=no)")
+    return precision
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    # Every parameter takes part in every step's last backward (the gradient cache feeds the
+    # temperature through the forward), so DDP need not search for unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision, cuda),
+                       cpu=not cuda, log_with="wandb" if cfg.wandb.enabled else None,
+                       project_dir=cfg.train.output_dir, kwargs_handlers=[ddp])
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuse to train when accelerate's process count differs from the launcher's WORLD_SIZE.
+
+    accelerate >= 1.13 on a CPU-only machine silently runs each launched process alone unless told
+    to use the CPU: N independent runs, no gradient sync, no error.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise LaunchError(
+            f"the launcher started WORLD_SIZE={launched} processes but accelerate runs "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); on a machine without "
+            "GPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+            "(launch/local.sh does this)")
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (what SLURM sends before pre-emption) ask for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def train(cfg: Config) -> dict[str, float]:
+    accelerator = make_accelerator(cfg)
+    check_world_size(accelerator)
+    set_seed(cfg.train.seed)  # the same initial weights everywhere
+    bundle = build_model(cfg.model)
+    if cfg.model.torch_compile:
+        bundle.model.encode_image = torch.compile(bundle.model.encode_image)
+        bundle.model.encode_text = torch.compile(bundle.model.encode_text)
+    optimizer = build_optimizer(bundle.model, cfg.optim)
+    model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
+    clip = accelerator.unwrap_model(model).clip
+    train_image, train_text = tower_trainable(clip)
+
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))  # also restores every process's RNG states
+        log.info("resumed from %s at step %d", resume_from, progress.step)
+    else:
+        set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = build_train_loader(
+        cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
+        local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
+        world_size=world, state=progress.data_states[rank] if progress.data_states else None)
+    loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
+                                tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale)
+    progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id)
+    metrics_log = MetricsLog(accelerator, cfg)
+    display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
+    stop = StopRequest()
+    global_batch = cfg.train.local_batch_size * world
+    if accelerator.is_main_process:
+        log.info("training %s: %d processes x %d samples = global batch %d, chunk %s, %s, %d steps",
+                 bundle.name, world, cfg.train.local_batch_size, global_batch, cfg.train.chunk_size,
+                 accelerator.mixed_precision, cfg.train.steps)
+
+    def checkpoint() -> None:
+        progress.data_states = gather_object([loader.state_dict()])
+        save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints)
+
+    batches = iter(loader)
+    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    results: dict[str, float] = {}
+    while progress.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        images, texts = next(batches)
+        images, texts = images.to(accelerator.device), texts.to(accelerator.device)
+        data_wait += time.perf_counter() - t0
+
+        set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))
+        out = train_step(model, images, texts, loss_fn=loss_fn, chunk_size=cfg.train.chunk_size,
+                         accelerator=accelerator, train_image=train_image, train_text=train_text)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
+        # One small collective decides for every process: skip the step? stop for a signal?
+        flags = torch.tensor([float(not torch.isfinite(out.loss)), float(stop.requested)], device=accelerator.device)
+        flags = accelerator.reduce(flags, "max")
+        nonfinite = bool(flags[0]) or (accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm))
+        if accelerator.mixed_precision == "fp16" or not nonfinite:
+            optimizer.step()  # under fp16, GradScaler itself skips steps with inf/NaN gradients
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            # Clamp the temperature in place, as CLIP does: beyond 100 training becomes unstable.
+            clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
+        progress.step += 1
+        progress.samples_seen += global_batch
+        window_steps += 1
+        if nonfinite:
+            progress.skipped_steps += 1
+            progress.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                        progress.step, progress.nonfinite_in_a_row)
+            if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                checkpoint()
+                raise TrainingError(f"{progress.nonfinite_in_a_row} non-finite steps in a row "
+                                    f"(train.max_nonfinite_steps); last good state saved in "
+                                    f"{cfg.train.output_dir}/checkpoints")
+        else:
+            progress.nonfinite_in_a_row = 0
+
+        last = progress.step == cfg.train.steps
+        if progress.step % cfg.train.log_every_steps == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "loss": accelerator.reduce(out.loss.detach().float(), "mean").item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "logit_scale": clip.logit_scale.exp().item(),
+                "temperature": 1.0 / clip.logit_scale.exp().item(),
+                "grad_norm": grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm),
+                "samples_per_s": global_batch * window_steps / elapsed,
+                "samples_per_s_per_process": cfg.train.local_batch_size * window_steps / elapsed,
+                "data_wait_fraction": data_wait / elapsed,
+                "samples_seen": progress.samples_seen,
+                "skipped_steps": progress.skipped_steps,
+                **peak_memory(accelerator.device),
+                **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
+                **bad_sample_metrics(accelerator, loader),
+            }
+            metrics_log.log(metrics, progress.step)
+            display.update(progress.step, metrics)
+            window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
+            metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle), progress.step)
+        if (cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last:
+            checkpoint()
+        if bool(flags[1]) and not last:
+            checkpoint()
+            log.warning("stop signal received: checkpoint saved at step %d, exiting", progress.step)
+            break
+
+    display.close()
+    if progress.step == cfg.train.steps:
+        results = run_evaluation(accelerator, clip, cfg, bundle)
+        metrics_log.log(results, progress.step)
+        if accelerator.is_main_process:
+            export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
+            with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
+                json.dump({"step": progress.step, **results}, f, indent=1)
+    accelerator.end_training()
+    return results
+
+
+def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:
+    results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                       device=accelerator.device, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, show_progress=accelerator.is_main_process)
+    if results and accelerator.is_main_process:
+        log.info("eval: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bad_sample_metrics(accelerator: Accelerator, loader) -> dict[str, float]:
+    """Bad-sample counts summed over processes (every process calls this at the same step)."""
+    counts = loader.bad_counts()
+    kinds = sorted(counts)
+    if not kinds:
+        totals = accelerator.reduce(torch.tensor([float(loader.samples_read()), 0.0], device=accelerator.device), "sum")
+        return {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1].item()}
+    values = torch.tensor([float(loader.samples_read())] + [float(counts[k]) for k in kinds], device=accelerator.device)
+    totals = accelerator.reduce(values, "sum")
+    out = {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1:].sum().item()}
+    out.update({f"data/bad/{k}": totals[i + 1].item() for i, k in enumerate(kinds)})
+    return out

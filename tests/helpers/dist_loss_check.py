@@ -1,0 +1,180 @@
+"""Multi-process check of clip_train.loss, launched by tests/test_loss.py with
+`accelerate launch --num_processes 2` (gloo on CPU). Writes one JSON of measured errors; the test
+asserts on it, so a wrong gradient fails there with the numbers in the message.
+
+Each rank takes its half of one fixed random batch, encodes it with tiny linear encoders (same
+weights everywhere) and calls `contrastive_loss` on its local embeddings. Compared against a
+float64 single-process reference on the whole batch, written independently here:
+- the mean of the per-rank losses;
+- gradients of the encoders' weights and of logit_scale / logit_bias averaged over ranks, once by
+  hand (all_reduce / world) and once by DDP through `accelerator.prepare`;
+- the same loss with a gather WITHOUT gradient (open_clip's default trick: gathered copies with
+  the local slice swapped back in), which must give a wrong encoder gradient: proof that the
+  comparison can fail.
+
+Usage: dist_loss_check.py OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+import clip_train.loss as loss_module
+from clip_train.loss import contrastive_loss
+
+GLOBAL_BATCH = 12
+IN_DIM = 10
+EMB_DIM = 6
+TILE = 5  # local 6 rows -> tiles 5+1, global 12 columns -> 5+5+2
+LOGIT_SCALE = 2.0
+LOGIT_BIAS = -1.5
+CASES = [(kind, impl) for kind in ("clip", "siglip") for impl in ("plain", "tiled")]
+
+
+class TinyDualEncoder(torch.nn.Module):
+    """Linear image and text encoders returning what an open_clip model returns."""
+
+    def __init__(self, w_img, w_txt, logit_scale, logit_bias=None):
+        super().__init__()
+        self.img = torch.nn.Parameter(w_img.clone())
+        self.txt = torch.nn.Parameter(w_txt.clone())
+        self.logit_scale = torch.nn.Parameter(torch.tensor(logit_scale))
+        # Only siglip uses the bias; DDP rejects a parameter that gets no gradient.
+        self.logit_bias = (
+            None if logit_bias is None else torch.nn.Parameter(torch.tensor(logit_bias))
+        )
+
+    def forward(self, x_img_BI, x_txt_BI):
+        return x_img_BI @ self.img.T, x_txt_BI @ self.txt.T, self.logit_scale, self.logit_bias
+
+
+def reference(kind, x_img, x_txt, w_img, w_txt, logit_scale, logit_bias):
+    """float64, one process, the whole G x G matrix."""
+    img = F.normalize(x_img @ w_img.T, dim=-1)
+    txt = F.normalize(x_txt @ w_txt.T, dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * img @ txt.T
+    n = logits.shape[0]
+    if kind == "clip":
+        labels = torch.arange(n)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    signs = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * (logits + logit_bias)).sum() / n
+
+
+def gather_without_grad(x_BD):
+    """The wrong way: gathered copies carry no gradient; only the local slice does."""
+    parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_BD.detach().contiguous())
+    parts[dist.get_rank()] = x_BD
+    return torch.cat(parts, dim=0)
+
+
+def rel_err(got, want):
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def main(out_path):
+    accelerator = Accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = GLOBAL_BATCH // world
+    rows = slice(rank * local, (rank + 1) * local)
+
+    gen = torch.Generator().manual_seed(0)
+    x_img = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
+    x_txt = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
+    w_img = torch.randn(EMB_DIM, IN_DIM, generator=gen, dtype=torch.float64)
+    w_txt = torch.randn(EMB_DIM, IN_DIM, generator=gen, dtype=torch.float64)
+
+    results = {"world_size": world, "backend": dist.get_backend(), "cases": {}}
+    for kind, impl in CASES:
+        ref_params = [
+            w_img.clone().requires_grad_(),
+            w_txt.clone().requires_grad_(),
+            torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True),
+            torch.tensor(LOGIT_BIAS, dtype=torch.float64, requires_grad=True),
+        ]
+        ref = reference(kind, x_img, x_txt, *ref_params)
+        ref.backward()
+        ref_loss = ref.item()
+        names = ["w_img", "w_txt", "logit_scale"] + (["logit_bias"] if kind == "siglip" else [])
+        ref_grads = {n: p.grad for n, p in zip(names, ref_params, strict=False)}
+
+        def run(gather, kind=kind, impl=impl, names=names):
+            params = [
+                w_img.float().requires_grad_(),
+                w_txt.float().requires_grad_(),
+                torch.tensor(LOGIT_SCALE, requires_grad=True),
+                torch.tensor(LOGIT_BIAS, requires_grad=True),
+            ]
+            original = loss_module.all_gather_with_grad
+            loss_module.all_gather_with_grad = gather
+            try:
+                loss = contrastive_loss(
+                    x_img[rows].float() @ params[0].T,
+                    x_txt[rows].float() @ params[1].T,
+                    params[2],
+                    params[3] if kind == "siglip" else None,
+                    kind=kind,
+                    impl=impl,
+                    tile_size=TILE,
+                )
+            finally:
+                loss_module.all_gather_with_grad = original
+            loss.backward()
+            losses = [torch.zeros(()) for _ in range(world)]
+            dist.all_gather(losses, loss.detach())
+            grads = {}
+            for name, p in zip(names, params, strict=False):
+                g = p.grad.clone()
+                dist.all_reduce(g)  # what DDP / Accelerate do: average over processes
+                grads[name] = g / world
+            return [float(x) for x in losses], grads
+
+        losses, grads = run(loss_module.all_gather_with_grad)
+        case = {
+            "rank_losses": losses,
+            "ref_loss": ref_loss,
+            "loss_rel_err": abs(sum(losses) / world - ref_loss) / abs(ref_loss),
+            "grad_rel_err": {n: rel_err(grads[n], ref_grads[n]) for n in names},
+        }
+
+        nograd_losses, nograd_grads = run(gather_without_grad)
+        case["nograd_loss_rel_err"] = abs(sum(nograd_losses) / world - ref_loss) / abs(ref_loss)
+        case["nograd_grad_rel_err"] = {n: rel_err(nograd_grads[n], ref_grads[n]) for n in names}
+
+        # DDP through Accelerate: the real averaging path of train.py.
+        model = accelerator.prepare(
+            TinyDualEncoder(
+                w_img.float(), w_txt.float(), LOGIT_SCALE, LOGIT_BIAS if kind == "siglip" else None
+            )
+        )
+        img, txt, scale, bias = model(x_img[rows].float(), x_txt[rows].float())
+        loss = contrastive_loss(img, txt, scale, bias, kind=kind, impl=impl, tile_size=TILE)
+        accelerator.backward(loss)
+        inner = accelerator.unwrap_model(model)
+        ddp_grads = {
+            "w_img": inner.img.grad,
+            "w_txt": inner.txt.grad,
+            "logit_scale": inner.logit_scale.grad,
+            "logit_bias": inner.logit_bias,
+        }
+        if kind == "siglip":
+            ddp_grads["logit_bias"] = inner.logit_bias.grad
+        case["ddp_grad_rel_err"] = {n: rel_err(ddp_grads[n], ref_grads[n]) for n in names}
+        results["cases"][f"{kind}-{impl}"] = case
+
+    if accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,443 @@
+"""Evaluation: zero-shot classifier, metrics on cases with known answers, data paths, bad input,
+and a 2-process evaluation that must equal the 1-process one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from clip_train.config import Config, ConfigError, EvalConfig, ModelConfig, TrainConfig
+from clip_train.evaluate import (
+    _all_gather_rows,
+    alignment,
+    build_classifier,
+    chunked_topk,
+    classification_counts,
+    classification_metrics,
+    evaluate,
+    load_classnames,
+    load_templates,
+    rank_shards,
+    retrieval_metrics,
+    run_eval,
+    uniformity,
+)
+from clip_train.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs/models/tiny-vit.json")
+CLASSNAMES = ["cat", "dog", "red car"]
+TEMPLATES = ["a photo of a {}.", "{} in the wild", "a drawing of the {} (sketch)"]
+ZS_SIZES = (5, 4, 4)  # 13 samples over 3 shards: odd, and uneven between ranks
+RET_SIZE = 7  # one retrieval shard: with 2 processes, rank 1 reads nothing
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures: a tiny seeded model and tiny data written by the test
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    b = build_model(ModelConfig(name=TINY))
+    # A random init gives near-identical embeddings for every input; spread the logit-free
+    # towers a bit so rankings are not decided by float noise.
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return b
+
+
+def _image(rng: np.random.Generator) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def _write_shards(pattern: str, samples: list[dict], sizes: tuple[int, ...]) -> None:
+    assert sum(sizes) == len(samples)
+    start = 0
+    for i, n in enumerate(sizes):
+        with wds.TarWriter(pattern % i) as w:
+            for s in samples[start:start + n]:
+                w.write(s)
+        start += n
+
+
+def _captions(i: int) -> list[str]:
+    return [f"picture number {i}", f"another view {i}", f"item {i} again"][: 1 + i % 3]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evaldata")
+    rng = np.random.default_rng(0)
+    zs = [{"__key__": f"z{i:04d}", "png": _image(rng), "cls": i % 3} for i in range(sum(ZS_SIZES))]
+    _write_shards(str(d / "zs-%06d.tar"), zs, ZS_SIZES)
+    folder = d / "folder"
+    for i, s in enumerate(zs):
+        # Sorted folder names give the class index (ImageFolder's convention).
+        (folder / f"{s['cls']}_{CLASSNAMES[s['cls']]}").mkdir(parents=True, exist_ok=True)
+        s["png"].save(folder / f"{s['cls']}_{CLASSNAMES[s['cls']]}" / f"{i:04d}.png")
+    ret = []
+    for i in range(RET_SIZE):
+        caps = _captions(i)
+        # Both caption formats: newline-separated `txt`, and a `json` `captions` list (which wins).
+        sample = {"__key__": f"r{i:04d}", "png": _image(rng)}
+        if i % 2:
+            sample["json"] = {"captions": caps}
+            sample["txt"] = "ignored when json has captions"
+        else:
+            sample["txt"] = "\n".join(caps)
+        ret.append(sample)
+    _write_shards(str(d / "ret-%06d.tar"), ret, (RET_SIZE,))
+    bad = [{"__key__": f"b{i}", "png": _image(rng), "cls": 3 if i == 3 else 0} for i in range(4)]
+    _write_shards(str(d / "bad-%06d.tar"), bad, (2, 2))  # the bad index is in shard 1 only
+    (d / "names.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (d / "templates.json").write_text(json.dumps(TEMPLATES))
+    return {
+        "dir": d, "zs_samples": zs, "ret_samples": ret,
+        "zeroshot": str(d / "zs-{000000..000002}.tar"), "folder": str(folder),
+        "retrieval": str(d / "ret-000000.tar"), "bad": str(d / "bad-{000000..000001}.tar"),
+        "names": str(d / "names.txt"), "templates": str(d / "templates.json"),
+    }
+
+
+def _eval(bundle, cfg: EvalConfig) -> dict[str, float]:
+    return evaluate(bundle.model, cfg, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                    device="cpu")
+
+
+def _full_cfg(data, **kw) -> EvalConfig:
+    return EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"], templates=data["templates"],
+                      retrieval=data["retrieval"], batch_size=4, workers=2, retrieval_chunk_size=3, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Independent float64 references
+
+
+def _reference_classifier(model, tokenizer, classnames, templates) -> torch.Tensor:
+    """[D, C] in float64, one prompt per forward: mean of normalised embeddings, renormalised."""
+    cols = []
+    with torch.no_grad():
+        for name in classnames:
+            embs = [model.encode_text(tokenizer([t.replace("{}", name)])).double()[0] for t in templates]
+            embs = [e / e.norm() for e in embs]
+            mean = torch.stack(embs).mean(0)
+            cols.append(mean / mean.norm())
+    return torch.stack(cols, dim=1)
+
+
+def _reference_recall(img_ND, txt_TD, owner_T, k: int) -> tuple[float, float]:
+    """(image->text, text->image) recall@k from the full float64 similarity matrix."""
+    sim_NT = img_ND.double() @ txt_TD.double().T
+    i2t = [bool(set(sim_NT[i].argsort(descending=True)[:k].tolist()) & set((owner_T == i).nonzero().flatten().tolist()))
+           for i in range(img_ND.shape[0])]
+    t2i = [int(owner_T[t]) in sim_NT[:, t].argsort(descending=True)[:k].tolist() for t in range(txt_TD.shape[0])]
+    return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+def _reference_uniformity(x_ND, t=2.0) -> float:
+    x = x_ND.double()
+    sq = torch.cdist(x, x).pow(2)
+    off = ~torch.eye(x.shape[0], dtype=torch.bool)
+    return float(torch.log(torch.exp(-t * sq[off]).mean()))
+
+
+def _unit(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# Zero-shot classifier
+
+
+def test_classifier_equals_hand_computed_reference(bundle, data):
+    # Three of open_clip's OpenAI templates (lambdas) and three from a JSON file.
+    templates = load_templates(None)[:3] + load_templates(data["templates"])
+    as_text = [t("{}") for t in templates]
+    ref_DC = _reference_classifier(bundle.model, bundle.tokenizer, CLASSNAMES, as_text)
+    # 8 prompts per forward with 6 templates: one class per forward; 78: all classes at once.
+    for batch_size in (8, 78):
+        got_DC = build_classifier(bundle.model, bundle.tokenizer, CLASSNAMES, templates,
+                                  device="cpu", batch_size=batch_size)
+        assert got_DC.shape == (64, len(CLASSNAMES))
+        torch.testing.assert_close(got_DC.double(), ref_DC, atol=2e-6, rtol=0)
+
+
+def test_classnames_and_templates_files(tmp_path):
+    (tmp_path / "names.txt").write_text("cat\n\n  dog \n")
+    (tmp_path / "names.json").write_text('["a", "b c"]')
+    (tmp_path / "t.txt").write_text("a photo of {} (really)\n{}\n")
+    assert load_classnames(str(tmp_path / "names.txt")) == ["cat", "dog"]
+    assert load_classnames(str(tmp_path / "names.json")) == ["a", "b c"]
+    assert len(load_classnames("imagenet")) == 1000
+    assert len(load_templates("imagenet")) == 80 and load_templates(None)[0]("x") == "a bad photo of a x."
+    # Other braces in a template are kept literally (str.format would raise on them).
+    assert [t("dog") for t in load_templates(str(tmp_path / "t.txt"))] == ["a photo of dog (really)", "dog"]
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics on constructed cases
+
+
+def test_classification_counts_with_crafted_ranks():
+    num_classes, n = 8, 40
+    g = torch.Generator().manual_seed(1)
+    labels_N = torch.randint(0, num_classes, (n,), generator=g)
+    rank_N = torch.randint(0, num_classes, (n,), generator=g)  # where the true class lands
+    logits_NC = torch.empty(n, num_classes)
+    for i in range(n):
+        others = [c for c in range(num_classes) if c != labels_N[i]]
+        order = others[: rank_N[i]] + [int(labels_N[i])] + others[rank_N[i]:]
+        logits_NC[i, order] = torch.arange(num_classes, 0, -1, dtype=torch.float)
+    m = classification_metrics(classification_counts(logits_NC, labels_N, num_classes))
+    assert m["zeroshot/top1"] == pytest.approx(float((rank_N == 0).float().mean()))
+    assert m["zeroshot/top5"] == pytest.approx(float((rank_N < 5).float().mean()))
+    recalls = [float((rank_N[labels_N == c] == 0).float().mean()) for c in range(num_classes)
+               if (labels_N == c).any()]
+    assert m["zeroshot/mean_per_class_recall"] == pytest.approx(float(np.mean(recalls)))
+    assert m["zeroshot/num_samples"] == n
+    # Fewer than 5 classes: top-5 covers every class.
+    m3 = classification_metrics(classification_counts(torch.randn(6, 3), torch.arange(6) % 3, 3))
+    assert m3["zeroshot/top5"] == 1.0
+
+
+def test_identical_embeddings_give_perfect_recall():
+    img_ND = _unit(50, seed=2)
+    for chunk in (1, 7, 100):
+        m = retrieval_metrics(img_ND, img_ND.clone(), torch.arange(50), chunk_size=chunk)
+        assert all(v == 1.0 for v in m.values()), (chunk, m)
+    # Several captions per image, each a slightly perturbed copy of its image: still perfect.
+    owner_T = torch.arange(50).repeat_interleave(3)
+    txt_TD = F.normalize(img_ND[owner_T] + 0.01 * _unit(150, seed=3), dim=-1)
+    m = retrieval_metrics(img_ND, txt_TD, owner_T, chunk_size=16)
+    assert m["retrieval/image_to_text_R@1"] == 1.0 and m["retrieval/text_to_image_R@1"] == 1.0
+
+
+def test_permuted_pairs_give_known_recall():
+    n = 10
+    perm = torch.tensor([0, 1, 2, 4, 3, 6, 7, 5, 9, 8])  # 3 fixed points
+    img_ND = _unit(n, seed=4)
+    txt_TD = img_ND[perm]  # text t is exactly image perm[t]; it is labelled as image t's caption
+    m = retrieval_metrics(img_ND, txt_TD, torch.arange(n), chunk_size=4)
+    assert m["retrieval/image_to_text_R@1"] == pytest.approx(0.3)
+    assert m["retrieval/text_to_image_R@1"] == pytest.approx(0.3)
+    assert m["retrieval/text_to_image_R@10"] == 1.0
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_recall_matches_full_matrix_reference(chunk):
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    owner_T = torch.arange(n).repeat_interleave(torch.randint(1, 4, (n,), generator=g))
+    img_ND = _unit(n, seed=6)
+    txt_TD = F.normalize(img_ND[owner_T] + 1.2 * _unit(len(owner_T), seed=7), dim=-1)
+    m = retrieval_metrics(img_ND, txt_TD, owner_T, chunk_size=chunk)
+    for k in (1, 5, 10):
+        i2t, t2i = _reference_recall(img_ND, txt_TD, owner_T, k)
+        assert m[f"retrieval/image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-12)
+        assert m[f"retrieval/text_to_image_R@{k}"] == pytest.approx(t2i, abs=1e-12)
+    assert 0 < m["retrieval/image_to_text_R@1"] < 1  # the case is not trivial
+
+
+def test_chunked_topk_equals_full_topk():
+    q, keys = _unit(23, seed=8), _unit(57, seed=9)
+    ref = (q @ keys.T).topk(10, dim=1).indices
+    for chunk in (1, 4, 23, 1000):
+        assert torch.equal(chunked_topk(q, keys, 10, chunk), ref)
+    assert chunked_topk(q, keys[:3], 10, 2).shape == (23, 3)  # k larger than the keys
+
+
+def test_alignment_and_uniformity_match_reference():
+    img_ND = _unit(30, seed=10)
+    owner_T = torch.arange(30).repeat_interleave(2)
+    txt_TD = _unit(60, seed=11)
+    ref_align = float((img_ND[owner_T].double() - txt_TD.double()).pow(2).sum(1).mean())
+    assert alignment(img_ND, txt_TD, owner_T) == pytest.approx(ref_align, rel=1e-12)
+    assert alignment(img_ND, img_ND[owner_T], owner_T) == pytest.approx(0.0, abs=1e-12)
+    for chunk in (1, 7, 100):
+        assert uniformity(txt_TD, chunk_size=chunk) == pytest.approx(_reference_uniformity(txt_TD), abs=1e-5)
+    # All embeddings equal: the worst uniformity, log(exp(0)) = 0.
+    assert uniformity(img_ND[:1].expand(5, -1), chunk_size=2) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# End to end on shards and an ImageFolder
+
+
+def _reference_metrics(bundle, data) -> dict[str, float]:
+    model, tf, tok = bundle.model, bundle.eval_transform, bundle.tokenizer
+    model.eval()
+    with torch.no_grad():
+        w_DC = _reference_classifier(model, tok, CLASSNAMES, TEMPLATES)
+        zs = data["zs_samples"]
+        img = F.normalize(model.encode_image(torch.stack([tf(s["png"]) for s in zs])).double(), dim=-1)
+        labels = torch.tensor([s["cls"] for s in zs])
+        pred = (img @ w_DC).argmax(1)
+        ret = data["ret_samples"]
+        r_img = F.normalize(model.encode_image(torch.stack([tf(s["png"]) for s in ret])).double(), dim=-1)
+        caps = [c for i in range(RET_SIZE) for c in _captions(i)]
+        owner_T = torch.arange(RET_SIZE).repeat_interleave(torch.tensor([len(_captions(i)) for i in range(RET_SIZE)]))
+        r_txt = F.normalize(model.encode_text(tok(caps)).double(), dim=-1)
+    out = {
+        "zeroshot/top1": float((pred == labels).double().mean()),
+        "zeroshot/top5": 1.0,
+        "zeroshot/mean_per_class_recall": float(np.mean([float((pred[labels == c] == c).double().mean())
+                                                         for c in range(3)])),
+        "zeroshot/num_samples": float(len(zs)),
+        "retrieval/alignment": float((r_img[owner_T] - r_txt).pow(2).sum(1).mean()),
+        "retrieval/uniformity_image": _reference_uniformity(r_img),
+        "retrieval/uniformity_text": _reference_uniformity(r_txt),
+        "retrieval/num_images": float(RET_SIZE),
+        "retrieval/num_texts": float(len(caps)),
+    }
+    out["retrieval/uniformity"] = (out["retrieval/uniformity_image"] + out["retrieval/uniformity_text"]) / 2
+    for k in (1, 5, 10):
+        i2t, t2i = _reference_recall(r_img, r_txt, owner_T, k)
+        out[f"retrieval/image_to_text_R@{k}"], out[f"retrieval/text_to_image_R@{k}"] = i2t, t2i
+    return out
+
+
+def test_evaluate_on_shards_matches_reference(bundle, data):
+    bundle.model.train()
+    got = _eval(bundle, _full_cfg(data))
+    assert bundle.model.training  # train mode restored
+    ref = _reference_metrics(bundle, data)
+    assert set(got) == set(ref)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+    # The constructed data is not degenerate: some but not all predictions are right.
+    assert 0 < got["zeroshot/top1"] < 1 and 0 < got["retrieval/text_to_image_R@1"] < 1
+
+
+def test_imagefolder_equals_shards(bundle, data):
+    cfg = EvalConfig(zeroshot=data["folder"], classnames=data["names"], templates=data["templates"],
+                     batch_size=5, workers=0)
+    got = _eval(bundle, cfg)
+    shards = _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
+                                      templates=data["templates"], batch_size=5, workers=0))
+    assert got == pytest.approx(shards, abs=1e-12)
+    assert got["zeroshot/num_samples"] == sum(ZS_SIZES)
+
+
+def test_nothing_configured_returns_empty(bundle):
+    assert _eval(bundle, EvalConfig()) == {}
+
+
+def test_rank_shards_split_in_order():
+    spec = "a-{0..4}.tar"
+    assert rank_shards(spec, 0, 2) == [(0, "a-0.tar"), (2, "a-2.tar"), (4, "a-4.tar")]
+    assert rank_shards(spec, 1, 2) == [(1, "a-1.tar"), (3, "a-3.tar")]
+    assert rank_shards("a-0.tar", 1, 2) == []
+    assert _all_gather_rows(torch.ones(2, 3), 1).shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_errors_name_the_key(bundle, data, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.classnames: no such file"):
+        _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=str(tmp_path / "missing.txt")))
+    (tmp_path / "t.txt").write_text("a photo of {}\na photo without a slot\n")
+    with pytest.raises(ConfigError, match=r"eval\.templates: template 'a photo without a slot'"):
+        _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
+                                 templates=str(tmp_path / "t.txt")))
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot: class index 3 is out of range for the 3"):
+        _eval(bundle, EvalConfig(zeroshot=data["bad"], classnames=data["names"],
+                                 templates=data["templates"], workers=2))
+    nocls = str(tmp_path / "nocls.tar")
+    with wds.TarWriter(nocls) as w:
+        w.write({"__key__": "x", "png": data["zs_samples"][0]["png"]})
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot: .* no `cls` key"):
+        _eval(bundle, EvalConfig(zeroshot=nocls, classnames=data["names"], templates=data["templates"]))
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match=r"eval\.classnames: 2 class names, but .* 3 class folders"):
+        _eval(bundle, EvalConfig(zeroshot=data["folder"], classnames=str(tmp_path / "two.txt"),
+                                 templates=data["templates"], workers=0))
+    with pytest.raises(ConfigError, match=r"eval\.retrieval: shard .*missing-000000.tar. and 1 more not found"):
+        _eval(bundle, EvalConfig(retrieval=str(tmp_path / "missing-{000000..000001}.tar")))
+    with pytest.raises(ConfigError, match=r"eval\.retrieval_chunk_size"):
+        EvalConfig(retrieval_chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Standalone command and distributed evaluation
+
+
+def _save_weights(bundle, path: Path) -> str:
+    torch.save(bundle.model.state_dict(), path)
+    return str(path)
+
+
+def test_run_eval_from_exported_file_and_checkpoint_dir(bundle, data, tmp_path, capsys):
+    weights = _save_weights(bundle, tmp_path / "model.pt")
+    cfg = Config(model=ModelConfig(name=TINY), eval=_full_cfg(data),
+                 train=TrainConfig(output_dir=str(tmp_path / "run")))
+    got = run_eval(cfg, weights, None)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["results"] == got and saved["checkpoint"] == weights
+    assert "| zeroshot/top1 |" in capsys.readouterr().out
+    ref = _eval(bundle, _full_cfg(data))
+    assert got == pytest.approx(ref, abs=1e-6)
+    # A training checkpoint directory (accelerate's save_state of the DualEncoder wrapper).
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    torch.save({f"clip.{k}": v for k, v in bundle.model.state_dict().items()}, ckpt / "pytorch_model.bin")
+    cfg = Config(model=ModelConfig(name=TINY), eval=_full_cfg(data),
+                 train=TrainConfig(output_dir=str(tmp_path / "run")))
+    assert run_eval(cfg, str(ckpt), str(tmp_path / "dir.json")) == pytest.approx(ref, abs=1e-6)
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        run_eval(Config(model=ModelConfig(name=TINY)), weights, None)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
+    weights = _save_weights(bundle, tmp_path / "model.pt")
+    full = _full_cfg(data)
+    spec = {
+        "model": TINY, "weights": weights,
+        "eval": {k: getattr(full, k) for k in ("zeroshot", "classnames", "templates", "retrieval",
+                                               "batch_size", "workers", "retrieval_chunk_size")},
+        "imagefolder_eval": {"zeroshot": data["folder"], "classnames": data["names"],
+                             "templates": data["templates"], "batch_size": 4, "workers": 2},
+        "bad_eval": {"zeroshot": data["bad"], "classnames": data["names"],
+                     "templates": data["templates"], "workers": 2},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0", str(REPO / "tests/helpers/eval_distributed.py"),
+           str(tmp_path / "spec.json"), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = json.loads((out / "rank0.json").read_text())
+    assert r0["world_size"] == 2 and r0["backend"] == "gloo"
+    r1 = json.loads((out / "rank1.json").read_text())
+
+    one = _eval(bundle, full)
+    folder_one = _eval(bundle, EvalConfig(**spec["imagefolder_eval"]))
+    for key in ("run_eval", "imagefolder"):
+        assert r0[key] == r1[key], key  # every rank returns the same dict
+    assert r0["run_eval"] == pytest.approx(one, abs=1e-5)
+    assert r0["imagefolder"] == pytest.approx(folder_one, abs=1e-5)
+    # No sample lost or read twice, though rank 1 had no retrieval shard.
+    assert r0["run_eval"]["zeroshot/num_samples"] == sum(ZS_SIZES)
+    assert r0["run_eval"]["retrieval/num_images"] == RET_SIZE
+    assert json.loads((out / "eval.json").read_text())["results"] == r0["run_eval"]
+    # The bad class index is in rank 1's shard only: rank 1 names it, rank 0 fails too (no hang).
+    assert r1["bad"].startswith("ConfigError: eval.zeroshot: class index 3"), r1["bad"]
+    assert r0["bad"].startswith("RuntimeError: evaluation failed on another process"), r0["bad"]

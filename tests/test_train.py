@@ -1,0 +1,110 @@
+"""The training job end to end: 1 process under plain python, 2 processes under accelerate launch
+(through launch/local.sh), bad input, and the refusal to run without a real process group."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import REPO, launch
+
+from clip_train.train import LaunchError, check_world_size
+
+TINY = ["model.name=configs/models/tiny-vit.json", "train.local_batch_size=16", "train.chunk_size=8",
+        "train.log_every_steps=1", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.weight_decay=0.0",
+        "data.workers=1", "data.shuffle_buffer=64"]
+
+
+def eval_args(tmp_path: Path, shards: str) -> list[str]:
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {} square\n")
+    return [f"eval.zeroshot={shards}", f"eval.classnames={tmp_path}/classes.txt",
+            f"eval.templates={tmp_path}/templates.txt", f"eval.retrieval={shards}"]
+
+
+def run_cli(args, timeout=240, env=None):
+    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "clip_train", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
+    out = tmp_path / "run"
+    proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.steps=12",
+                    f"train.output_dir={out}", *eval_args(tmp_path, color_shards)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert (out / "checkpoints" / "step_00000012" / "model.safetensors").is_file()
+    assert (out / "open_clip_model.pt").is_file()
+    results = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
+    first = read_metrics(out)[0]
+    for key in ("lr", "logit_scale", "temperature", "grad_norm", "samples_per_s", "data_wait_fraction",
+                "health/alignment", "health/uniformity", "data/samples_read"):
+        assert key in first, key
+
+
+@pytest.mark.slow
+def test_two_processes_through_local_launch_script(tmp_path, color_shards):
+    out = tmp_path / "run2"
+    env = {**os.environ, "NPROC": "2", "WANDB_MODE": "offline", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "launch/local.sh", "train", *TINY, f"data.train={color_shards}",
+                           "train.steps=6", "train.local_batch_size=8", "train.chunk_size=3",
+                           f"train.output_dir={out}"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 processes x 8 samples = global batch 16" in proc.stderr
+    metrics = read_metrics(out)
+    assert len([m for m in metrics if "loss" in m]) == 6
+    assert [m for m in metrics if "loss" in m][-1]["samples_seen"] == 6 * 16
+    assert (out / "checkpoints" / "step_00000006").is_dir()
+
+
+@pytest.mark.slow
+def test_refuses_lone_processes_under_a_multi_process_launch():
+    """accelerate >= 1.13 without ACCELERATE_USE_CPU (or cpu=True) on a CPU machine: 2 lone processes."""
+    proc = launch(["tests/helpers/world_size_check.py"], use_cpu=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    assert "NO" in proc.stdout  # the trap is real: accelerate saw no process group
+    assert "WORLD_SIZE=2" in proc.stderr and "ACCELERATE_USE_CPU=true" in proc.stderr
+
+
+def test_check_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    lone = types.SimpleNamespace(num_processes=1, distributed_type="NO")
+    with pytest.raises(LaunchError, match="WORLD_SIZE=4 processes but accelerate runs 1"):
+        check_world_size(lone)
+    check_world_size(types.SimpleNamespace(num_processes=4, distributed_type="MULTI_CPU"))
+    monkeypatch.delenv("WORLD_SIZE")
+    check_world_size(lone)  # plain `python`: one process
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.train=/nonexistent/train-{000000..000003}.tar", "data.train"),
+    ("model.name=ViT-Q-99", "model.name"),
+    ("optim.lr=-3", "optim.lr"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, color_shards, override, key):
+    proc = run_cli(["train", *TINY, f"data.train={color_shards}", override,
+                    f"train.output_dir={tmp_path}/bad"], timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clip-train: error:")]
+    assert len(errors) == 1 and key in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_yaml_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [1\n")
+    proc = run_cli(["train", "--config", str(bad)], timeout=60)
+    assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
