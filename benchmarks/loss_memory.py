@@ -47,38 +47,32 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    b_local, b_global, d = args.local_batch, args.batch, EMBED_DIM
+    d = EMBED_DIM
 
-    if args.impl == "open_clip":
-        from open_clip.loss import ClipLoss, SigLipLoss
-
-        oc_loss = ClipLoss() if args.kind == "clip" else SigLipLoss()
-
-    def run(b: int, g: int) -> tuple:
+    def make_step(impl: str, b: int, g: int):
         img = torch.randn(b, d, device=device, requires_grad=True)
         txt = torch.randn(b, d, device=device, requires_grad=True)
         scale = torch.tensor(2.659, device=device, requires_grad=True)
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
-        if b == g:
-            extra = None
-        else:
-            # A per-rank row: the gathered columns of the other ranks, as plain tensors.
-            extra = (torch.randn(g - b, d, device=device), torch.randn(g - b, d, device=device))
+        # A per-rank row (b < g): the other ranks' gathered columns, as plain tensors.
+        extra = None if b == g else [torch.randn(g - b, d, device=device) for _ in range(2)]
         leaves = (img, txt, scale, bias)
+        if impl == "open_clip":
+            from open_clip.loss import ClipLoss, SigLipLoss
+
+            oc_loss = ClipLoss() if args.kind == "clip" else SigLipLoss()
 
         def step() -> None:
-            if args.impl == "open_clip":
+            if impl == "open_clip":
                 i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-                if args.kind == "clip":
-                    loss = oc_loss(i, t, scale.exp().clamp(max=100))
-                else:
-                    loss = oc_loss(i, t, scale.exp().clamp(max=100), bias)
+                s = scale.exp().clamp(max=100)
+                loss = oc_loss(i, t, s) if args.kind == "clip" else oc_loss(i, t, s, bias)
             elif extra is None:
                 loss = contrastive_loss(
-                    img, txt, scale, bias, kind=args.kind, impl=args.impl, tile_size=args.tile_size
+                    img, txt, scale, bias, kind=args.kind, impl=impl, tile_size=args.tile_size
                 )
             else:
-                # The same maths contrastive_loss runs after the all-gather, on rank 0.
+                # The maths contrastive_loss runs on rank 0 after the all-gather.
                 s = scale.exp().clamp(max=100)
                 i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
                 ig = torch.cat([i, F.normalize(extra[0], dim=-1)])
@@ -93,27 +87,44 @@ def child(args: argparse.Namespace) -> dict:
 
         return step
 
-    def sync() -> None:
+    def timed(step) -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
-    run(min(256, b_local), min(256, b_global))()  # warm-up: lazy inits, thread pools
-    step = run(b_local, b_global)
-    sync()
-    proc = psutil.Process()
+    impls = args.impl.split(",")
+    for impl in impls:  # warm-up: lazy inits, thread pools
+        make_step(impl, min(256, args.local_batch), min(256, args.batch))()
+
+    if len(impls) == 2:
+        # A/B: alternate the two in one process so that load from other processes on a shared
+        # machine hits both alike; report the median of per-pair ratios.
+        steps = [make_step(impl, args.local_batch, args.batch) for impl in impls]
+        pairs = [[timed(step) for step in steps] for _ in range(args.repeats)]
+        return {
+            "impls": impls,
+            "wall_ratio": statistics.median(p[1][0] / p[0][0] for p in pairs),
+            "cpu_ratio": statistics.median(p[1][1] / p[0][1] for p in pairs),
+            "wall_s": [statistics.median(p[k][0] for p in pairs) for k in (0, 1)],
+            "cpu_s": [statistics.median(p[k][1] for p in pairs) for k in (0, 1)],
+            "repeats": len(pairs),
+        }
+
+    step = make_step(impls[0], args.local_batch, args.batch)
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = proc.memory_info().rss
+        base = psutil.Process().memory_info().rss
     times, cpu_times = [], []
     budget_start = time.perf_counter()
     for _ in range(args.repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+        wall, cpu = timed(step)
+        times.append(wall)
+        cpu_times.append(cpu)
         if time.perf_counter() - budget_start > args.max_seconds:
             break
     if device.type == "cuda":
@@ -128,6 +139,22 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def run_child(args: argparse.Namespace, impl: str, b: int, b_local: int, repeats: int):
+    """(result dict, None) or (None, why it failed)."""
+    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--batch", str(b),
+           "--local-batch", str(b_local), "--kind", args.kind, "--device", args.device,
+           "--tile-size", str(args.tile_size), "--repeats", str(repeats),
+           "--max-seconds", str(args.max_seconds)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout {args.timeout} s"
+    if proc.returncode != 0:
+        # Killed for memory (-9) or an error: the row says so instead of aborting the table.
+        return None, f"failed (rc {proc.returncode}): {proc.stderr.strip()[-200:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
 def measure(args: argparse.Namespace, impl: str, b: int, b_local: int) -> dict:
     row = {"impl": impl, "kind": args.kind, "global_batch": b, "local_batch": b_local}
     if impl in PLAIN_BLOCKS:
@@ -135,20 +162,11 @@ def measure(args: argparse.Namespace, impl: str, b: int, b_local: int) -> dict:
         if predicted > args.max_plain_gib * 2**30:
             row["skipped"] = f"predicted {predicted / 2**30:.0f} GiB > budget"
             return row
-    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--batch", str(b),
-           "--local-batch", str(b_local), "--kind", args.kind, "--device", args.device,
-           "--tile-size", str(args.tile_size), "--repeats", str(args.repeats),
-           "--max-seconds", str(args.max_seconds)]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        row["skipped"] = f"timeout {args.timeout} s"
-        return row
-    if proc.returncode != 0:
-        # Killed for memory (-9) or an error: the row says so instead of aborting the table.
-        row["skipped"] = f"failed (rc {proc.returncode}): {proc.stderr.strip()[-200:]}"
-        return row
-    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    result, failure = run_child(args, impl, b, b_local, args.repeats)
+    if failure:
+        row["skipped"] = failure
+    else:
+        row.update(result)
     return row
 
 
@@ -184,11 +202,16 @@ def main() -> None:
     parser.add_argument("--kind", default="clip", choices=("clip", "siglip"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile-size", type=int, default=4096)
+    parser.add_argument("--impls", default="open_clip,plain,tiled")
     parser.add_argument("--batches", type=str, default=None,
                         help="comma-separated global batches (default: 1024..32768)")  # fmt: skip
     parser.add_argument("--per-rank", type=str, default=None,
                         help="comma-separated LOCAL:GLOBAL tiled per-rank rows "
-                             "(default: 4096:262144 in full mode)")  # fmt: skip
+                             "(default: 1024:262144 in full mode)")  # fmt: skip
+    parser.add_argument("--ab", type=str, default=None,
+                        help="comma-separated batches for an interleaved open_clip vs tiled "
+                             "timing (default: 8192 in full mode)")  # fmt: skip
+    parser.add_argument("--ab-repeats", type=int, default=5)
     parser.add_argument("--max-tiled-batch", type=int, default=32768)
     parser.add_argument("--max-plain-gib", type=float, default=12.0,
                         help="skip plain/open_clip runs predicted to need more")  # fmt: skip
@@ -208,38 +231,56 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    if args.quick:
-        batches, per_rank, args.repeats = [1024], [(256, 2048)], 2
-    else:
-        batches = [1024 * 2**i for i in range(6)]
-        per_rank = [(4096, 262144)]
-    if args.batches:
-        batches = [int(x) for x in args.batches.split(",")]
-    if args.per_rank is not None:
-        per_rank = [tuple(int(v) for v in x.split(":")) for x in args.per_rank.split(",") if x]
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
 
-    rows = []
+    if args.quick:
+        batches, per_rank, ab, args.repeats = [1024], [(256, 2048)], [], 2
+    else:
+        batches, per_rank, ab = [1024 * 2**i for i in range(6)], [(1024, 262144)], [8192]
+    if args.batches is not None:
+        batches = ints(args.batches)
+    if args.per_rank is not None:
+        per_rank = [tuple(ints(x.replace(":", ","))) for x in args.per_rank.split(",") if x]
+    if args.ab is not None:
+        ab = ints(args.ab)
+    impls = args.impls.split(",")
+
+    rows, ab_rows = [], []
     started = time.perf_counter()
     for b in batches:
-        for impl in ("open_clip", "plain", "tiled"):
+        for impl in impls:
             if impl == "tiled" and b > args.max_tiled_batch:
                 continue
             rows.append(measure(args, impl, b, b))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    for b_local, b in per_rank:
-        rows.append(measure(args, "tiled", b, b_local))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if "tiled" in impls:
+        for b_local, b in per_rank:
+            rows.append(measure(args, "tiled", b, b_local))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    for b in ab:
+        result, failure = run_child(args, "open_clip,tiled", b, b, args.ab_repeats)
+        ab_rows.append({"global_batch": b, **(result or {"skipped": failure})})
+        print(ab_rows[-1], flush=True)
 
     print()
     print(f"{args.kind} loss, D={EMBED_DIM}, tile {args.tile_size}, device {args.device}, "
-          f"{os.cpu_count()} CPUs, torch threads default; {time.perf_counter() - started:.0f} s")  # fmt: skip
+          f"{os.cpu_count()} CPUs; {time.perf_counter() - started:.0f} s")  # fmt: skip
     print()
     print(table(rows))
+    for r in ab_rows:
+        if "skipped" in r:
+            print(f"\nA/B at B={r['global_batch']}: {r['skipped']}")
+        else:
+            print(f"\nA/B at B={r['global_batch']}, tiled / open_clip over {r['repeats']} "
+                  f"interleaved pairs (median): wall {r['wall_ratio']:.2f}x, "
+                  f"CPU {r['cpu_ratio']:.2f}x (open_clip {r['wall_s'][0]:.2f} s, "
+                  f"tiled {r['wall_s'][1]:.2f} s wall)")  # fmt: skip
     out = args.out or RESULTS_DIR / f"loss_memory_{args.kind}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"embed_dim": EMBED_DIM, "tile_size": args.tile_size, "device": args.device,
             "cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "ab": ab_rows}, indent=1))
     print(f"\nwrote {out}")
 
 

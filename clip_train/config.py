@@ -45,11 +45,14 @@ class ModelConfig:
     lock_image: bool = False
     # Freeze the image tower (LiT). Its embeddings are then computed once, without graphs.
     lock_image_unlocked_groups: int = 0
-    # With lock_image: leave the last N layer groups of the image tower trainable.
+    # With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
+    # lock_image_tower: 1 = the projection, 2 = + last block and final norm, ...).
     lock_text: bool = False
     # Freeze the text tower.
     lock_text_unlocked_layers: int = 0
-    # With lock_text: leave the last N transformer blocks of the text tower trainable.
+    # With lock_text: leave the last N layer groups of the text tower trainable (open_clip's
+    # lock_text_tower: 1 = the projection, 2 = + the last block and final norm, 3 = + the block
+    # before, ...).
     grad_checkpointing: bool = False
     # Activation checkpointing in both towers: less memory, about one more forward of compute.
     torch_compile: bool = False
@@ -110,9 +113,11 @@ class LossConfig:
     # model with a logit bias, e.g. `init_logit_bias` in the model config).
     impl: str = "auto"
     # plain: the B_local x B_global logit block at once; tiled: never materialises it (memory
-    # linear in the batch); auto: plain while the block is small, tiled beyond.
+    # linear in the batch, same loss and gradients); auto: plain while B_local * B_global <=
+    # tile_size^2 (the block is no bigger than one tile), tiled beyond.
     tile_size: int = 4096
-    # Rows/columns per tile of the tiled implementation (peak extra memory ~ tile_size^2 floats).
+    # Rows/columns per tile of the tiled implementation: peak extra memory is a few
+    # tile_size^2 float32 buffers (4096: ~64 MiB each) plus O(batch * embed_dim).
     max_logit_scale: float = 100.0
     # Clamp of the learnable logit scale (inverse temperature): CLIP found training unstable
     # beyond 100.

@@ -127,6 +127,7 @@ def _read_json(path: str) -> Any:
     """JSON next to the shards: a local file, or any URL fsspec can open; None when absent."""
     try:
         if _is_local(path):
+            path = urlparse(path).path if path.startswith("file:") else path
             if not os.path.isfile(path):
                 return None
             with open(path) as f:
@@ -566,7 +567,12 @@ def _passthrough(batch: Any) -> Any:
 
 
 class TrainLoader:
-    """Endless iterator of (images_BCHW float, texts_BL long) for this process.
+    """Endless iterator of (images_BCHW float, texts_BL long) for this process, every batch of
+    exactly `local_batch_size` rows; epoch after epoch in epoch mode.
+
+    Attributes: `num_samples` (one pass over the data), `steps_per_epoch` (for the global batch),
+    `epoch` and `batches_consumed` (of the next batch / so far). `state_dict()` is where the
+    stream stands; `bad_counts()` and `samples_read()` are this process's cumulative counts.
 
     Not for `accelerator.prepare()`: it already splits the data between processes (prepare would
     dispatch every batch from rank 0 or split it a second time).
@@ -829,10 +835,11 @@ def _manifest_rows(path: Path) -> Iterator[dict]:
     elif suffix == ".parquet":
         try:
             import pandas as pd
+
+            frame = pd.read_parquet(path)
         except ImportError:
-            raise ConfigError(f"{path}: reading Parquet needs pandas (and pyarrow); "
-                              "pip install pandas pyarrow, or convert the manifest to CSV/JSONL") from None
-        frame = pd.read_parquet(path)
+            raise ConfigError(f"{path}: reading Parquet needs pandas and pyarrow (pip install pandas "
+                              "pyarrow), or convert the manifest to CSV/JSONL") from None
         for row in frame.to_dict(orient="records"):
             yield {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
     else:

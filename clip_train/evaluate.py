@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,14 +83,16 @@ class _Template:
 
 
 def load_templates(spec: str | None) -> list[Callable[[str], str]]:
-    """Prompt templates from `eval.templates`; None or `imagenet`: open_clip's 80 OpenAI templates."""
+    """Prompt templates from `eval.templates`; None or `imagenet`: the 80 OpenAI templates."""
     if spec is None or spec == "imagenet":
         return list(OPENAI_IMAGENET_TEMPLATES)
     templates = _read_list(spec, "eval.templates")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ConfigError(f"eval.templates: template {bad[0]!r} in {spec} has no '{{}}' where the "
-                          f"class name goes ({len(bad)} of {len(templates)} templates lack it)")
+        raise ConfigError(
+            f"eval.templates: template {bad[0]!r} in {spec} has no '{{}}' where the "
+            f"class name goes ({len(bad)} of {len(templates)} templates lack it)"
+        )
     return [_Template(t) for t in templates]
 
 
@@ -97,20 +100,34 @@ def load_templates(spec: str | None) -> list[Callable[[str], str]]:
 # Pure maths
 
 
-def build_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                     templates: Sequence[Callable[[str], str]], *, device: torch.device | str,
-                     batch_size: int, show_progress: bool = False) -> torch.Tensor:
+def build_classifier(
+    model: nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Callable[[str], str]],
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    show_progress: bool = False,
+) -> torch.Tensor:
     """Zero-shot weights [D, C]: per class, the mean over templates of the normalised text
     embeddings, renormalised (open_clip's builder, about `batch_size` prompts per forward)."""
     per_batch = max(1, batch_size // len(templates))
     weights_DC = open_clip.build_zero_shot_classifier(
-        model, tokenizer, list(classnames), list(templates), num_classes_per_batch=per_batch,
-        device=device, use_tqdm=show_progress)
+        model,
+        tokenizer,
+        list(classnames),
+        list(templates),
+        num_classes_per_batch=per_batch,
+        device=device,
+        use_tqdm=show_progress,
+    )
     return weights_DC.float()
 
 
-def classification_counts(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_classes: int
-                          ) -> dict[str, torch.Tensor]:
+def classification_counts(
+    logits_NC: torch.Tensor, labels_N: torch.Tensor, num_classes: int
+) -> dict[str, torch.Tensor]:
     """Summable counts: top-1/top-5 hits overall and per-class top-1 hits and totals (int64)."""
     k = min(5, logits_NC.shape[1])
     topk_Nk = logits_NC.topk(k, dim=1).indices
@@ -139,8 +156,9 @@ def classification_metrics(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
-def chunked_topk(query_QD: torch.Tensor, keys_KD: torch.Tensor, k: int, chunk_size: int
-                 ) -> torch.Tensor:
+def chunked_topk(
+    query_QD: torch.Tensor, keys_KD: torch.Tensor, k: int, chunk_size: int
+) -> torch.Tensor:
     """Indices [Q, k] of the k keys with the largest dot product with each query.
 
     Blocks of at most chunk_size x chunk_size similarities are formed, merging a running top-k
@@ -149,29 +167,37 @@ def chunked_topk(query_QD: torch.Tensor, keys_KD: torch.Tensor, k: int, chunk_si
     k = min(k, num_k)
     out_Qk = torch.empty(num_q, k, dtype=torch.long, device=query_QD.device)
     for q0 in range(0, num_q, chunk_size):
-        q_QD = query_QD[q0:q0 + chunk_size]
+        q_QD = query_QD[q0 : q0 + chunk_size]
         best_val_Qk = q_QD.new_empty(q_QD.shape[0], 0)
         best_idx_Qk = torch.empty(q_QD.shape[0], 0, dtype=torch.long, device=q_QD.device)
         for k0 in range(0, num_k, chunk_size):
-            sim_QK = q_QD @ keys_KD[k0:k0 + chunk_size].T
+            sim_QK = q_QD @ keys_KD[k0 : k0 + chunk_size].T
             idx_QK = torch.arange(k0, k0 + sim_QK.shape[1], device=q_QD.device).expand_as(sim_QK)
             val = torch.cat([best_val_Qk, sim_QK], dim=1)
             idx = torch.cat([best_idx_Qk, idx_QK], dim=1)
             best_val_Qk, pos = val.topk(min(k, val.shape[1]), dim=1)
             best_idx_Qk = idx.gather(1, pos)
-        out_Qk[q0:q0 + chunk_size] = best_idx_Qk
+        out_Qk[q0 : q0 + chunk_size] = best_idx_Qk
     return out_Qk
 
 
-def retrieval_metrics(img_emb_ND: torch.Tensor, txt_emb_TD: torch.Tensor, txt_owner_T: torch.Tensor,
-                      *, chunk_size: int, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def retrieval_metrics(
+    img_emb_ND: torch.Tensor,
+    txt_emb_TD: torch.Tensor,
+    txt_owner_T: torch.Tensor,
+    *,
+    chunk_size: int,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
     """Recall@k both ways on normalised embeddings; text t is a caption of image txt_owner_T[t].
 
     Image->text: an image counts as found when any of its captions is among the top k texts.
     Text->image: a caption counts when its image is among the top k images."""
     kmax = max(ks)
     i2t_Nk = chunked_topk(img_emb_ND, txt_emb_TD, kmax, chunk_size)
-    i2t_hit_Nk = txt_owner_T[i2t_Nk] == torch.arange(img_emb_ND.shape[0], device=i2t_Nk.device)[:, None]
+    i2t_hit_Nk = (
+        txt_owner_T[i2t_Nk] == torch.arange(img_emb_ND.shape[0], device=i2t_Nk.device)[:, None]
+    )
     t2i_Tk = chunked_topk(txt_emb_TD, img_emb_ND, kmax, chunk_size)
     t2i_hit_Tk = t2i_Tk == txt_owner_T[:, None]
     out = {}
@@ -181,7 +207,9 @@ def retrieval_metrics(img_emb_ND: torch.Tensor, txt_emb_TD: torch.Tensor, txt_ow
     return out
 
 
-def alignment(img_emb_ND: torch.Tensor, txt_emb_TD: torch.Tensor, txt_owner_T: torch.Tensor) -> float:
+def alignment(
+    img_emb_ND: torch.Tensor, txt_emb_TD: torch.Tensor, txt_owner_T: torch.Tensor
+) -> float:
     """E ||f(image) - f(caption)||^2 over positive pairs (Wang & Isola 2020, alpha = 2)."""
     diff_TD = img_emb_ND[txt_owner_T].double() - txt_emb_TD.double()
     return float(diff_TD.pow(2).sum(dim=1).mean())
@@ -194,17 +222,20 @@ def uniformity(emb_ND: torch.Tensor, *, chunk_size: int, t: float = UNIFORMITY_T
     n = emb_ND.shape[0]
     if n < 2:
         return float("nan")
-    lse_parts = []
+    lse_parts: list[float] = []
     for q0 in range(0, n, chunk_size):
-        q_QD = emb_ND[q0:q0 + chunk_size]
+        q_QD = emb_ND[q0 : q0 + chunk_size]
         for k0 in range(0, n, chunk_size):
             # For unit vectors -t ||x - y||^2 = 2t x.y - 2t: the constant leaves the sum, which
             # saves two passes over every block.
-            logits_QK = (q_QD @ emb_ND[k0:k0 + chunk_size].T).mul_(2 * t)
+            logits_QK = (q_QD @ emb_ND[k0 : k0 + chunk_size].T).mul_(2 * t)
             if q0 == k0:
                 logits_QK.fill_diagonal_(-math.inf)
-            lse_parts.append(torch.logsumexp(logits_QK, dim=(0, 1)).double())
-    return float(torch.logsumexp(torch.stack(lse_parts), dim=0) - 2 * t - math.log(n * (n - 1)))
+            # A Python float, not a 0-d tensor: thousands of small tensors kept alive between
+            # the large freed blocks fragment the CPU heap (+1 GB at N = 20k, measured).
+            lse_parts.append(torch.logsumexp(logits_QK, dim=(0, 1)).item())
+    lse = torch.logsumexp(torch.tensor(lse_parts, dtype=torch.float64), dim=0)
+    return float(lse) - 2 * t - math.log(n * (n - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,19 +351,31 @@ def _collate_zeroshot(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def _collate_retrieval(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate_retrieval(
+    batch: list,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     images, tokens, ids = zip(*batch, strict=True)
     counts = torch.tensor([t.shape[0] for t in tokens])
     owner_local_T = torch.repeat_interleave(torch.arange(len(images)), counts)
-    return torch.stack(images), torch.cat(tokens), owner_local_T, torch.tensor(ids, dtype=torch.long)
+    return (
+        torch.stack(images),
+        torch.cat(tokens),
+        owner_local_T,
+        torch.tensor(ids, dtype=torch.long),
+    )
 
 
 def _drop_none(src: Iterable) -> Iterator:
     return (x for x in src if x is not None)
 
 
-def _shard_loader(shards: list[tuple[int, str]], to_tuple: Callable, collate: Callable,
-                  batch_size: int, workers: int) -> Iterable:
+def _shard_loader(
+    shards: list[tuple[int, str]],
+    to_tuple: Callable,
+    collate: Callable,
+    batch_size: int,
+    workers: int,
+) -> Iterable:
     """Batches from this rank's shards, in order; no shard for this rank: no batches."""
     if not shards:
         return []
@@ -350,21 +393,33 @@ def _shard_loader(shards: list[tuple[int, str]], to_tuple: Callable, collate: Ca
         _drop_none,
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls)))
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=min(workers, len(urls))
+    )
 
 
-def _imagefolder_loader(root: str, transform: Callable, num_classes: int, rank: int,
-                        world_size: int, batch_size: int, workers: int) -> Iterable:
+def _imagefolder_loader(
+    root: str,
+    transform: Callable,
+    num_classes: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    workers: int,
+) -> Iterable:
     from torchvision.datasets import ImageFolder
 
     try:
         dataset = ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
-        raise ConfigError(f"eval.zeroshot: {root} is not a usable ImageFolder directory ({err})") from None
+        raise ConfigError(
+            f"eval.zeroshot: {root} is not a usable ImageFolder directory ({err})"
+        ) from None
     if len(dataset.classes) != num_classes:
         raise ConfigError(
             f"eval.classnames: {num_classes} class names, but eval.zeroshot ({root}) has "
-            f"{len(dataset.classes)} class folders; class i is the i-th folder in sorted order")
+            f"{len(dataset.classes)} class folders; class i is the i-th folder in sorted order"
+        )
     # A strided subset: every rank gets a disjoint share, together all images exactly once.
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
@@ -382,74 +437,128 @@ def _encode_texts(model: nn.Module, tokens: torch.Tensor, device: torch.device) 
     return F.normalize(model.encode_text(tokens.to(device, non_blocking=True)).float(), dim=-1)
 
 
-def _distributed_classifier(model: nn.Module, tokenizer: Callable, classnames: list[str],
-                            templates: list, cfg: EvalConfig, device: torch.device, rank: int,
-                            world_size: int, show_progress: bool) -> torch.Tensor:
+def _distributed_classifier(
+    model: nn.Module,
+    tokenizer: Callable,
+    classnames: list[str],
+    templates: list,
+    cfg: EvalConfig,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    show_progress: bool,
+) -> torch.Tensor:
     """[D, C]; each rank embeds a contiguous block of classes (80 prompts each for ImageNet)."""
     num_classes = len(classnames)
     start, stop = num_classes * rank // world_size, num_classes * (rank + 1) // world_size
     if stop > start:
-        part_CD = build_classifier(model, tokenizer, classnames[start:stop], templates,
-                                   device=device, batch_size=cfg.batch_size,
-                                   show_progress=show_progress and rank == 0).T.contiguous()
+        part_CD = build_classifier(
+            model,
+            tokenizer,
+            classnames[start:stop],
+            templates,
+            device=device,
+            batch_size=cfg.batch_size,
+            show_progress=show_progress and rank == 0,
+        ).T.contiguous()
     else:
         part_CD = torch.empty(0, 0, device=device)
     return _all_gather_rows(part_CD, world_size).T
 
 
-def _zeroshot(model: nn.Module, cfg: EvalConfig, transform: Callable, tokenizer: Callable,
-              device: torch.device, rank: int, world_size: int, show_progress: bool) -> dict[str, float]:
+def _zeroshot(
+    model: nn.Module,
+    cfg: EvalConfig,
+    transform: Callable,
+    tokenizer: Callable,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    show_progress: bool,
+) -> dict[str, float]:
     assert cfg.zeroshot is not None and cfg.classnames is not None
     classnames = load_classnames(cfg.classnames)
     templates = load_templates(cfg.templates)
     num_classes = len(classnames)
-    classifier_DC = _distributed_classifier(model, tokenizer, classnames, templates, cfg, device,
-                                            rank, world_size, show_progress)
-    counts = {"top1": torch.zeros(1, dtype=torch.long), "top5": torch.zeros(1, dtype=torch.long),
-              "class_correct": torch.zeros(num_classes, dtype=torch.long),
-              "class_total": torch.zeros(num_classes, dtype=torch.long)}
+    classifier_DC = _distributed_classifier(
+        model, tokenizer, classnames, templates, cfg, device, rank, world_size, show_progress
+    )
+    counts = {
+        "top1": torch.zeros(1, dtype=torch.long),
+        "top5": torch.zeros(1, dtype=torch.long),
+        "class_correct": torch.zeros(num_classes, dtype=torch.long),
+        "class_total": torch.zeros(num_classes, dtype=torch.long),
+    }
     counts = {k: v.to(device) for k, v in counts.items()}
     err: Exception | None = None
     try:
         if os.path.isdir(cfg.zeroshot):
-            loader = _imagefolder_loader(cfg.zeroshot, transform, num_classes, rank, world_size,
-                                         cfg.batch_size, cfg.workers)
+            loader = _imagefolder_loader(
+                cfg.zeroshot, transform, num_classes, rank, world_size, cfg.batch_size, cfg.workers
+            )
         else:
-            loader = _shard_loader(rank_shards(cfg.zeroshot, rank, world_size), _ZeroshotSample(transform),
-                                   _collate_zeroshot, cfg.batch_size, cfg.workers)
-        for images, labels_N in tqdm(loader, desc="zero-shot", unit="batch",
-                                     disable=not (show_progress and rank == 0)):
+            loader = _shard_loader(
+                rank_shards(cfg.zeroshot, rank, world_size),
+                _ZeroshotSample(transform),
+                _collate_zeroshot,
+                cfg.batch_size,
+                cfg.workers,
+            )
+        for images, labels_N in tqdm(
+            loader, desc="zero-shot", unit="batch", disable=not (show_progress and rank == 0)
+        ):
             _check_labels(labels_N, num_classes, cfg)
             logits_NC = _encode_images(model, images, device) @ classifier_DC
-            for key, value in classification_counts(logits_NC, labels_N.to(device), num_classes).items():
+            for key, value in classification_counts(
+                logits_NC, labels_N.to(device), num_classes
+            ).items():
                 counts[key] += value
     except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
         err = e
     _raise_if_any_failed(err, world_size, device)
-    return classification_metrics({k: _all_reduce_sum(v, world_size).cpu() for k, v in counts.items()})
+    return classification_metrics(
+        {k: _all_reduce_sum(v, world_size).cpu() for k, v in counts.items()}
+    )
 
 
 def _check_labels(labels_N: torch.Tensor, num_classes: int, cfg: EvalConfig) -> None:
     if (labels_N < 0).any():
-        raise ConfigError(f"eval.zeroshot: a sample in {cfg.zeroshot} has no `cls` key "
-                          "(zero-shot shards need the class index under `cls`)")
+        raise ConfigError(
+            f"eval.zeroshot: a sample in {cfg.zeroshot} has no `cls` key "
+            "(zero-shot shards need the class index under `cls`)"
+        )
     if (labels_N >= num_classes).any():
         bad = int(labels_N.max())
-        raise ConfigError(f"eval.zeroshot: class index {bad} is out of range for the {num_classes} "
-                          f"class names of eval.classnames ({cfg.classnames}); indices start at 0")
+        raise ConfigError(
+            f"eval.zeroshot: class index {bad} is out of range for the {num_classes} "
+            f"class names of eval.classnames ({cfg.classnames}); indices start at 0"
+        )
 
 
-def _retrieval(model: nn.Module, cfg: EvalConfig, transform: Callable, tokenizer: Callable,
-               device: torch.device, rank: int, world_size: int, show_progress: bool) -> dict[str, float]:
+def _retrieval(
+    model: nn.Module,
+    cfg: EvalConfig,
+    transform: Callable,
+    tokenizer: Callable,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    show_progress: bool,
+) -> dict[str, float]:
     assert cfg.retrieval is not None
     img_embs, img_ids, txt_embs, txt_owner_ids = [], [], [], []
     err: Exception | None = None
     try:
-        loader = _shard_loader(rank_shards(cfg.retrieval, rank, world_size),
-                               _RetrievalSample(transform, tokenizer), _collate_retrieval,
-                               cfg.batch_size, cfg.workers)
-        for images, tokens, owner_local_T, ids_N in tqdm(loader, desc="retrieval", unit="batch",
-                                                         disable=not (show_progress and rank == 0)):
+        loader = _shard_loader(
+            rank_shards(cfg.retrieval, rank, world_size),
+            _RetrievalSample(transform, tokenizer),
+            _collate_retrieval,
+            cfg.batch_size,
+            cfg.workers,
+        )
+        for images, tokens, owner_local_T, ids_N in tqdm(
+            loader, desc="retrieval", unit="batch", disable=not (show_progress and rank == 0)
+        ):
             img_embs.append(_encode_images(model, images, device))
             txt_embs.extend(_encode_texts(model, t, device) for t in tokens.split(cfg.batch_size))
             img_ids.append(ids_N)
@@ -464,7 +573,9 @@ def _retrieval(model: nn.Module, cfg: EvalConfig, transform: Callable, tokenizer
     img_emb_ND = _all_gather_rows(cat(img_embs, torch.empty(0, 0)), world_size)
     txt_emb_TD = _all_gather_rows(cat(txt_embs, torch.empty(0, 0)), world_size)
     img_id_N = _all_gather_rows(cat(img_ids, torch.empty(0, dtype=torch.long)), world_size)
-    txt_owner_id_T = _all_gather_rows(cat(txt_owner_ids, torch.empty(0, dtype=torch.long)), world_size)
+    txt_owner_id_T = _all_gather_rows(
+        cat(txt_owner_ids, torch.empty(0, dtype=torch.long)), world_size
+    )
     if img_emb_ND.shape[0] == 0:
         return {"retrieval/num_images": 0.0, "retrieval/num_texts": 0.0}
     # Canonical order (by shard, then position in shard): the same as one process reading all
@@ -479,20 +590,30 @@ def _retrieval(model: nn.Module, cfg: EvalConfig, transform: Callable, tokenizer
     out = retrieval_metrics(img_emb_ND, txt_emb_TD, txt_owner_T, chunk_size=chunk)
     uni_img = uniformity(img_emb_ND, chunk_size=chunk)
     uni_txt = uniformity(txt_emb_TD, chunk_size=chunk)
-    out.update({
-        "retrieval/alignment": alignment(img_emb_ND, txt_emb_TD, txt_owner_T),
-        "retrieval/uniformity": (uni_img + uni_txt) / 2,
-        "retrieval/uniformity_image": uni_img,
-        "retrieval/uniformity_text": uni_txt,
-        "retrieval/num_images": float(img_emb_ND.shape[0]),
-        "retrieval/num_texts": float(txt_emb_TD.shape[0]),
-    })
+    out.update(
+        {
+            "retrieval/alignment": alignment(img_emb_ND, txt_emb_TD, txt_owner_T),
+            "retrieval/uniformity": (uni_img + uni_txt) / 2,
+            "retrieval/uniformity_image": uni_img,
+            "retrieval/uniformity_text": uni_txt,
+            "retrieval/num_images": float(img_emb_ND.shape[0]),
+            "retrieval/num_texts": float(txt_emb_TD.shape[0]),
+        }
+    )
     return out
 
 
-def evaluate(model: nn.Module, cfg: EvalConfig, *, transform: Callable, tokenizer: Callable,
-             device: torch.device | str, rank: int = 0, world_size: int = 1,
-             show_progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    cfg: EvalConfig,
+    *,
+    transform: Callable,
+    tokenizer: Callable,
+    device: torch.device | str,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = False,
+) -> dict[str, float]:
     """Zero-shot classification and retrieval as configured in `cfg` ({} when neither is).
 
     Call on every process with the unwrapped open_clip model (encode_image/encode_text) already on
@@ -511,11 +632,17 @@ def evaluate(model: nn.Module, cfg: EvalConfig, *, transform: Callable, tokenize
     try:
         with torch.no_grad():
             if cfg.zeroshot is not None:
-                results.update(_zeroshot(model, cfg, transform, tokenizer, device, rank, world_size,
-                                         show_progress))
+                results.update(
+                    _zeroshot(
+                        model, cfg, transform, tokenizer, device, rank, world_size, show_progress
+                    )
+                )
             if cfg.retrieval is not None:
-                results.update(_retrieval(model, cfg, transform, tokenizer, device, rank, world_size,
-                                          show_progress))
+                results.update(
+                    _retrieval(
+                        model, cfg, transform, tokenizer, device, rank, world_size, show_progress
+                    )
+                )
     finally:
         model.train(was_training)
     return results
@@ -525,7 +652,11 @@ def format_table(results: dict[str, float]) -> str:
     """A small markdown table of the results."""
     lines = ["| metric | value |", "|---|---|"]
     for key, value in results.items():
-        shown = f"{value:.0f}" if key.endswith(("num_samples", "num_images", "num_texts")) else f"{value:.4f}"
+        shown = (
+            f"{value:.0f}"
+            if key.endswith(("num_samples", "num_images", "num_texts"))
+            else f"{value:.4f}"
+        )
         lines.append(f"| {key} | {shown} |")
     return "\n".join(lines)
 
@@ -542,8 +673,10 @@ def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[st
     from clip_train.model import build_model
 
     if cfg.eval.zeroshot is None and cfg.eval.retrieval is None:
-        raise ConfigError("eval: nothing to evaluate; set eval.zeroshot (with eval.classnames) "
-                          "and/or eval.retrieval")
+        raise ConfigError(
+            "eval: nothing to evaluate; set eval.zeroshot (with eval.classnames) "
+            "and/or eval.retrieval"
+        )
     if checkpoint is not None and not os.path.exists(checkpoint):
         raise ConfigError(f"--checkpoint: no such file or directory {checkpoint!r}")
     if checkpoint is not None and not os.path.isdir(checkpoint):
@@ -556,18 +689,34 @@ def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[st
     if checkpoint is not None and os.path.isdir(checkpoint):
         load_model_weights(bundle.model, checkpoint)
     if checkpoint is None and cfg.model.pretrained is None and state.is_main_process:
-        log.warning("eval: no --checkpoint and no model.pretrained: evaluating a randomly "
-                    "initialised model")
+        log.warning(
+            "eval: no --checkpoint and no model.pretrained: evaluating a randomly initialised model"
+        )
     model = bundle.model.to(state.device)
-    results = evaluate(model, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
-                       device=state.device, rank=state.process_index,
-                       world_size=state.num_processes, show_progress=True)
+    results = evaluate(
+        model,
+        cfg.eval,
+        transform=bundle.eval_transform,
+        tokenizer=bundle.tokenizer,
+        device=state.device,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        # A bar for a person at a terminal, not in cluster logs.
+        show_progress=sys.stderr.isatty(),
+    )
     if state.is_main_process:
         path = output or os.path.join(cfg.train.output_dir, "eval.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": checkpoint or cfg.model.pretrained, "model": cfg.model.name,
-                       "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "checkpoint": checkpoint or cfg.model.pretrained,
+                    "model": cfg.model.name,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
         print(format_table(results))
         print(f"wrote {path}")
     return results

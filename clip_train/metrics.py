@@ -17,6 +17,8 @@ from clip_train.config import Config, to_yaml
 
 log = logging.getLogger("clip_train")
 
+STEP_KEY = "train/step"
+
 
 def wandb_mode(mode: str) -> str:
     """Resolve `auto`: online only when W&B credentials exist, so a run never blocks on a login."""
@@ -48,9 +50,15 @@ def init_trackers(accelerator, cfg: Config, run_id: str | None) -> str | None:
         init["id"] = run_id  # a resumed run continues the same W&B run
     accelerator.init_trackers(cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                               init_kwargs={"wandb": init})
-    if accelerator.is_main_process:
-        return accelerator.get_tracker("wandb", unwrap=True).id
-    return None
+    if not accelerator.is_main_process:
+        return None
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    # Charts use our optimizer step; W&B's own step just counts log calls. A run resumed from a
+    # checkpoint older than its last logged step then re-logs those steps instead of W&B dropping
+    # them for going backwards.
+    run.define_metric(STEP_KEY)
+    run.define_metric("*", step_metric=STEP_KEY)
+    return run.id
 
 
 class MetricsLog:
@@ -70,7 +78,7 @@ class MetricsLog:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        self.accelerator.log(metrics, step=step)
+        self.accelerator.log({**metrics, STEP_KEY: step})
 
 
 class Progress:

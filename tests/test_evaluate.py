@@ -67,7 +67,7 @@ def _write_shards(pattern: str, samples: list[dict], sizes: tuple[int, ...]) -> 
     start = 0
     for i, n in enumerate(sizes):
         with wds.TarWriter(pattern % i) as w:
-            for s in samples[start:start + n]:
+            for s in samples[start : start + n]:
                 w.write(s)
         start += n
 
@@ -104,21 +104,35 @@ def data(tmp_path_factory):
     (d / "names.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (d / "templates.json").write_text(json.dumps(TEMPLATES))
     return {
-        "dir": d, "zs_samples": zs, "ret_samples": ret,
-        "zeroshot": str(d / "zs-{000000..000002}.tar"), "folder": str(folder),
-        "retrieval": str(d / "ret-000000.tar"), "bad": str(d / "bad-{000000..000001}.tar"),
-        "names": str(d / "names.txt"), "templates": str(d / "templates.json"),
+        "dir": d,
+        "zs_samples": zs,
+        "ret_samples": ret,
+        "zeroshot": str(d / "zs-{000000..000002}.tar"),
+        "folder": str(folder),
+        "retrieval": str(d / "ret-000000.tar"),
+        "bad": str(d / "bad-{000000..000001}.tar"),
+        "names": str(d / "names.txt"),
+        "templates": str(d / "templates.json"),
     }
 
 
 def _eval(bundle, cfg: EvalConfig) -> dict[str, float]:
-    return evaluate(bundle.model, cfg, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
-                    device="cpu")
+    return evaluate(
+        bundle.model, cfg, transform=bundle.eval_transform, tokenizer=bundle.tokenizer, device="cpu"
+    )
 
 
 def _full_cfg(data, **kw) -> EvalConfig:
-    return EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"], templates=data["templates"],
-                      retrieval=data["retrieval"], batch_size=4, workers=2, retrieval_chunk_size=3, **kw)
+    return EvalConfig(
+        zeroshot=data["zeroshot"],
+        classnames=data["names"],
+        templates=data["templates"],
+        retrieval=data["retrieval"],
+        batch_size=4,
+        workers=2,
+        retrieval_chunk_size=3,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,7 +144,9 @@ def _reference_classifier(model, tokenizer, classnames, templates) -> torch.Tens
     cols = []
     with torch.no_grad():
         for name in classnames:
-            embs = [model.encode_text(tokenizer([t.replace("{}", name)])).double()[0] for t in templates]
+            embs = [
+                model.encode_text(tokenizer([t.replace("{}", name)])).double()[0] for t in templates
+            ]
             embs = [e / e.norm() for e in embs]
             mean = torch.stack(embs).mean(0)
             cols.append(mean / mean.norm())
@@ -140,9 +156,17 @@ def _reference_classifier(model, tokenizer, classnames, templates) -> torch.Tens
 def _reference_recall(img_ND, txt_TD, owner_T, k: int) -> tuple[float, float]:
     """(image->text, text->image) recall@k from the full float64 similarity matrix."""
     sim_NT = img_ND.double() @ txt_TD.double().T
-    i2t = [bool(set(sim_NT[i].argsort(descending=True)[:k].tolist()) & set((owner_T == i).nonzero().flatten().tolist()))
-           for i in range(img_ND.shape[0])]
-    t2i = [int(owner_T[t]) in sim_NT[:, t].argsort(descending=True)[:k].tolist() for t in range(txt_TD.shape[0])]
+    i2t = [
+        bool(
+            set(sim_NT[i].argsort(descending=True)[:k].tolist())
+            & set((owner_T == i).nonzero().flatten().tolist())
+        )
+        for i in range(img_ND.shape[0])
+    ]
+    t2i = [
+        int(owner_T[t]) in sim_NT[:, t].argsort(descending=True)[:k].tolist()
+        for t in range(txt_TD.shape[0])
+    ]
     return float(np.mean(i2t)), float(np.mean(t2i))
 
 
@@ -169,8 +193,14 @@ def test_classifier_equals_hand_computed_reference(bundle, data):
     ref_DC = _reference_classifier(bundle.model, bundle.tokenizer, CLASSNAMES, as_text)
     # 8 prompts per forward with 6 templates: one class per forward; 78: all classes at once.
     for batch_size in (8, 78):
-        got_DC = build_classifier(bundle.model, bundle.tokenizer, CLASSNAMES, templates,
-                                  device="cpu", batch_size=batch_size)
+        got_DC = build_classifier(
+            bundle.model,
+            bundle.tokenizer,
+            CLASSNAMES,
+            templates,
+            device="cpu",
+            batch_size=batch_size,
+        )
         assert got_DC.shape == (64, len(CLASSNAMES))
         torch.testing.assert_close(got_DC.double(), ref_DC, atol=2e-6, rtol=0)
 
@@ -182,9 +212,15 @@ def test_classnames_and_templates_files(tmp_path):
     assert load_classnames(str(tmp_path / "names.txt")) == ["cat", "dog"]
     assert load_classnames(str(tmp_path / "names.json")) == ["a", "b c"]
     assert len(load_classnames("imagenet")) == 1000
-    assert len(load_templates("imagenet")) == 80 and load_templates(None)[0]("x") == "a bad photo of a x."
+    assert (
+        len(load_templates("imagenet")) == 80
+        and load_templates(None)[0]("x") == "a bad photo of a x."
+    )
     # Other braces in a template are kept literally (str.format would raise on them).
-    assert [t("dog") for t in load_templates(str(tmp_path / "t.txt"))] == ["a photo of dog (really)", "dog"]
+    assert [t("dog") for t in load_templates(str(tmp_path / "t.txt"))] == [
+        "a photo of dog (really)",
+        "dog",
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,13 +235,16 @@ def test_classification_counts_with_crafted_ranks():
     logits_NC = torch.empty(n, num_classes)
     for i in range(n):
         others = [c for c in range(num_classes) if c != labels_N[i]]
-        order = others[: rank_N[i]] + [int(labels_N[i])] + others[rank_N[i]:]
+        order = others[: rank_N[i]] + [int(labels_N[i])] + others[rank_N[i] :]
         logits_NC[i, order] = torch.arange(num_classes, 0, -1, dtype=torch.float)
     m = classification_metrics(classification_counts(logits_NC, labels_N, num_classes))
     assert m["zeroshot/top1"] == pytest.approx(float((rank_N == 0).float().mean()))
     assert m["zeroshot/top5"] == pytest.approx(float((rank_N < 5).float().mean()))
-    recalls = [float((rank_N[labels_N == c] == 0).float().mean()) for c in range(num_classes)
-               if (labels_N == c).any()]
+    recalls = [
+        float((rank_N[labels_N == c] == 0).float().mean())
+        for c in range(num_classes)
+        if (labels_N == c).any()
+    ]
     assert m["zeroshot/mean_per_class_recall"] == pytest.approx(float(np.mean(recalls)))
     assert m["zeroshot/num_samples"] == n
     # Fewer than 5 classes: top-5 covers every class.
@@ -267,7 +306,9 @@ def test_alignment_and_uniformity_match_reference():
     assert alignment(img_ND, txt_TD, owner_T) == pytest.approx(ref_align, rel=1e-12)
     assert alignment(img_ND, img_ND[owner_T], owner_T) == pytest.approx(0.0, abs=1e-12)
     for chunk in (1, 7, 100):
-        assert uniformity(txt_TD, chunk_size=chunk) == pytest.approx(_reference_uniformity(txt_TD), abs=1e-5)
+        assert uniformity(txt_TD, chunk_size=chunk) == pytest.approx(
+            _reference_uniformity(txt_TD), abs=1e-5
+        )
     # All embeddings equal: the worst uniformity, log(exp(0)) = 0.
     assert uniformity(img_ND[:1].expand(5, -1), chunk_size=2) == pytest.approx(0.0, abs=1e-6)
 
@@ -282,19 +323,26 @@ def _reference_metrics(bundle, data) -> dict[str, float]:
     with torch.no_grad():
         w_DC = _reference_classifier(model, tok, CLASSNAMES, TEMPLATES)
         zs = data["zs_samples"]
-        img = F.normalize(model.encode_image(torch.stack([tf(s["png"]) for s in zs])).double(), dim=-1)
+        img = F.normalize(
+            model.encode_image(torch.stack([tf(s["png"]) for s in zs])).double(), dim=-1
+        )
         labels = torch.tensor([s["cls"] for s in zs])
         pred = (img @ w_DC).argmax(1)
         ret = data["ret_samples"]
-        r_img = F.normalize(model.encode_image(torch.stack([tf(s["png"]) for s in ret])).double(), dim=-1)
+        r_img = F.normalize(
+            model.encode_image(torch.stack([tf(s["png"]) for s in ret])).double(), dim=-1
+        )
         caps = [c for i in range(RET_SIZE) for c in _captions(i)]
-        owner_T = torch.arange(RET_SIZE).repeat_interleave(torch.tensor([len(_captions(i)) for i in range(RET_SIZE)]))
+        owner_T = torch.arange(RET_SIZE).repeat_interleave(
+            torch.tensor([len(_captions(i)) for i in range(RET_SIZE)])
+        )
         r_txt = F.normalize(model.encode_text(tok(caps)).double(), dim=-1)
     out = {
         "zeroshot/top1": float((pred == labels).double().mean()),
         "zeroshot/top5": 1.0,
-        "zeroshot/mean_per_class_recall": float(np.mean([float((pred[labels == c] == c).double().mean())
-                                                         for c in range(3)])),
+        "zeroshot/mean_per_class_recall": float(
+            np.mean([float((pred[labels == c] == c).double().mean()) for c in range(3)])
+        ),
         "zeroshot/num_samples": float(len(zs)),
         "retrieval/alignment": float((r_img[owner_T] - r_txt).pow(2).sum(1).mean()),
         "retrieval/uniformity_image": _reference_uniformity(r_img),
@@ -302,7 +350,9 @@ def _reference_metrics(bundle, data) -> dict[str, float]:
         "retrieval/num_images": float(RET_SIZE),
         "retrieval/num_texts": float(len(caps)),
     }
-    out["retrieval/uniformity"] = (out["retrieval/uniformity_image"] + out["retrieval/uniformity_text"]) / 2
+    out["retrieval/uniformity"] = (
+        out["retrieval/uniformity_image"] + out["retrieval/uniformity_text"]
+    ) / 2
     for k in (1, 5, 10):
         i2t, t2i = _reference_recall(r_img, r_txt, owner_T, k)
         out[f"retrieval/image_to_text_R@{k}"], out[f"retrieval/text_to_image_R@{k}"] = i2t, t2i
@@ -322,11 +372,24 @@ def test_evaluate_on_shards_matches_reference(bundle, data):
 
 
 def test_imagefolder_equals_shards(bundle, data):
-    cfg = EvalConfig(zeroshot=data["folder"], classnames=data["names"], templates=data["templates"],
-                     batch_size=5, workers=0)
+    cfg = EvalConfig(
+        zeroshot=data["folder"],
+        classnames=data["names"],
+        templates=data["templates"],
+        batch_size=5,
+        workers=0,
+    )
     got = _eval(bundle, cfg)
-    shards = _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
-                                      templates=data["templates"], batch_size=5, workers=0))
+    shards = _eval(
+        bundle,
+        EvalConfig(
+            zeroshot=data["zeroshot"],
+            classnames=data["names"],
+            templates=data["templates"],
+            batch_size=5,
+            workers=0,
+        ),
+    )
     assert got == pytest.approx(shards, abs=1e-12)
     assert got["zeroshot/num_samples"] == sum(ZS_SIZES)
 
@@ -349,24 +412,55 @@ def test_rank_shards_split_in_order():
 
 def test_bad_input_errors_name_the_key(bundle, data, tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.classnames: no such file"):
-        _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=str(tmp_path / "missing.txt")))
+        _eval(
+            bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=str(tmp_path / "missing.txt"))
+        )
     (tmp_path / "t.txt").write_text("a photo of {}\na photo without a slot\n")
     with pytest.raises(ConfigError, match=r"eval\.templates: template 'a photo without a slot'"):
-        _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
-                                 templates=str(tmp_path / "t.txt")))
-    with pytest.raises(ConfigError, match=r"eval\.zeroshot: class index 3 is out of range for the 3"):
-        _eval(bundle, EvalConfig(zeroshot=data["bad"], classnames=data["names"],
-                                 templates=data["templates"], workers=2))
+        _eval(
+            bundle,
+            EvalConfig(
+                zeroshot=data["zeroshot"],
+                classnames=data["names"],
+                templates=str(tmp_path / "t.txt"),
+            ),
+        )
+    with pytest.raises(
+        ConfigError, match=r"eval\.zeroshot: class index 3 is out of range for the 3"
+    ):
+        _eval(
+            bundle,
+            EvalConfig(
+                zeroshot=data["bad"],
+                classnames=data["names"],
+                templates=data["templates"],
+                workers=2,
+            ),
+        )
     nocls = str(tmp_path / "nocls.tar")
     with wds.TarWriter(nocls) as w:
         w.write({"__key__": "x", "png": data["zs_samples"][0]["png"]})
     with pytest.raises(ConfigError, match=r"eval\.zeroshot: .* no `cls` key"):
-        _eval(bundle, EvalConfig(zeroshot=nocls, classnames=data["names"], templates=data["templates"]))
+        _eval(
+            bundle,
+            EvalConfig(zeroshot=nocls, classnames=data["names"], templates=data["templates"]),
+        )
     (tmp_path / "two.txt").write_text("cat\ndog\n")
-    with pytest.raises(ConfigError, match=r"eval\.classnames: 2 class names, but .* 3 class folders"):
-        _eval(bundle, EvalConfig(zeroshot=data["folder"], classnames=str(tmp_path / "two.txt"),
-                                 templates=data["templates"], workers=0))
-    with pytest.raises(ConfigError, match=r"eval\.retrieval: shard .*missing-000000.tar. and 1 more not found"):
+    with pytest.raises(
+        ConfigError, match=r"eval\.classnames: 2 class names, but .* 3 class folders"
+    ):
+        _eval(
+            bundle,
+            EvalConfig(
+                zeroshot=data["folder"],
+                classnames=str(tmp_path / "two.txt"),
+                templates=data["templates"],
+                workers=0,
+            ),
+        )
+    with pytest.raises(
+        ConfigError, match=r"eval\.retrieval: shard .*missing-000000.tar. and 1 more not found"
+    ):
         _eval(bundle, EvalConfig(retrieval=str(tmp_path / "missing-{000000..000001}.tar")))
     with pytest.raises(ConfigError, match=r"eval\.retrieval_chunk_size"):
         EvalConfig(retrieval_chunk_size=0)
@@ -383,8 +477,11 @@ def _save_weights(bundle, path: Path) -> str:
 
 def test_run_eval_from_exported_file_and_checkpoint_dir(bundle, data, tmp_path, capsys):
     weights = _save_weights(bundle, tmp_path / "model.pt")
-    cfg = Config(model=ModelConfig(name=TINY), eval=_full_cfg(data),
-                 train=TrainConfig(output_dir=str(tmp_path / "run")))
+    cfg = Config(
+        model=ModelConfig(name=TINY),
+        eval=_full_cfg(data),
+        train=TrainConfig(output_dir=str(tmp_path / "run")),
+    )
     got = run_eval(cfg, weights, None)
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved["results"] == got and saved["checkpoint"] == weights
@@ -394,9 +491,14 @@ def test_run_eval_from_exported_file_and_checkpoint_dir(bundle, data, tmp_path, 
     # A training checkpoint directory (accelerate's save_state of the DualEncoder wrapper).
     ckpt = tmp_path / "step_00000010"
     ckpt.mkdir()
-    torch.save({f"clip.{k}": v for k, v in bundle.model.state_dict().items()}, ckpt / "pytorch_model.bin")
-    cfg = Config(model=ModelConfig(name=TINY), eval=_full_cfg(data),
-                 train=TrainConfig(output_dir=str(tmp_path / "run")))
+    torch.save(
+        {f"clip.{k}": v for k, v in bundle.model.state_dict().items()}, ckpt / "pytorch_model.bin"
+    )
+    cfg = Config(
+        model=ModelConfig(name=TINY),
+        eval=_full_cfg(data),
+        train=TrainConfig(output_dir=str(tmp_path / "run")),
+    )
     assert run_eval(cfg, str(ckpt), str(tmp_path / "dir.json")) == pytest.approx(ref, abs=1e-6)
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         run_eval(Config(model=ModelConfig(name=TINY)), weights, None)
@@ -407,21 +509,51 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     weights = _save_weights(bundle, tmp_path / "model.pt")
     full = _full_cfg(data)
     spec = {
-        "model": TINY, "weights": weights,
-        "eval": {k: getattr(full, k) for k in ("zeroshot", "classnames", "templates", "retrieval",
-                                               "batch_size", "workers", "retrieval_chunk_size")},
-        "imagefolder_eval": {"zeroshot": data["folder"], "classnames": data["names"],
-                             "templates": data["templates"], "batch_size": 4, "workers": 2},
-        "bad_eval": {"zeroshot": data["bad"], "classnames": data["names"],
-                     "templates": data["templates"], "workers": 2},
+        "model": TINY,
+        "weights": weights,
+        "eval": {
+            k: getattr(full, k)
+            for k in (
+                "zeroshot",
+                "classnames",
+                "templates",
+                "retrieval",
+                "batch_size",
+                "workers",
+                "retrieval_chunk_size",
+            )
+        },
+        "imagefolder_eval": {
+            "zeroshot": data["folder"],
+            "classnames": data["names"],
+            "templates": data["templates"],
+            "batch_size": 4,
+            "workers": 2,
+        },
+        "bad_eval": {
+            "zeroshot": data["bad"],
+            "classnames": data["names"],
+            "templates": data["templates"],
+            "workers": 2,
+        },
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", str(REPO / "tests/helpers/eval_distributed.py"),
-           str(tmp_path / "spec.json"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        str(REPO / "tests/helpers/eval_distributed.py"),
+        str(tmp_path / "spec.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())

@@ -25,18 +25,29 @@ from clip_train.model import build_model
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
-    cfg = Config(model=ModelConfig(name=spec["model"]), eval=EvalConfig(**spec["eval"]),
-                 train=TrainConfig(output_dir=str(out / "run")))
+    cfg = Config(
+        model=ModelConfig(name=spec["model"]),
+        eval=EvalConfig(**spec["eval"]),
+        train=TrainConfig(output_dir=str(out / "run")),
+    )
     # First, so that run_eval itself sets up the process group (from ACCELERATE_USE_CPU).
     results = run_eval(cfg, spec["weights"], str(out / "eval.json"))
     state = PartialState()
     rank, world = state.process_index, state.num_processes
-    report: dict = {"world_size": world, "backend": str(torch.distributed.get_backend()),
-                    "run_eval": results}
+    report: dict = {
+        "world_size": world,
+        "backend": str(torch.distributed.get_backend()),
+        "run_eval": results,
+    }
 
     bundle = build_model(ModelConfig(name=spec["model"], pretrained=spec["weights"]))
-    kw = dict(transform=bundle.eval_transform, tokenizer=bundle.tokenizer, device=state.device,
-              rank=rank, world_size=world)
+    kw = dict(
+        transform=bundle.eval_transform,
+        tokenizer=bundle.tokenizer,
+        device=state.device,
+        rank=rank,
+        world_size=world,
+    )
     report["imagefolder"] = evaluate(bundle.model, EvalConfig(**spec["imagefolder_eval"]), **kw)
 
     try:

@@ -1,0 +1,150 @@
+"""Checkpoints: exact resume after SIGKILL (2 processes), SIGTERM, crash-safe saving, non-finite
+steps, and export to plain open_clip."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from conftest import REPO, launch
+from test_train import TINY, read_metrics
+
+from clip_train.checkpoint import (
+    export_open_clip,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from clip_train.config import ConfigError, ModelConfig
+from clip_train.model import build_model
+
+FAULTS = "tests/helpers/train_with_faults.py"
+
+
+def losses_by_step(out_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    return {m["step"]: m["loss"] for m in read_metrics(out_dir) if "loss" in m}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shards):
+    common = [*TINY, f"data.train={color_shards}", "train.steps=10", "train.local_batch_size=8",
+              "train.chunk_size=3", "train.checkpoint_every_steps=4", "data.workers=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch([FAULTS, "--kill-at-step", "7", *common, f"train.output_dir={killed}"])
+    assert proc.returncode != 0  # SIGKILL of rank 0 ends the job
+    assert [p.name for p in list_checkpoints(str(killed))] == ["step_00000004"]
+    assert max(losses_by_step(killed)) == 6  # it got past the checkpoint before dying
+    proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = losses_by_step(straight), losses_by_step(killed)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(5, 11):  # steps redone after the resume from step 4
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+    assert got[10] != pytest.approx(got[5], rel=1e-3)  # the losses move, so equality means something
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, color_shards):
+    out = tmp_path / "term"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "clip_train", "train", *TINY, f"data.train={color_shards}",
+                             "train.steps=100000", f"train.output_dir={out}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop signal received" in stderr
+    saved = list_checkpoints(str(out))
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) == max(losses_by_step(out))
+
+
+def test_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, color_shards):
+    out = tmp_path / "nan1"
+    proc = run_cli_faults(["--nan-steps", "3", *TINY, f"data.train={color_shards}", "train.steps=6",
+                           f"train.output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: non-finite loss" in proc.stderr
+    metrics = [m for m in read_metrics(out) if "loss" in m]
+    assert metrics[-1]["skipped_steps"] == 1
+    assert all(isinstance(m["loss"], float) for m in metrics[3:])
+
+
+def test_nonfinite_steps_in_a_row_abort_with_the_last_good_state(tmp_path, color_shards):
+    out = tmp_path / "nan2"
+    proc = run_cli_faults(["--nan-steps", "3,4,5,6", *TINY, f"data.train={color_shards}", "train.steps=8",
+                           "train.max_nonfinite_steps=2", "train.checkpoint_every_steps=2",
+                           "train.keep_checkpoints=5", f"train.output_dir={out}"])
+    assert proc.returncode == 2
+    assert "2 non-finite steps in a row" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in list_checkpoints(str(out))] == ["step_00000002", "step_00000004"]
+    from safetensors.torch import load_file
+
+    good, last = (load_file(str(out / "checkpoints" / s / "model.safetensors")) for s in ("step_00000002", "step_00000004"))
+    assert all(torch.equal(good[k], last[k]) for k in good)  # skipped steps changed nothing
+
+
+def run_cli_faults(args):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, FAULTS, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_crash_while_saving_leaves_previous_checkpoint(tmp_path):
+    class FakeAccelerator:
+        is_main_process = True
+
+        def __init__(self, fail):
+            self.fail = fail
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            (Path(path) / "model.safetensors").write_bytes(b"partial")
+            if self.fail:
+                raise KeyboardInterrupt("killed mid-write")
+            (Path(path) / "custom_checkpoint_0.pkl").write_bytes(b"ok")
+
+    save_checkpoint(FakeAccelerator(False), str(tmp_path), step=5, keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeAccelerator(True), str(tmp_path), step=10, keep=2)
+    assert resolve_resume("latest", str(tmp_path)).name == "step_00000005"
+    assert (tmp_path / "checkpoints" / "step_00000005" / "custom_checkpoint_0.pkl").read_bytes() == b"ok"
+    for step in (15, 20, 25):
+        save_checkpoint(FakeAccelerator(False), str(tmp_path), step=step, keep=2)
+    assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_00000020", "step_00000025"]
+    with pytest.raises(ConfigError, match="train.resume"):
+        resolve_resume(str(tmp_path / "nowhere"), str(tmp_path))
+    assert resolve_resume("latest", str(tmp_path / "fresh")) is None
+
+
+def test_export_loads_in_plain_open_clip_with_identical_embeddings(tmp_path):
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="configs/models/tiny-vit.json"))
+    with torch.no_grad():  # move away from the default init so a failed load cannot pass
+        for p in bundle.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "model.pt"
+    export_open_clip(bundle.model, str(path))
+    open_clip.add_model_config("configs/models/tiny-vit.json")
+    plain, _, preprocess = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(path))
+    bundle.model.eval()
+    plain.eval()
+    assert all(torch.equal(v, bundle.model.state_dict()[k]) for k, v in plain.state_dict().items())
+    images = torch.randn(3, 3, 32, 32)
+    texts = open_clip.get_tokenizer("tiny-vit")(["a red square", "a cat", "seven"])
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(images), bundle.model.encode_image(images))
+        assert torch.equal(plain.encode_text(texts), bundle.model.encode_text(texts))
