@@ -23,7 +23,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 @dataclass
-class Progress:
+class RunState:
     """Run state saved with every checkpoint (registered with accelerator.register_for_checkpointing)."""
 
     step: int = 0

@@ -70,7 +70,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
-from clip_train.config import ConfigError, DataConfig, check_shards, expand_urls
+from clip_train.config import ClipTrainError, ConfigError, DataConfig, check_shards, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ WARN_FIRST = 3  # warnings logged per kind and worker before going quiet
 STATE_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(ClipTrainError, RuntimeError):
     """The training data itself is broken (too many bad samples, or none usable)."""
 
 

@@ -103,7 +103,7 @@ def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tens
     loss = loss_fn(img_emb_BD, txt_emb_BD, scale, bias)
     leaves = [t for t in (img_emb_BD, txt_emb_BD, scale, bias) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    cached = {id(t): (torch.zeros_like(t) if g is None else g) for t, g in zip(leaves, grads)}
+    cached = {id(t): (torch.zeros_like(t) if g is None else g) for t, g in zip(leaves, grads, strict=True)}
 
     # fp16: the cached gradients enter backward where `accelerator.backward(loss)` would have
     # scaled the loss, so they are scaled by the same factor for GradScaler to unscale.

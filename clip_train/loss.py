@@ -19,12 +19,14 @@ T row tile, C column tile.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["all_gather_with_grad", "contrastive_loss", "representation_health"]
+__all__ = ["all_gather_with_grad", "contrastive_loss", "representation_health", "resolve_impl"]
 
 
 def _world_size() -> int:
@@ -291,6 +293,19 @@ def _as_float32(value: torch.Tensor | float, device: torch.device) -> torch.Tens
     return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
+def _clamped_scale(logit_scale: torch.Tensor, max_logit_scale: float) -> torch.Tensor:
+    """clamp(exp(logit_scale), max): CLIP clamps the inverse temperature because training became
+    unstable beyond 100. Above the bound the value is the bound and the gradient is zero; AT the
+    bound (where a trainer's in-place clamp of the parameter, as in open_clip, leaves it) the
+    gradient still flows, so the scale can come back down. `exp(...).clamp(max=...)` would
+    not: exp(float32(log 100)) is 100.0000076, just over the bound, which kills the gradient for
+    good."""
+    above = logit_scale > math.log(max_logit_scale)
+    # exp only of what is kept: exp of a huge value would be inf, and inf * 0 a NaN gradient.
+    kept = torch.where(above, torch.zeros_like(logit_scale), logit_scale)
+    return torch.where(above, torch.full_like(logit_scale, max_logit_scale), kept.exp())
+
+
 def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int) -> str:
     """`auto` -> plain when the whole B x G block fits in one tile (tiling would then allocate the
     same block anyway, only slower), tiled beyond. With the default tile of 4096 the switch is at
@@ -338,10 +353,7 @@ def contrastive_loss(
         raise ValueError(f"tile_size must be > 0, got {tile_size}")
     device = img_emb_BD.device
     with torch.autocast(device_type=device.type, enabled=False):
-        logit_scale = _as_float32(logit_scale, device)
-        # CLIP clamps the temperature: beyond 100 training became unstable. clamp's gradient is
-        # zero above the bound, so a clamped scale stops moving up.
-        scale = logit_scale.exp().clamp(max=max_logit_scale)
+        scale = _clamped_scale(_as_float32(logit_scale, device), max_logit_scale)
         img_BD = F.normalize(img_emb_BD.float(), dim=-1)
         txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
         # One collective for both modalities; cheaper, and both backwards happen in one

@@ -81,7 +81,7 @@ class MetricsLog:
         self.accelerator.log({**metrics, STEP_KEY: step})
 
 
-class Progress:
+class ProgressDisplay:
     """A tqdm bar when a person watches a terminal, log lines every `every` steps otherwise."""
 
     def __init__(self, enabled: bool, total: int, start: int, every: int):

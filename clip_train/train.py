@@ -8,19 +8,20 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
-from clip_train.checkpoint import Progress, export_open_clip, resolve_resume, save_checkpoint
+from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
 from clip_train.config import ClipTrainError, Config
 from clip_train.data import build_train_loader
 from clip_train.evaluate import evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, representation_health
-from clip_train.metrics import MetricsLog, Progress as ProgressDisplay, init_trackers
+from clip_train.metrics import MetricsLog, ProgressDisplay, init_trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
 from clip_train.optim import build_optimizer, lr_at, set_lr
 
@@ -58,11 +59,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def check_world_size(accelerator: Accelerator) -> None:
-    """Refuse to train when accelerate's process count differs from the launcher's WORLD_SIZE.
+    """Refuse to train when accelerate's process count differs from the launcher's WORLD_SIZE,
+    or under a distributed mode the gradient cache does not support.
 
     accelerate >= 1.13 on a CPU-only machine silently runs each launched process alone unless told
     to use the CPU: N independent runs, no gradient sync, no error.
     """
+    mode = str(getattr(accelerator, "distributed_type", ""))
+    if "FSDP" in mode or "DEEPSPEED" in mode:
+        # FSDP shards open_clip's scalar logit_scale badly and the unwrapped model no longer runs
+        # outside FSDP's forward; DeepSpeed steps only inside accelerator.backward and ignores
+        # no_sync. See README "Running on a cluster".
+        raise LaunchError(f"distributed mode {mode} is not supported: launch with plain DDP "
+                          "(launch/accelerate/single-node.yaml or multi-node.yaml)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -85,6 +94,7 @@ class StopRequest:
 
 
 def train(cfg: Config) -> dict[str, float]:
+    stop = StopRequest()  # first: a pre-emption signal during set-up must not kill the process
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
@@ -97,7 +107,7 @@ def train(cfg: Config) -> dict[str, float]:
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
 
-    progress = Progress()
+    progress = RunState()
     accelerator.register_for_checkpointing(progress)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is not None:
@@ -116,7 +126,6 @@ def train(cfg: Config) -> dict[str, float]:
     progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id)
     metrics_log = MetricsLog(accelerator, cfg)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
-    stop = StopRequest()
     global_batch = cfg.train.local_batch_size * world
     if accelerator.is_main_process:
         log.info("training %s: %d processes x %d samples = global batch %d, chunk %s, %s, %d steps",
@@ -210,9 +219,11 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:
-    results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
-                       device=accelerator.device, rank=accelerator.process_index,
-                       world_size=accelerator.num_processes, show_progress=accelerator.is_main_process)
+    with accelerator.autocast():  # embeddings are cast to float32 before any evaluation maths
+        results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                           device=accelerator.device, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes,
+                           show_progress=accelerator.is_main_process and sys.stderr.isatty())
     if results and accelerator.is_main_process:
         log.info("eval: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results

@@ -49,13 +49,9 @@ RET_SIZE = 7  # one retrieval shard: with 2 processes, rank 1 reads nothing
 @pytest.fixture(scope="module")
 def bundle():
     torch.manual_seed(0)
-    b = build_model(ModelConfig(name=TINY))
-    # A random init gives near-identical embeddings for every input; spread the logit-free
-    # towers a bit so rankings are not decided by float noise.
-    with torch.no_grad():
-        for p in b.model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return b
+    # Random init: image embeddings are close (cosine ~0.99) but differ by ~1e-3, far above the
+    # float noise between batchings (~1e-7), so rankings are stable.
+    return build_model(ModelConfig(name=TINY))
 
 
 def _image(rng: np.random.Generator) -> Image.Image:

@@ -159,12 +159,23 @@ def test_logit_scale_clamp(kind, impl):
     img, txt, _, bias = make_inputs(20)
     kwargs = {"kind": kind, "impl": impl, "tile_size": 8, "max_logit_scale": 50.0}
     above = torch.tensor(math.log(80.0), requires_grad=True)
-    at_max = torch.tensor(math.log(50.0))
+    # Where a trainer's in-place clamp of the parameter leaves it: float32(log 50), whose exp is
+    # a hair above 50.
+    at_max = torch.tensor(math.log(50.0), requires_grad=True)
     loss_above = contrastive_loss(img.float(), txt.float(), above, bias.float(), **kwargs)
     loss_at_max = contrastive_loss(img.float(), txt.float(), at_max, bias.float(), **kwargs)
     assert torch.allclose(loss_above, loss_at_max, rtol=1e-6)
+    want = reference_loss(kind, img, txt, torch.tensor(math.log(50.0), dtype=torch.float64), bias)
+    assert rel_err(loss_above, want) < TOL
     (grad,) = torch.autograd.grad(loss_above, [above])
     assert grad == 0.0
+    huge = torch.tensor(200.0, requires_grad=True)  # exp overflows float32: no NaN may leak
+    loss_huge = contrastive_loss(img.float(), txt.float(), huge, bias.float(), **kwargs)
+    assert torch.allclose(loss_huge, loss_at_max, rtol=1e-6)
+    assert torch.autograd.grad(loss_huge, [huge])[0] == 0.0
+    # At the bound the gradient still flows, so the scale can come back down.
+    (grad_at_max,) = torch.autograd.grad(loss_at_max, [at_max])
+    assert grad_at_max != 0.0
     below = torch.tensor(math.log(40.0), requires_grad=True)
     (grad_below,) = torch.autograd.grad(
         contrastive_loss(img.float(), txt.float(), below, bias.float(), **kwargs), [below]

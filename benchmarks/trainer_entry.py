@@ -1,0 +1,100 @@
+"""One training process of a benchmark run: clip_train's or open_clip's trainer, then its peak memory.
+
+    python benchmarks/trainer_entry.py clip_train train --config ... key=value ...
+    python benchmarks/trainer_entry.py open_clip --model configs/models/tiny-vit.json --train-data ...
+
+Launched once per process (plain python for 1 process, `accelerate launch` for N), so both trainers
+run under the same launcher. After the trainer returns, the process writes
+`$BENCH_MEMORY_DIR/<rank>.json` with its own peak memory: peak RSS of this process
+(`ru_maxrss`, data-loader workers excluded) and, on CUDA, `torch.cuda.max_memory_allocated`.
+
+open_clip_train 3.3.0 needs three changes to run here; they are applied in this process only,
+before `open_clip_train.main.main` starts, and never touch the installed package:
+- a `--model` ending in `.json` is registered with `open_clip.add_model_config` and replaced by its
+  name (open_clip's trainer only accepts registered names);
+- webdataset 1.0.2 yields an end-of-shard `{}` marker that open_clip's tar grouping does not expect
+  (KeyError 'fname', open_clip issue #935): its tar expander is called with `eof_value=None`;
+- on the CPU, `DistributedDataParallel(model, device_ids=[cpu])` is rejected by torch: device_ids
+  is dropped for CPU modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+
+def _patch_open_clip() -> None:
+    import open_clip_train.data as ocd
+    import torch
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
+        streams = url_opener(src, handler=handler)
+        files = tar_file_expander(streams, handler=handler, eof_value=None)
+        return ocd.group_by_keys_nothrow(files, handler=handler)
+
+    ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+
+    class CpuFriendlyDDP(ddp):  # a subclass, so open_clip's isinstance checks still hold
+        def __init__(self, module, device_ids=None, **kwargs):
+            if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids=device_ids, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
+
+
+def _register_model_config(argv: list[str]) -> list[str]:
+    import open_clip
+
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--model" and argv[i + 1].endswith(".json"):
+            path = Path(argv[i + 1])
+            open_clip.add_model_config(path)
+            argv[i + 1] = path.stem
+    return argv
+
+
+def _write_peak_memory(trainer: str) -> None:
+    folder = os.environ.get("BENCH_MEMORY_DIR")
+    if not folder:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"trainer": trainer, "rank": rank, "pid": os.getpid(),
+              # ru_maxrss is in KiB on Linux.
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        record["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{rank}.json").write_text(json.dumps(record))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("clip_train", "open_clip"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    trainer, rest = argv[0], argv[1:]
+    if trainer == "clip_train":
+        from clip_train.__main__ import main as clip_train_main
+
+        code = clip_train_main(rest)
+    else:
+        _patch_open_clip()
+        from open_clip_train.main import main as open_clip_main
+
+        result = open_clip_main(_register_model_config(rest))
+        code = 0 if result is None else 1  # main() returns -1 when it refuses to start
+    _write_peak_memory(trainer)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
