@@ -29,10 +29,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. optim.lr=1e-3 train.steps=100")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, training: bool = True):
     """The validated config, with inputs and the model name checked before anything heavy."""
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    check_paths(cfg, training)
     from clip_train.model import resolve_model_name  # imports torch: after the cheap checks
 
     resolve_model_name(cfg.model.name)
@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, training=False)
     from clip_train.evaluate import run_eval
 
     run_eval(cfg, args.checkpoint, args.output)
@@ -59,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from clip_train.checkpoint import export_open_clip, load_model_weights
     from clip_train.model import build_model
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args, training=False)
     bundle = build_model(cfg.model)
     load_model_weights(bundle.model, args.checkpoint)
     export_open_clip(bundle.model, args.output)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import braceexpand
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -66,9 +66,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING
-    # Training shards: brace patterns (`shards/train-{000000..000099}.tar`), several joined with
-    # `::`, local paths, `pipe:` commands or fsspec URLs. img2dataset layout: jpg/png/webp + txt.
+    train: str | None = None
+    # Training shards (required to train): brace patterns (`shards/train-{000000..000099}.tar`),
+    # several joined with `::`, local paths, `pipe:` commands or fsspec URLs. img2dataset layout:
+    # jpg/png/webp + txt.
     train_num_samples: int | None = None
     # Samples in one pass over `train`. Default: read from the sizes file next to the shards
     # (`sizes.json`, written by `clip-train make-shards`, or img2dataset's `*_stats.json`).
@@ -331,8 +332,10 @@ def check_shards(spec: str | None, key: str) -> None:
                           f"(check the path, or make shards with `clip-train make-shards`)")
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, training: bool = True) -> None:
     """Check that every local input the config names exists; called before anything heavy."""
+    if training and cfg.data.train is None:
+        raise ConfigError("data.train: required for training, e.g. data.train='shards/train-{000000..000009}.tar'")
     check_shards(cfg.data.train, "data.train")
     check_shards(cfg.eval.retrieval, "eval.retrieval")
     if cfg.eval.zeroshot is not None and not os.path.isdir(cfg.eval.zeroshot):

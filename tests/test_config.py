@@ -44,9 +44,11 @@ def test_bad_values_name_the_key(overrides, key):
     assert key in str(err.value)
 
 
-def test_missing_data_train_is_named():
-    with pytest.raises(ConfigError, match="data.train"):
-        load_config(None, [])
+def test_missing_data_train_is_named_for_training_only():
+    cfg = load_config(None, [])  # eval and export need no training data
+    check_paths(cfg, training=False)
+    with pytest.raises(ConfigError, match="data.train: required"):
+        check_paths(cfg)
 
 
 def test_malformed_yaml(tmp_path):

@@ -9,7 +9,9 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, launch
+from wandb_records import history
 
 from clip_train.train import LaunchError, check_world_size
 
@@ -38,7 +40,7 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     out = tmp_path / "run"
-    proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.steps=12",
+    proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.steps=12", "wandb.enabled=true",
                     f"train.output_dir={out}", *eval_args(tmp_path, color_shards)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
@@ -48,6 +50,17 @@ def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     assert (out / "open_clip_model.pt").is_file()
     results = json.loads((out / "eval.json").read_text())
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
+    # `clip-train export` of the final checkpoint = the file written at the end of training
+    proc = run_cli(["export", "--config", str(out / "config.yaml"), "--checkpoint",
+                    str(out / "checkpoints" / "step_00000012"), "--output", str(tmp_path / "exported.pt")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported, final = (torch.load(p, weights_only=True) for p in (tmp_path / "exported.pt", out / "open_clip_model.pt"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    # W&B (offline: no account here) received the same metrics, charted against our step.
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [r for r in history(str(run_file)) if "loss" in r]
+    assert [r["train/step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == pytest.approx(losses)
     first = read_metrics(out)[0]
     for key in ("lr", "logit_scale", "temperature", "grad_norm", "samples_per_s", "data_wait_fraction",
                 "health/alignment", "health/uniformity", "data/samples_read"):
