@@ -4,9 +4,13 @@
     python benchmarks/trainer_entry.py open_clip --model configs/models/tiny-vit.json --train-data ...
 
 Launched once per process (plain python for 1 process, `accelerate launch` for N), so both trainers
-run under the same launcher. After the trainer returns, the process writes
-`$BENCH_MEMORY_DIR/<rank>.json` with its own peak memory: peak RSS of this process
-(`ru_maxrss`, data-loader workers excluded) and, on CUDA, `torch.cuda.max_memory_allocated`.
+run under the same launcher and are measured by the same code:
+- step clock: both trainers log one line per optimizer step on rank 0 (ours "step N/M ...", open_clip
+  "Train Epoch: ..."); a logging handler added here appends `[wall time of the record, CPU seconds of
+  this process, CPU seconds of its data-loader workers]` to `$BENCH_STEP_CLOCK` for each such line,
+  at the same point of both loops (after the step's optimizer update and metric reduction);
+- peak memory: after the trainer returns, `$BENCH_MEMORY_DIR/<rank>.json` gets this process's peak
+  RSS (`ru_maxrss`, data-loader workers excluded) and, on CUDA, `torch.cuda.max_memory_allocated`.
 
 open_clip_train 3.3.0 needs three changes to run here; they are applied in this process only,
 before `open_clip_train.main.main` starts, and never touch the installed package:
@@ -21,10 +25,49 @@ before `open_clip_train.main.main` starts, and never touch the installed package
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
+import time
 from pathlib import Path
+
+
+class StepClock(logging.Handler):
+    """Records wall and CPU time whenever the trainer logs a per-step line starting with `prefix`."""
+
+    def __init__(self, path: str, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.file = open(path, "a")  # noqa: SIM115 (open for the life of the process)
+        self.workers: list = []
+
+    def _workers_cpu(self) -> float:
+        import psutil
+
+        # The data-loader workers are persistent in both trainers: find them once they exist
+        # (listing children scans /proc, too slow to repeat every step).
+        if len(self.workers) == 0:
+            self.workers = psutil.Process().children(recursive=True)
+        total = 0.0
+        for proc in self.workers:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(self.prefix):
+            self.file.write(json.dumps([record.created, time.process_time(), self._workers_cpu()]) + "\n")
+            self.file.flush()
+
+
+def _add_step_clock(logger: logging.Logger, prefix: str) -> None:
+    path = os.environ.get("BENCH_STEP_CLOCK")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        logger.addHandler(StepClock(path, prefix))
 
 
 def _patch_open_clip() -> None:
@@ -38,6 +81,16 @@ def _patch_open_clip() -> None:
         return ocd.group_by_keys_nothrow(files, handler=handler)
 
     ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+
+    import open_clip_train.main as ocm
+
+    setup_logging = ocm.setup_logging
+
+    def setup_logging_with_clock(*args, **kwargs):  # instrumentation only: adds a handler
+        setup_logging(*args, **kwargs)
+        _add_step_clock(logging.getLogger(), "Train Epoch")
+
+    ocm.setup_logging = setup_logging_with_clock
 
     ddp = torch.nn.parallel.DistributedDataParallel
 
@@ -85,6 +138,9 @@ def main(argv: list[str]) -> int:
     if trainer == "clip_train":
         from clip_train.__main__ import main as clip_train_main
 
+        # Our progress lines ("step N/M ...") go through the "clip_train" logger, whose handlers
+        # survive the CLI's logging.basicConfig(force=True).
+        _add_step_clock(logging.getLogger("clip_train"), "step ")
         code = clip_train_main(rest)
     else:
         _patch_open_clip()

@@ -200,13 +200,14 @@ class _TiledSoftplusSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_BD, k_GD, scale, bias, tile_size: int):
-        # float64 accumulator: up to B * G terms, each O(1).
+        # Tile sums (torch's pairwise reduction, accurate in float32) are accumulated in float64:
+        # up to B * G terms, each O(1). Summing with dtype=float64 would copy the whole tile.
         total = torch.zeros((), dtype=torch.float64, device=q_BD.device)
         for r0, r1 in _tiles(q_BD.shape[0], tile_size):
             qs_TD = q_BD[r0:r1] * scale
             for c0, c1 in _tiles(k_GD.shape[0], tile_size):
                 logits_TC = (qs_TD @ k_GD[c0:c1].T).add_(bias)
-                total += F.softplus(logits_TC).sum(dtype=torch.float64)
+                total += F.softplus(logits_TC).sum().double()
         ctx.save_for_backward(q_BD, k_GD, scale, bias)
         ctx.tile_size = tile_size
         return total.to(q_BD.dtype)
@@ -226,7 +227,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
                 k_CD = k_GD[c0:c1]
                 s_TC = (qs_TD @ k_CD.T).add_(bias).sigmoid_().mul_(grad_total)
                 if need_bias:
-                    grad_bias += s_TC.sum(dtype=torch.float64)
+                    grad_bias += s_TC.sum().double()
                 if pk_BD is not None:
                     pk_BD[r0:r1].addmm_(s_TC, k_CD)
                 if pq_GD is not None:
