@@ -10,7 +10,7 @@ from conftest import launch
 def test_two_process_gradient_cache_equals_single_process():
     proc = launch(["tests/helpers/dist_train_check.py"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     results = json.loads(line.removeprefix("RESULT "))
     for case in ("nochunk", "chunk3", "chunk1", "chunk2_tiled"):
         assert results[case]["max_rel_err"] < 1e-5, results[case]

@@ -4,9 +4,6 @@ and a 2-process evaluation that must equal the 1-process one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from conftest import launch
 from PIL import Image
 
 from clip_train.config import Config, ConfigError, EvalConfig, ModelConfig, TrainConfig
@@ -536,21 +534,7 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-        str(REPO / "tests/helpers/eval_distributed.py"),
-        str(tmp_path / "spec.json"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = launch(["tests/helpers/eval_distributed.py", str(tmp_path / "spec.json"), str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())
     assert r0["world_size"] == 2 and r0["backend"] == "gloo"

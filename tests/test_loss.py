@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import launch
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from clip_train.config import ConfigError, LossConfig
@@ -290,20 +290,7 @@ def test_representation_health():
 @pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     out = tmp_path / "dist_loss.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-        str(REPO / "tests/helpers/dist_loss_check.py"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = launch(["tests/helpers/dist_loss_check.py", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo"

@@ -74,7 +74,7 @@ def main() -> None:
     opt.zero_grad(set_to_none=True)
     ref_model = copy.deepcopy(reference)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
-    for step in range(3):
+    for _ in range(3):
         train_step(model, images[mine], texts[mine], loss_fn=contrastive_loss, chunk_size=3, accelerator=acc)
         opt.step()
         opt.zero_grad(set_to_none=True)
