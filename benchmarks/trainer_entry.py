@@ -39,7 +39,7 @@ class StepClock(logging.Handler):
     def __init__(self, path: str, prefix: str):
         super().__init__()
         self.prefix = prefix
-        self.file = open(path, "a")  # noqa: SIM115 (open for the life of the process)
+        self.file = open(path, "a")  # open for the life of the process
         self.workers: list = []
 
     def _workers_cpu(self) -> float:
