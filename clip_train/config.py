@@ -122,12 +122,42 @@ class LossConfig:
     max_logit_scale: float = 100.0
     # Clamp of the learnable logit scale (inverse temperature): CLIP found training unstable
     # beyond 100.
+    queue_size: int = 0
+    # K > 0 (kind=clip): keep the last K image and K text key embeddings of the global batch in a
+    # queue (MoCo/ALBEF) and add them as extra negatives to each direction of the loss: K more
+    # candidates per row at the cost of (K x embed_dim) floats per modality. 0: no queue.
+    momentum: float = 0.0
+    # With a queue: EMA momentum m of a copy of both towers that computes the queued keys after
+    # every step (theta_k <- m theta_k + (1 - m) theta; MoCo/ALBEF use 0.995-0.999); costs a
+    # copy of the weights and one no-grad forward of the batch per step. 0: no momentum
+    # encoder, the queue holds past online embeddings (warned: stale keys drift).
+    debias_tau_plus: float = 0.0
+    # Debiased contrastive loss (Chuang et al., 2020; kind=clip): the class prior tau+ in [0, 1),
+    # the chance that a negative is in fact a positive (e.g. 1/classes), whose expected share is
+    # removed from each row's negatives. 0: off.
+    hardness_beta: float = 0.0
+    # Hard-negative weighting (Robinson et al., 2021; kind=clip): negatives weighted by
+    # exp(beta * logit), so near misses count more (the paper uses ~0.5-1). 0: off.
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", ("clip", "siglip"))
         _one_of(self.impl, "loss.impl", ("auto", "plain", "tiled"))
         _require(self.tile_size > 0, "loss.tile_size", "must be > 0")
         _require(self.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        _require(self.queue_size >= 0, "loss.queue_size", "must be >= 0 (0: no queue)")
+        _require(0.0 <= self.momentum < 1.0, "loss.momentum",
+                 f"must be in [0, 1) (e.g. 0.995; 0: no momentum encoder), got {self.momentum}")
+        _require(self.momentum == 0.0 or self.queue_size > 0, "loss.momentum",
+                 "a momentum encoder only fills the queue: set loss.queue_size > 0 too")
+        _require(0.0 <= self.debias_tau_plus < 1.0, "loss.debias_tau_plus",
+                 f"must be in [0, 1) (e.g. 0.1; 0: off), got {self.debias_tau_plus}")
+        _require(self.hardness_beta >= 0.0 and math.isfinite(self.hardness_beta),
+                 "loss.hardness_beta", f"must be >= 0 (e.g. 0.5; 0: off), got {self.hardness_beta}")
+        for key, on in (("loss.queue_size", self.queue_size > 0),
+                        ("loss.debias_tau_plus", self.debias_tau_plus > 0),
+                        ("loss.hardness_beta", self.hardness_beta > 0)):
+            _require(not on or self.kind == "clip", key,
+                     "is implemented for loss.kind=clip (InfoNCE) only")
 
 
 @dataclass

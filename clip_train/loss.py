@@ -13,8 +13,17 @@ Two implementations of the same maths:
   softplus sum (siglip) in the forward, and recompute tiles in the backward. Peak extra memory is
   O((B + G) * D + T * C) instead of O(B * G).
 
-Shape legend: B local batch (rows of this process), G global batch (world * B), D embedding dim,
-T row tile, C column tile.
+Options beyond the plain objective (all off by default, all composable with both
+implementations and any number of processes):
+- extra negatives (`queue_img_KD`, `queue_txt_KD`): K constant keys, e.g. a MoCo/ALBEF queue of
+  past key embeddings (clip_train.negatives). They are extra columns: image->text rows see
+  [global texts; queued texts], text->image rows see [global images; queued images].
+- debiased (Chuang et al., 2020, class prior tau+) and hard-negative weighted (Robinson et al.,
+  2021, hardness beta) InfoNCE: both rewrite each row's negative term; see `_clip_reweighted`.
+
+Shape legend: B local batch (rows of this process), G global batch (world * B), K extra
+(queued) keys, D embedding dim, T row tile, C column tile (or, outside the kernels, the columns
+G + K a row is compared with).
 """
 
 from __future__ import annotations
@@ -26,7 +35,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["all_gather_with_grad", "contrastive_loss", "representation_health", "resolve_impl"]
+__all__ = [
+    "all_gather_with_grad",
+    "contrastive_loss",
+    "infonce_mi_lower_bound",
+    "representation_health",
+    "resolve_impl",
+]
 
 
 def _world_size() -> int:
@@ -84,32 +99,48 @@ def _tiles(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _mask_positives_(logits_TC, r0: int, r1: int, c0: int, c1: int, offset: int) -> torch.Tensor:
+    """Set the positive pairs of a tile (global column = row + offset) to -inf, in place: they
+    then drop out of a logsumexp and get exp(-inf) = 0 in its gradient."""
+    rows_T = torch.arange(r0, r1, device=logits_TC.device)
+    inside_T = (rows_T + offset >= c0) & (rows_T + offset < c1)
+    rows_T = rows_T[inside_T]
+    logits_TC[rows_T - r0, rows_T + offset - c0] = float("-inf")
+    return logits_TC
+
+
 class _TiledLogSumExp(torch.autograd.Function):
-    """lse_B[i] = log sum_c exp(scale * <q_i, k_c>) without the B x G matrix.
+    """lse_B[i] = log sum_c exp(scale * <q_i, k_c>) without the B x G matrix; with
+    `negatives_only`, the positive column c = i + offset is left out of row i's sum.
 
     Forward: for each row tile, merge per-column-tile logsumexps with logaddexp (online LSE).
     Backward: recompute each tile's logits; dL/dlogits_ic = g_i * softmax_ic, so
     dq = scale * P @ k, dk = scale * P^T @ q and dL/dscale = sum_i <q_i, (P @ k)_i>."""
 
     @staticmethod
-    def forward(ctx, q_BD, k_GD, scale, tile_size: int):
+    def forward(
+        ctx, q_BD, k_GD, scale, tile_size: int, offset: int = 0, negatives_only: bool = False
+    ):
         lse_B = q_BD.new_empty(q_BD.shape[0])
         for r0, r1 in _tiles(q_BD.shape[0], tile_size):
             qs_TD = q_BD[r0:r1] * scale
             lse_T = None
             for c0, c1 in _tiles(k_GD.shape[0], tile_size):
-                tile_lse_T = torch.logsumexp(qs_TD @ k_GD[c0:c1].T, dim=1)
+                logits_TC = qs_TD @ k_GD[c0:c1].T
+                if negatives_only:
+                    _mask_positives_(logits_TC, r0, r1, c0, c1, offset)
+                tile_lse_T = torch.logsumexp(logits_TC, dim=1)
                 lse_T = tile_lse_T if lse_T is None else torch.logaddexp(lse_T, tile_lse_T)
             lse_B[r0:r1] = lse_T
         ctx.save_for_backward(q_BD, k_GD, scale, lse_B)
-        ctx.tile_size = tile_size
+        ctx.tile_size, ctx.offset, ctx.negatives_only = tile_size, offset, negatives_only
         return lse_B
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lse_B):
         q_BD, k_GD, scale, lse_B = ctx.saved_tensors
-        need_q, need_k, need_scale, _ = ctx.needs_input_grad
+        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         # (P @ k) without the scale factor; also yields the scale gradient, so compute it when
         # either q or scale needs a gradient.
         pk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
@@ -122,7 +153,10 @@ class _TiledLogSumExp(torch.autograd.Function):
             for c0, c1 in _tiles(k_GD.shape[0], ctx.tile_size):
                 k_CD = k_GD[c0:c1]
                 # In place: the tile is the only T x C buffer alive.
-                p_TC = (qs_TD @ k_CD.T).sub_(shift_T1).exp_().mul_(g_T1)
+                logits_TC = qs_TD @ k_CD.T
+                if ctx.negatives_only:
+                    _mask_positives_(logits_TC, r0, r1, c0, c1, ctx.offset)
+                p_TC = logits_TC.sub_(shift_T1).exp_().mul_(g_T1)
                 if pk_BD is not None:
                     pk_BD[r0:r1].addmm_(p_TC, k_CD)
                 if pq_GD is not None:
@@ -131,7 +165,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         # Scale in place: no second copy of the O(B * D) accumulators.
         grad_q = pk_BD.mul_(scale) if need_q else None
         grad_k = pq_GD.mul_(scale) if need_k else None
-        return grad_q, grad_k, grad_scale, None
+        return grad_q, grad_k, grad_scale, None, None, None
 
 
 class _TiledSymmetricLogSumExp(torch.autograd.Function):
@@ -271,6 +305,78 @@ def _clip_tiled(img_BD, txt_BD, img_GD, txt_GD, scale, tile_size: int) -> torch.
     return (lse_i2t_B.mean() + lse_t2i_B.mean()) / 2 - positive_B.mean()
 
 
+def _negatives_lse(q_BD, k_CD, scale, offset: int, impl: str, tile_size: int) -> torch.Tensor:
+    """log sum_{c != i + offset} exp(scale * <q_i, k_c>): row i's log-sum-exp over its negatives."""
+    if impl == "tiled":
+        return _TiledLogSumExp.apply(q_BD, k_CD, scale, tile_size, offset, True)
+    logits_BC = (q_BD * scale) @ k_CD.T
+    rows_B = torch.arange(q_BD.shape[0], device=q_BD.device)
+    positive_BC = torch.zeros_like(logits_BC, dtype=torch.bool)
+    positive_BC[rows_B, rows_B + offset] = True
+    return torch.logsumexp(logits_BC.masked_fill(positive_BC, float("-inf")), dim=1)
+
+
+def _clip_reweighted(
+    img_BD,
+    txt_BD,
+    img_CD,
+    txt_CD,
+    scale,
+    offset: int,
+    *,
+    tau_plus: float,
+    beta: float,
+    impl: str,
+    tile_size: int,
+) -> torch.Tensor:
+    """Debiased (Chuang et al., 2020) and hard-negative weighted (Robinson et al., 2021) InfoNCE.
+
+    For a row with positive logit p = s * cos(q, k+) and N negative logits x_j = s * cos(q, k_j)
+    (the other global columns and the extra keys; s the logit scale):
+        Ng   = max((N * sum_j e^{(1+beta) x_j} / sum_j e^{beta x_j} - tau+ * N * e^p) / (1 - tau+),
+                   N * e^{-s})
+        loss = -log(e^p / (e^p + Ng))
+    which is the authors' code (DCL's `Ng` with HCL's importance weights e^{beta x_j}, normalised
+    by their mean). e^{-s} is the smallest value e^{x_j} can take (cosine -1): the clamp keeps the
+    debiased estimate of the negatives' mass positive. At tau+ = 0, beta = 0, Ng is the plain sum
+    over negatives (the clamp cannot bind then) and this is CLIP's InfoNCE.
+
+    Everything is computed in log space (scales of 100 overflow e^x in float32): the two sums are
+    log-sum-exps over the negatives at scales (1+beta) s and beta s, the plain or tiled kernels
+    alike. Columns: img_CD / txt_CD are the global images / texts followed by any extra keys."""
+    n_neg = img_CD.shape[0] - 1
+    if n_neg < 1:
+        raise ValueError(
+            "the debiased / hardness-weighted loss needs at least one negative per row "
+            "(a global batch of 2 or more, or a queue)"
+        )
+    log_n = math.log(n_neg)
+    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
+    directions = []
+    for q_BD, k_CD in ((img_BD, txt_CD), (txt_BD, img_CD)):
+        if beta == 0.0:
+            # The weights are all 1: N * mean = the plain sum, one reduction.
+            log_neg_B = _negatives_lse(q_BD, k_CD, scale, offset, impl, tile_size)
+        else:
+            log_neg_B = (
+                log_n
+                + _negatives_lse(q_BD, k_CD, (1.0 + beta) * scale, offset, impl, tile_size)
+                - _negatives_lse(q_BD, k_CD, beta * scale, offset, impl, tile_size)
+            )
+        if tau_plus > 0.0:
+            # log(e^a - e^b) = a + log1p(-e^{b-a}), defined only where b < a; elsewhere the
+            # estimate is <= 0 and the clamp below takes over. The placeholder -1 keeps the
+            # unused branch (and so its gradient) finite.
+            diff_B = math.log(tau_plus) + log_n + positive_B - log_neg_B
+            below_B = diff_B < 0
+            safe_B = torch.where(below_B, diff_B, torch.full_like(diff_B, -1.0))
+            debiased_B = log_neg_B + torch.log1p(-torch.exp(safe_B)) - math.log1p(-tau_plus)
+            log_neg_B = torch.where(below_B, debiased_B, torch.full_like(diff_B, float("-inf")))
+        log_ng_B = torch.maximum(log_neg_B, log_n - scale)
+        directions.append((torch.logaddexp(positive_B, log_ng_B) - positive_B).mean())
+    return (directions[0] + directions[1]) / 2
+
+
 def _siglip_plain(img_BD, txt_GD, scale, bias, offset: int) -> torch.Tensor:
     b, g = img_BD.shape[0], txt_GD.shape[0]
     logits_BG = (img_BD * scale) @ txt_GD.T + bias
@@ -332,6 +438,10 @@ def contrastive_loss(
     impl: str = "auto",
     tile_size: int = 4096,
     max_logit_scale: float = 100.0,
+    queue_img_KD: torch.Tensor | None = None,
+    queue_txt_KD: torch.Tensor | None = None,
+    debias_tau_plus: float = 0.0,
+    hardness_beta: float = 0.0,
 ) -> torch.Tensor:
     """Takes this process's LOCAL raw (unnormalised) embeddings and the raw learnable parameters
     as open_clip stores them (logit_scale is log-space: the loss uses
@@ -345,6 +455,13 @@ def contrastive_loss(
     "siglip" (open_clip's SigLipLoss: sum over every pair of -log sigmoid(label * logit), divided
     by the local rows; logit_bias None means 0). impl: "plain", "tiled" or "auto" (see
     `resolve_impl`). Every process must hold the same number of rows.
+
+    clip only, all off by default:
+    - queue_img_KD, queue_txt_KD: K extra keys per modality (the same on every process, e.g. a
+      MoCo-style queue), used as constants (no gradient) after float32 normalisation: extra
+      negative columns of the text->image and image->text rows respectively.
+    - debias_tau_plus (class prior tau+ in [0, 1)) and hardness_beta (beta >= 0): the debiased /
+      hard-negative weighted objective of `_clip_reweighted`; both 0 is the plain InfoNCE.
     """
     if kind not in ("clip", "siglip"):
         raise ValueError(f"kind: got {kind!r}, expected clip or siglip")
@@ -355,6 +472,21 @@ def contrastive_loss(
         )
     if tile_size <= 0:
         raise ValueError(f"tile_size must be > 0, got {tile_size}")
+    queued = queue_img_KD is not None or queue_txt_KD is not None
+    reweighted = debias_tau_plus != 0.0 or hardness_beta != 0.0
+    if not 0.0 <= debias_tau_plus < 1.0:
+        raise ValueError(f"debias_tau_plus must be in [0, 1), got {debias_tau_plus}")
+    if not hardness_beta >= 0.0:
+        raise ValueError(f"hardness_beta must be >= 0, got {hardness_beta}")
+    if kind != "clip" and (queued or reweighted):
+        raise ValueError("queued negatives, debias_tau_plus and hardness_beta need kind='clip'")
+    if queued:
+        if queue_img_KD is None or queue_txt_KD is None or queue_img_KD.shape != queue_txt_KD.shape:
+            raise ValueError("queue_img_KD and queue_txt_KD go together, as two (K, D) tensors")
+        if queue_img_KD.dim() != 2 or queue_img_KD.shape[1] != img_emb_BD.shape[1]:
+            raise ValueError(
+                f"queued keys must be (K, {img_emb_BD.shape[1]}), got {tuple(queue_img_KD.shape)}"
+            )
     device = img_emb_BD.device
     with torch.autocast(device_type=device.type, enabled=False):
         scale = _clamped_scale(_as_float32(logit_scale, device), max_logit_scale)
@@ -368,16 +500,45 @@ def contrastive_loss(
             both_GD = all_gather_with_grad(torch.cat([img_BD, txt_BD], dim=1))
             img_GD, txt_GD = both_GD.split(img_BD.shape[1], dim=1)
         b, g = img_BD.shape[0], img_GD.shape[0]
-        impl = resolve_impl(impl, b, g, tile_size)
         offset = _rank() * b
         if kind == "clip":
+            # Columns of the text->image rows (img_CD) and of the image->text rows (txt_CD).
+            img_CD, txt_CD = img_GD, txt_GD
+            if queued and queue_img_KD.shape[0] > 0:
+                img_CD = torch.cat([img_GD, F.normalize(queue_img_KD.detach().float(), dim=-1)])
+                txt_CD = torch.cat([txt_GD, F.normalize(queue_txt_KD.detach().float(), dim=-1)])
+            impl = resolve_impl(impl, b, img_CD.shape[0], tile_size)
+            if reweighted:
+                return _clip_reweighted(
+                    img_BD,
+                    txt_BD,
+                    img_CD,
+                    txt_CD,
+                    scale,
+                    offset,
+                    tau_plus=debias_tau_plus,
+                    beta=hardness_beta,
+                    impl=impl,
+                    tile_size=tile_size,
+                )
             if impl == "plain":
-                return _clip_plain(img_BD, txt_BD, img_GD, txt_GD, scale, offset)
-            return _clip_tiled(img_BD, txt_BD, img_GD, txt_GD, scale, tile_size)
+                return _clip_plain(img_BD, txt_BD, img_CD, txt_CD, scale, offset)
+            return _clip_tiled(img_BD, txt_BD, img_CD, txt_CD, scale, tile_size)
+        impl = resolve_impl(impl, b, g, tile_size)
         bias = _as_float32(0.0 if logit_bias is None else logit_bias, device)
         if impl == "plain":
             return _siglip_plain(img_BD, txt_GD, scale, bias, offset)
         return _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size)
+
+
+def infonce_mi_lower_bound(loss: float, num_candidates: int) -> float:
+    """log(N) - L: the InfoNCE lower bound on the mutual information between the two views (van
+    den Oord et al., 2018; Poole et al., 2019), with N the candidates each row is scored against
+    (the global batch plus any queued keys) and L the symmetric InfoNCE loss. It is a bound only
+    for the plain InfoNCE objective (not the debiased or hardness-weighted ones), and it can
+    never exceed log(N): more candidates are what allow a tighter bound. With queued keys from a
+    momentum encoder the critic differs slightly between candidates, so read it as an estimate."""
+    return math.log(num_candidates) - float(loss)
 
 
 @torch.no_grad()

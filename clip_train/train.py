@@ -20,9 +20,10 @@ from clip_train.config import ClipTrainError, Config
 from clip_train.data import build_train_loader
 from clip_train.evaluate import evaluate
 from clip_train.grad_cache import train_step
-from clip_train.loss import contrastive_loss, representation_health
+from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, init_trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
+from clip_train.negatives import STALE_KEYS_WARNING, build_negatives, check_resume_matches
 from clip_train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("clip_train")
@@ -99,6 +100,9 @@ def train(cfg: Config) -> dict[str, float]:
     check_world_size(accelerator)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
+    # Negatives beyond the batch (loss.queue_size, loss.momentum): the queue and the momentum copy
+    # of the towers, made from the initial weights before torch.compile patches the model.
+    queue, key_encoder = build_negatives(cfg.loss, bundle.model, bundle.name, accelerator.device)
     if cfg.model.torch_compile:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
@@ -109,8 +113,14 @@ def train(cfg: Config) -> dict[str, float]:
 
     progress = RunState()
     accelerator.register_for_checkpointing(progress)
+    # After RunState, which stays custom_checkpoint_0: checkpoints without a queue still resume.
+    # Accelerate saves them from the main process only; they are identical on every process.
+    extra_states = [x for x in (queue, key_encoder) if x is not None]
+    for state in extra_states:
+        accelerator.register_for_checkpointing(state)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is not None:
+        check_resume_matches(resume_from, registered=1 + len(extra_states))
         accelerator.load_state(str(resume_from))  # also restores every process's RNG states
         log.info("resumed from %s at step %d", resume_from, progress.step)
     else:
@@ -122,7 +132,10 @@ def train(cfg: Config) -> dict[str, float]:
         local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
         world_size=world, state=progress.data_states[rank] if progress.data_states else None)
     loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
-                                tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale)
+                                tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale,
+                                debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
+    # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
+    infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
     progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id)
     metrics_log = MetricsLog(accelerator, cfg)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
@@ -131,6 +144,8 @@ def train(cfg: Config) -> dict[str, float]:
         log.info("training %s: %d processes x %d samples = global batch %d, chunk %s, %s, %d steps",
                  bundle.name, world, cfg.train.local_batch_size, global_batch, cfg.train.chunk_size,
                  accelerator.mixed_precision, cfg.train.steps)
+        if queue is not None and key_encoder is None:
+            log.warning(STALE_KEYS_WARNING)
 
     def checkpoint() -> None:
         progress.data_states = gather_object([loader.state_dict()])
@@ -146,7 +161,13 @@ def train(cfg: Config) -> dict[str, float]:
         data_wait += time.perf_counter() - t0
 
         set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))
-        out = train_step(model, images, texts, loss_fn=loss_fn, chunk_size=cfg.train.chunk_size,
+        # Each row is scored against the global batch and, with a queue, its keys from past steps.
+        step_loss_fn, candidates = loss_fn, global_batch
+        if queue is not None:
+            queue_img_KD, queue_txt_KD = queue.keys()
+            step_loss_fn = functools.partial(loss_fn, queue_img_KD=queue_img_KD, queue_txt_KD=queue_txt_KD)
+            candidates += queue.filled
+        out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
                          accelerator=accelerator, train_image=train_image, train_text=train_text)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
         # One small collective decides for every process: skip the step? stop for a signal?
@@ -159,6 +180,16 @@ def train(cfg: Config) -> dict[str, float]:
         with torch.no_grad():
             # Clamp the temperature in place, as CLIP does: beyond 100 training becomes unstable.
             clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
+        if queue is not None and not nonfinite:
+            # After the step (a skipped step changes nothing): the momentum copy follows the new
+            # weights, then this batch's keys join the queue, as negatives of the next steps only.
+            if key_encoder is not None:
+                key_encoder.update(clip)
+                keys = key_encoder.encode(images, texts, chunk_size=cfg.train.chunk_size,
+                                          autocast=accelerator.autocast)
+            else:
+                keys = (out.img_emb_BD, out.txt_emb_BD)
+            queue.enqueue(*keys)
         progress.step += 1
         progress.samples_seen += global_batch
         window_steps += 1
@@ -178,8 +209,9 @@ def train(cfg: Config) -> dict[str, float]:
         last = progress.step == cfg.train.steps
         if progress.step % cfg.train.log_every_steps == 0 or last:
             elapsed = time.perf_counter() - window_start
+            loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
-                "loss": accelerator.reduce(out.loss.detach().float(), "mean").item(),
+                "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
@@ -191,6 +223,8 @@ def train(cfg: Config) -> dict[str, float]:
                 "skipped_steps": progress.skipped_steps,
                 **peak_memory(accelerator.device),
                 **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
+                "health/candidates": candidates,
+                **({"health/mi_lower_bound": infonce_mi_lower_bound(loss, candidates)} if infonce else {}),
                 **bad_sample_metrics(accelerator, loader),
             }
             metrics_log.log(metrics, progress.step)

@@ -38,12 +38,16 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shard
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch([FAULTS, "--kill-at-step", "7", *common, f"train.output_dir={killed}"])
+    proc = launch([FAULTS, "--kill-at-step", "7", *common, f"train.output_dir={killed}", "wandb.enabled=true"])
     assert proc.returncode != 0  # SIGKILL of rank 0 ends the job
     assert [p.name for p in list_checkpoints(str(killed))] == ["step_00000004"]
     assert max(losses_by_step(killed)) == 6  # it got past the checkpoint before dying
-    proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest"])
+    proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest",
+                   "wandb.enabled=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The resumed run continues the same W&B run (offline here: one directory per start, same id).
+    run_dirs = sorted(killed.glob("wandb/offline-run-*"))
+    assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1, run_dirs
     want, got = losses_by_step(straight), losses_by_step(killed)
     assert sorted(got) == list(range(1, 11))
     for step in range(5, 11):  # steps redone after the resume from step 4

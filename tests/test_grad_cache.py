@@ -161,3 +161,29 @@ def test_bf16_autocast_keeps_loss_in_float32():
         res = train_step(model, images, texts, loss_fn=clip_loss, chunk_size=3, accelerator=plain_accelerator(autocast))
     assert res.loss.dtype == torch.float32
     assert_grads_close(grads(model), want, rtol=5e-2)  # bf16 encoders: ~3 significant digits
+
+
+def test_gradient_checkpointing_composes_with_the_cache(monkeypatch):
+    """open_clip's activation checkpointing inside the re-encoding pass: same gradients."""
+    import open_clip
+    import open_clip.transformer
+
+    calls = []
+    real = open_clip.transformer.checkpoint
+    monkeypatch.setattr(open_clip.transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    from clip_train.model import resolve_model_name
+
+    name = resolve_model_name("configs/models/tiny-vit.json")
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(6, 3, 32, 32, generator=g), torch.randint(1, 400, (6, 32), generator=g)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        clip = open_clip.create_model(name)
+        clip.set_grad_checkpointing(checkpointing)
+        model = DualEncoder(clip)
+        train_step(model, images, texts, loss_fn=clip_loss, chunk_size=4, accelerator=plain_accelerator())
+        results.append(grads(model))
+        assert bool(calls) == checkpointing  # really recomputed blocks when enabled
+    assert_grads_close(results[1], results[0], rtol=1e-5)
