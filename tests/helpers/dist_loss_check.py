@@ -17,6 +17,7 @@ Usage: dist_loss_check.py OUT_JSON
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -173,6 +174,11 @@ def main(out_path):
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
     accelerator.wait_for_everyone()
+    # Release the DDP wrappers before the process group goes: a reducer outliving its group can
+    # abort the interpreter at exit under load ("terminate called without an active exception").
+    del model
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
 
 
