@@ -247,7 +247,7 @@ def tables(time_rows: list[dict], memory_rows: list[dict], trainer_rows: list[di
         mem = "peak CUDA GiB / process" if cuda else "peak RSS GiB / process"
         t3 = h.markdown_table(
             ["trainer", "processes", "batch / process", "micro-batch", "ms / sample (median)",
-             "speed vs open_clip", "CPU ms / sample", mem, "load avg"],
+             "speed vs open_clip", "CPU ms / sample / process", mem, "load avg"],
             [[r["trainer"], r["processes"], r["batch_per_process"], r["micro_batch"], r["ms_per_sample"],
               f"{r['ratio_vs_open_clip']:.2f}x", r["cpu_ms_per_sample"],
               r["peak_cuda_gib"] if cuda else r["peak_rss_gib"], r["load"]] for r in trainer_rows],

@@ -3,7 +3,7 @@ their step clocks and peak memory, statistics and markdown tables.
 
 Both trainers run through `benchmarks/trainer_entry.py` under the same launcher (plain python for
 one process, `accelerate launch` for several), with the same thread count per process, and are
-timed by the same logging handler (see trainer_entry.py). Only rank 0's clock is recorded: every
+timed by the same step clock (see trainer_entry.py). Only rank 0's clock is recorded: every
 optimizer step is a collective, so the ranks advance in lockstep.
 """
 
@@ -114,6 +114,7 @@ class RunSpec:
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
     cuda: bool = False
+    log_every: int = 10  # both trainers log (and reduce metrics) every N steps: ours' default
 
     @property
     def local_batch(self) -> int:
@@ -130,7 +131,7 @@ class RunSpec:
 @dataclass
 class RunResult:
     spec: dict
-    step_s: list[float]  # wall seconds of each steady-state step (warm-up excluded)
+    step_s: list[float]  # wall seconds of each steady-state step (warm-up excluded, the last step too)
     cpu_s_per_step: float  # rank 0's CPU seconds per steady step, its data workers included
     samples_per_s: float  # global batch / median steady step time
     samples_per_cpu_s: float  # per process: local batch / cpu_s_per_step
@@ -147,7 +148,7 @@ def _clip_train_args(spec: RunSpec, out: Path) -> list[str]:
             f"data.workers={spec.workers}", f"train.steps={spec.steps}",
             f"train.local_batch_size={spec.local_batch}",
             f"train.chunk_size={'null' if spec.chunk is None else spec.chunk}",
-            f"train.precision={precision}", f"train.output_dir={out}", "train.log_every_steps=1",
+            f"train.precision={precision}", f"train.output_dir={out}", f"train.log_every_steps={spec.log_every}",
             f"train.seed={spec.seed}", f"optim.lr={spec.lr}", f"optim.weight_decay={spec.weight_decay}",
             f"optim.warmup_steps={spec.warmup_steps}", "optim.beta1=0.9", "optim.beta2=0.98",
             "optim.eps=1e-6", "optim.schedule=cosine"]
@@ -165,7 +166,7 @@ def _open_clip_args(spec: RunSpec, out: Path) -> list[str]:
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--lr-scheduler", "cosine",
             "--workers", str(spec.workers), "--device", "cuda" if spec.cuda else "cpu",
             "--precision", "amp_bf16" if spec.precision == "bf16" else "fp32",
-            "--log-every-n-steps", "1", "--logs", str(out), "--name", "run", "--seed", str(spec.seed),
+            "--log-every-n-steps", str(spec.log_every), "--logs", str(out), "--name", "run", "--seed", str(spec.seed),
             "--zeroshot-frequency", "0", "--save-frequency", "1"]
     if spec.nproc > 1:
         # The exact multi-process loss, as ours computes it (open_clip's recommended setting at scale).
@@ -197,7 +198,7 @@ def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
 
 def run_trainer(spec: RunSpec, workdir: Path, warmup_steps: int, timeout_s: float = 1800) -> RunResult:
     """Train with `spec` in a fresh folder under `workdir`; the first `warmup_steps` steps are not timed."""
-    if spec.steps < warmup_steps + 2:
+    if spec.steps < warmup_steps + 3:
         raise ValueError(f"{spec.steps} steps leave fewer than 2 timed steps after {warmup_steps} warm-up steps")
     workdir.mkdir(parents=True, exist_ok=True)
     n = len(list(workdir.glob("run-*")))
@@ -216,6 +217,7 @@ def run_trainer(spec: RunSpec, workdir: Path, warmup_steps: int, timeout_s: floa
     records = [json.loads(line) for line in clock.read_text().splitlines()] if clock.exists() else []
     if len(records) != spec.steps:
         raise RuntimeError(f"{spec.label()}: expected {spec.steps} step records in {clock}, got {len(records)}")
+    # Record k is taken as step k starts: the intervals after the warm-up are whole steady steps.
     steady = records[warmup_steps:]
     step_s = [b[0] - a[0] for a, b in zip(steady, steady[1:], strict=False)]
     cpu_total = (steady[-1][1] + steady[-1][2]) - (steady[0][1] + steady[0][2])

@@ -9,9 +9,10 @@ with gradient caching off and on (`train.chunk_size` = half the per-process batc
 open_clip runs with `--local-loss --gather-with-grad` on several processes: the same exact loss as
 ours.
 
-What is measured (see trainer_entry.py): per optimizer step, the wall time between consecutive
-per-step log records of rank 0 (the first `--warmup-steps` steps are excluded); samples/s = global
-batch / median step time. Samples per CPU-second = per-process batch / rank 0's CPU seconds per
+What is measured (see trainer_entry.py): per optimizer step, rank 0's wall time from the start of
+one step to the start of the next (both loops' schedule call, right after the batch arrives; the
+first `--warmup-steps` steps are excluded); samples/s = global batch / median step time. Both
+trainers log every 10 steps (ours' default). Samples per CPU-second = per-process batch / rank 0's CPU seconds per
 step (trainer process + its data workers): less sensitive to other jobs on a shared machine than the
 wall clock. Peak memory per process: peak RSS (`ru_maxrss` of each training process, data workers
 excluded); on CUDA `torch.cuda.max_memory_allocated`. Runs alternate between the trainers

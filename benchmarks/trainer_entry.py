@@ -1,14 +1,16 @@
-"""One training process of a benchmark run: clip_train's or open_clip's trainer, then its peak memory.
+"""One training process of a benchmark run: clip_train's or open_clip's trainer, timed the same way.
 
     python benchmarks/trainer_entry.py clip_train train --config ... key=value ...
     python benchmarks/trainer_entry.py open_clip --model configs/models/tiny-vit.json --train-data ...
 
 Launched once per process (plain python for 1 process, `accelerate launch` for N), so both trainers
 run under the same launcher and are measured by the same code:
-- step clock: both trainers log one line per optimizer step on rank 0 (ours "step N/M ...", open_clip
-  "Train Epoch: ..."); a logging handler added here appends `[wall time of the record, CPU seconds of
-  this process, CPU seconds of its data-loader workers]` to `$BENCH_STEP_CLOCK` for each such line,
-  at the same point of both loops (after the step's optimizer update and metric reduction);
+- step clock: both loops ask their learning-rate schedule for the step's rate once per optimizer
+  step, right after the step's batch arrives (ours `clip_train.train.lr_at`, open_clip the
+  `scheduler(step)` made by `cosine_lr`/`const_lr`). A thin wrapper around those functions appends
+  `[wall time, CPU seconds of this process, CPU seconds of its data-loader workers]` to
+  `$BENCH_STEP_CLOCK` (rank 0 only) at the first call of each step: the interval between two records
+  is one whole iteration of the loop, whatever the trainer logs and how often;
 - peak memory: after the trainer returns, `$BENCH_MEMORY_DIR/<rank>.json` gets this process's peak
   RSS (`ru_maxrss`, data-loader workers excluded) and, on CUDA, `torch.cuda.max_memory_allocated`.
 
@@ -24,8 +26,8 @@ before `open_clip_train.main.main` starts, and never touch the installed package
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
 import resource
 import sys
@@ -33,13 +35,12 @@ import time
 from pathlib import Path
 
 
-class StepClock(logging.Handler):
-    """Records wall and CPU time whenever the trainer logs a per-step line starting with `prefix`."""
+class StepClock:
+    """Appends [wall, own CPU, data-worker CPU] to a JSONL file at the start of every step."""
 
-    def __init__(self, path: str, prefix: str):
-        super().__init__()
-        self.prefix = prefix
+    def __init__(self, path: str):
         self.file = open(path, "a")  # open for the life of the process
+        self.last_step: object = None
         self.workers: list = []
 
     def _workers_cpu(self) -> float:
@@ -47,7 +48,7 @@ class StepClock(logging.Handler):
 
         # The data-loader workers are persistent in both trainers: find them once they exist
         # (listing children scans /proc, too slow to repeat every step).
-        if len(self.workers) == 0:
+        if not self.workers:
             self.workers = psutil.Process().children(recursive=True)
         total = 0.0
         for proc in self.workers:
@@ -58,20 +59,40 @@ class StepClock(logging.Handler):
                 pass
         return total
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith(self.prefix):
-            self.file.write(json.dumps([record.created, time.process_time(), self._workers_cpu()]) + "\n")
-            self.file.flush()
+    def tick(self, step: object) -> None:
+        if step == self.last_step:  # open_clip asks again for every micro-batch of --accum-freq
+            return
+        self.last_step = step
+        self.file.write(json.dumps([time.time(), time.process_time(), self._workers_cpu()]) + "\n")
+        self.file.flush()
 
 
-def _add_step_clock(logger: logging.Logger, prefix: str) -> None:
+def _make_clock() -> StepClock | None:
     path = os.environ.get("BENCH_STEP_CLOCK")
     if path and int(os.environ.get("RANK", "0")) == 0:
-        logger.addHandler(StepClock(path, prefix))
+        return StepClock(path)
+    return None
+
+
+def _clock_clip_train() -> None:
+    import clip_train.train as ct
+
+    clock = _make_clock()
+    if clock is None:
+        return
+    lr_at = ct.lr_at
+
+    @functools.wraps(lr_at)
+    def timed_lr_at(step, *args, **kwargs):
+        clock.tick(step)
+        return lr_at(step, *args, **kwargs)
+
+    ct.lr_at = timed_lr_at
 
 
 def _patch_open_clip() -> None:
     import open_clip_train.data as ocd
+    import open_clip_train.main as ocm
     import torch
     from webdataset.tariterators import tar_file_expander, url_opener
 
@@ -82,16 +103,6 @@ def _patch_open_clip() -> None:
 
     ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
 
-    import open_clip_train.main as ocm
-
-    setup_logging = ocm.setup_logging
-
-    def setup_logging_with_clock(*args, **kwargs):  # instrumentation only: adds a handler
-        setup_logging(*args, **kwargs)
-        _add_step_clock(logging.getLogger(), "Train Epoch")
-
-    ocm.setup_logging = setup_logging_with_clock
-
     ddp = torch.nn.parallel.DistributedDataParallel
 
     class CpuFriendlyDDP(ddp):  # a subclass, so open_clip's isinstance checks still hold
@@ -101,6 +112,23 @@ def _patch_open_clip() -> None:
             super().__init__(module, device_ids=device_ids, **kwargs)
 
     torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
+
+    clock = _make_clock()
+    if clock is None:
+        return
+    for name in ("cosine_lr", "const_lr", "const_lr_cooldown"):
+        make = getattr(ocm, name)
+
+        def timed_schedule(*args, _make=make, **kwargs):  # instrumentation only
+            adjust = _make(*args, **kwargs)
+
+            def timed_adjust(step):
+                clock.tick(step)
+                return adjust(step)
+
+            return timed_adjust
+
+        setattr(ocm, name, timed_schedule)
 
 
 def _register_model_config(argv: list[str]) -> list[str]:
@@ -138,9 +166,7 @@ def main(argv: list[str]) -> int:
     if trainer == "clip_train":
         from clip_train.__main__ import main as clip_train_main
 
-        # Our progress lines ("step N/M ...") go through the "clip_train" logger, whose handlers
-        # survive the CLI's logging.basicConfig(force=True).
-        _add_step_clock(logging.getLogger("clip_train"), "step ")
+        _clock_clip_train()
         code = clip_train_main(rest)
     else:
         _patch_open_clip()

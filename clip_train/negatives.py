@@ -140,6 +140,10 @@ class MomentumEncoder:
             raise ValueError(f"momentum must be in (0, 1), got {momentum}")
         self.momentum = momentum
         self.model = copy.deepcopy(online).to(device).eval().requires_grad_(False)
+        if hasattr(self.model, "set_grad_checkpointing"):
+            # It keeps no graphs: activation checkpointing (model.grad_checkpointing) would only
+            # cost time.
+            self.model.set_grad_checkpointing(False)
         self._check_matches(online)
 
     def _check_matches(self, online: nn.Module) -> None:
