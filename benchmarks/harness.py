@@ -115,6 +115,7 @@ class RunSpec:
     seed: int = 0
     cuda: bool = False
     log_every: int = 10  # both trainers log (and reduce metrics) every N steps: ours' default
+    threads: int | None = None  # OMP_NUM_THREADS per process (None: cpus / processes, as launch/local.sh)
 
     @property
     def local_batch(self) -> int:
@@ -186,8 +187,8 @@ def launch_command(spec: RunSpec, out: Path) -> list[str]:
 def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
     env = {**os.environ, "BENCH_STEP_CLOCK": str(clock), "BENCH_MEMORY_DIR": str(memory),
            "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           # What launch/local.sh does, for both trainers: one core group per process.
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // spec.nproc))}
+           # The same for both trainers; by default what launch/local.sh does: one core group per process.
+           "OMP_NUM_THREADS": str(spec.threads or max(1, (os.cpu_count() or 1) // spec.nproc))}
     if spec.cuda:
         env.pop("ACCELERATE_USE_CPU", None)
     else:

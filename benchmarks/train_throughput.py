@@ -3,8 +3,9 @@
 Both trainers train the same model config on the same webdataset shards (the demo's handwritten
 digits, real 32 px scans, written to a temp folder), with the same global batch, steps, precision
 (fp32 on the CPU, bf16 autocast on CUDA), optimizer (AdamW, lr, betas, eps, weight decay, warmup +
-cosine), data-loader workers, threads and process count (1 and 2 on the CPU, every GPU on CUDA),
-under the same launcher (plain python for 1 process, `accelerate launch` for N). clip_train runs
+cosine), data-loader workers, threads per process (1 on the CPU by default) and process count
+(1 and 2 on the CPU, every GPU on CUDA), under the same launcher (plain python for 1 process,
+`accelerate launch` for N). clip_train runs
 with gradient caching off and on (`train.chunk_size` = half the per-process batch).
 open_clip runs with `--local-loss --gather-with-grad` on several processes: the same exact loss as
 ours.
@@ -24,7 +25,7 @@ tar reader drops webdataset 1.0.2's end-of-shard marker (KeyError 'fname', open_
 gets no `device_ids` for CPU modules.
 
     python benchmarks/train_throughput.py --quick   # 2 processes, 1 round, 12 steps: a smoke test
-    python benchmarks/train_throughput.py           # 1 and 2 processes, 2 rounds, 30 steps
+    python benchmarks/train_throughput.py           # 1 and 2 processes, 3 rounds, 30 steps
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 processes (CPU), 1 round, 12 steps")
     parser.add_argument("--procs", default=None,
                         help="comma-separated process counts (default: 1,2 on the CPU, all GPUs on CUDA)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of A/B runs (default 2, quick 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of A/B runs (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30, quick 12)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (default 5, quick 3)")
     parser.add_argument("--global-batch", type=int, default=None,
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=None,
                         help="gradient-cache chunk of the clip_train+gc rows (default: half the per-process batch)")
     parser.add_argument("--workers", type=int, default=None, help="data workers per process (default 1; 4 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP threads per process (default 1 on the CPU, cpus/processes on CUDA)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
     parser.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder, deleted)")
     return parser.parse_args(argv)
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = gpus > 0
     procs = ([int(p) for p in args.procs.split(",")] if args.procs
              else [gpus] if cuda else [2] if args.quick else [1, 2])
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or (1 if args.quick else 3)
+    # One thread per process on the CPU: on a machine shared with other jobs a second OpenMP thread
+    # makes step times bimodal (a step waits whenever another job holds the other core).
+    threads = args.threads or (None if cuda else 1)
     steps = args.steps or (12 if args.quick else 30)
     warmup = args.warmup_steps if args.warmup_steps is not None else (3 if args.quick else 5)
     workers = args.workers or (4 if cuda else 1)
@@ -124,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                     trainer="open_clip" if variant == "open_clip" else "clip_train", model=args.model,
                     train_data=data["train"], nproc=nproc, global_batch=global_batch, steps=steps,
                     chunk=chunk if variant == "clip_train+gc" else None, lr=1e-3, weight_decay=0.1,
-                    warmup_steps=2, workers=workers, precision="bf16" if cuda else "fp32", cuda=cuda)
+                    warmup_steps=2, workers=workers, precision="bf16" if cuda else "fp32", cuda=cuda,
+                    threads=threads)
                 for variant in VARIANTS
             }
             for round_ in range(repeats):
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     elapsed = time.perf_counter() - started
     setting = (f"model {args.model}, {steps} steps ({warmup} untimed), {'bf16 autocast, CUDA' if cuda else 'fp32, CPU'}, "
-               f"{workers} data worker(s) and OMP_NUM_THREADS=cpus/processes per process, AdamW, "
+               f"{workers} data worker(s) and {threads or 'cpus/processes'} OMP thread(s) per process, AdamW, "
                f"{repeats} alternating round(s); clip_train+gc: gradient caching with the chunk shown")
     markdown = "\n".join([
         f"**Training throughput, clip_train vs open_clip_train** ({h.describe_machine(info)}; "

@@ -81,6 +81,32 @@ class MetricsLog:
         self.accelerator.log({**metrics, STEP_KEY: step})
 
 
+class Throughput:
+    """Samples per second and the fraction of time spent waiting for data, per logging window."""
+
+    def __init__(self, global_batch: int, local_batch: int):
+        self.global_batch, self.local_batch = global_batch, local_batch
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The window's rates; starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        out = {"samples_per_s": self.global_batch * self.steps / elapsed,
+               "samples_per_s_per_process": self.local_batch * self.steps / elapsed,
+               "data_wait_fraction": self.data_wait / elapsed}
+        self._reset()
+        return out
+
+
 class ProgressDisplay:
     """A tqdm bar when a person watches a terminal, log lines every `every` steps otherwise."""
 

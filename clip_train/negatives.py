@@ -223,3 +223,16 @@ def check_resume_matches(checkpoint: str | Path, registered: int) -> None:
             "loss.queue_size (on or off) and loss.momentum (on or off) must be as in the run that "
             "saved it"
         )
+
+
+def refresh_after_step(queue: KeyQueue, encoder: MomentumEncoder | None, clip: nn.Module,
+                       images_BCHW: torch.Tensor, texts_BL: torch.Tensor,
+                       step_img_BD: torch.Tensor, step_txt_BD: torch.Tensor, *,
+                       chunk_size: int | None, autocast) -> None:
+    """After an optimizer step: the momentum copy follows the new weights, then this batch's keys
+    join the queue, as negatives of the next steps only (never of their own step)."""
+    if encoder is None:  # plain queue: the step's own (now stale) embeddings
+        queue.enqueue(step_img_BD, step_txt_BD)
+        return
+    encoder.update(clip)
+    queue.enqueue(*encoder.encode(images_BCHW, texts_BL, chunk_size=chunk_size, autocast=autocast))

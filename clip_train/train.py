@@ -21,9 +21,14 @@ from clip_train.data import build_train_loader
 from clip_train.evaluate import evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
-from clip_train.metrics import MetricsLog, ProgressDisplay, init_trackers
+from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
-from clip_train.negatives import STALE_KEYS_WARNING, build_negatives, check_resume_matches
+from clip_train.negatives import (
+    STALE_KEYS_WARNING,
+    build_negatives,
+    check_resume_matches,
+    refresh_after_step,
+)
 from clip_train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("clip_train")
@@ -152,13 +157,13 @@ def train(cfg: Config) -> dict[str, float]:
         save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints)
 
     batches = iter(loader)
-    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    throughput = Throughput(global_batch, cfg.train.local_batch_size)
     results: dict[str, float] = {}
     while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
         images, texts = images.to(accelerator.device), texts.to(accelerator.device)
-        data_wait += time.perf_counter() - t0
+        throughput.waited(time.perf_counter() - t0)
 
         set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))
         # Each row is scored against the global batch and, with a queue, its keys from past steps.
@@ -181,44 +186,26 @@ def train(cfg: Config) -> dict[str, float]:
             # Clamp the temperature in place, as CLIP does: beyond 100 training becomes unstable.
             clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
         if queue is not None and not nonfinite:
-            # After the step (a skipped step changes nothing): the momentum copy follows the new
-            # weights, then this batch's keys join the queue, as negatives of the next steps only.
-            if key_encoder is not None:
-                key_encoder.update(clip)
-                keys = key_encoder.encode(images, texts, chunk_size=cfg.train.chunk_size,
-                                          autocast=accelerator.autocast)
-            else:
-                keys = (out.img_emb_BD, out.txt_emb_BD)
-            queue.enqueue(*keys)
+            refresh_after_step(queue, key_encoder, clip, images, texts, out.img_emb_BD, out.txt_emb_BD,
+                               chunk_size=cfg.train.chunk_size, autocast=accelerator.autocast)
         progress.step += 1
         progress.samples_seen += global_batch
-        window_steps += 1
+        throughput.stepped()
         if nonfinite:
-            progress.skipped_steps += 1
-            progress.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                        progress.step, progress.nonfinite_in_a_row)
-            if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                checkpoint()
-                raise TrainingError(f"{progress.nonfinite_in_a_row} non-finite steps in a row "
-                                    f"(train.max_nonfinite_steps); last good state saved in "
-                                    f"{cfg.train.output_dir}/checkpoints")
+            count_nonfinite_step(progress, cfg, checkpoint)
         else:
             progress.nonfinite_in_a_row = 0
 
         last = progress.step == cfg.train.steps
         if progress.step % cfg.train.log_every_steps == 0 or last:
-            elapsed = time.perf_counter() - window_start
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
                 "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
-                "grad_norm": grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm),
-                "samples_per_s": global_batch * window_steps / elapsed,
-                "samples_per_s_per_process": cfg.train.local_batch_size * window_steps / elapsed,
-                "data_wait_fraction": data_wait / elapsed,
+                "grad_norm": grad_norm.item(),
+                **throughput.read(),
                 "samples_seen": progress.samples_seen,
                 "skipped_steps": progress.skipped_steps,
                 **peak_memory(accelerator.device),
@@ -229,8 +216,6 @@ def train(cfg: Config) -> dict[str, float]:
             }
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
-            window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
             metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle), progress.step)
         if (cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last:
@@ -248,8 +233,25 @@ def train(cfg: Config) -> dict[str, float]:
             export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
+    # Release the DDP wrapper before the process group goes: a reducer outliving its group can
+    # abort the interpreter at exit ("terminate called without an active exception").
+    del model, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
     return results
+
+
+def count_nonfinite_step(progress: RunState, cfg: Config, checkpoint) -> None:
+    """A skipped step; too many in a row stop the run with a checkpoint of the last good state."""
+    progress.skipped_steps += 1
+    progress.nonfinite_in_a_row += 1
+    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                progress.step, progress.nonfinite_in_a_row)
+    if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+        checkpoint()
+        raise TrainingError(f"{progress.nonfinite_in_a_row} non-finite steps in a row "
+                            f"(train.max_nonfinite_steps); last good state saved in "
+                            f"{cfg.train.output_dir}/checkpoints")
 
 
 def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:
