@@ -45,18 +45,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches, 1 round: a smoke test")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model-config JSON")
-    parser.add_argument("--batch", type=int, default=None, help="fixed batch of part 1 (default 128, quick 32)")
-    parser.add_argument("--chunks", default=None, help="comma-separated chunk sizes of part 1 (default batch/2 .. 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds of part 1 (default 5, quick 2)")
-    parser.add_argument("--memory-batch", type=int, default=None,
-                        help="smallest batch of part 2, grown 4x (default 64, quick 16)")
-    parser.add_argument("--memory-chunk", type=int, default=None, help="chunk of part 2 (default 16, quick 8)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in parts 1-2 (default 1: stable ratios on a shared machine)")
-    parser.add_argument("--trainer-repeats", type=int, default=None, help="rounds of part 3 (default 2, quick 1)")
-    parser.add_argument("--trainer-steps", type=int, default=None, help="steps per run of part 3 (default 14, quick 8)")
-    parser.add_argument("--skip-trainers", action="store_true", help="skip part 3 (the open_clip runs)")
-    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="fixed batch of part 1 (default 128, quick 32)"
+    )
+    parser.add_argument(
+        "--chunks",
+        default=None,
+        help="comma-separated chunk sizes of part 1 (default batch/2 .. 8)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds of part 1 (default 5, quick 2)"
+    )
+    parser.add_argument(
+        "--memory-batch",
+        type=int,
+        default=None,
+        help="smallest batch of part 2, grown 4x (default 64, quick 16)",
+    )
+    parser.add_argument(
+        "--memory-chunk", type=int, default=None, help="chunk of part 2 (default 16, quick 8)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in parts 1-2 (default 1: stable ratios on a shared machine)",
+    )
+    parser.add_argument(
+        "--trainer-repeats", type=int, default=None, help="rounds of part 3 (default 2, quick 1)"
+    )
+    parser.add_argument(
+        "--trainer-steps",
+        type=int,
+        default=None,
+        help="steps per run of part 3 (default 14, quick 8)",
+    )
+    parser.add_argument(
+        "--skip-trainers", action="store_true", help="skip part 3 (the open_clip runs)"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="stay on the CPU even if CUDA is available"
+    )
     # Child mode (part 2): one configuration in a fresh process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -66,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------
 # In-process pieces (parts 1 and 2)
+
 
 class Bench:
     """The model, loss and a random batch, ready for `train_step`."""
@@ -96,8 +126,14 @@ class Bench:
         from clip_train.grad_cache import train_step
 
         n = batch or self.images.shape[0]
-        train_step(self.model, self.images[:n], self.texts[:n], loss_fn=self.loss_fn, chunk_size=chunk,
-                   accelerator=self.accelerator)
+        train_step(
+            self.model,
+            self.images[:n],
+            self.texts[:n],
+            loss_fn=self.loss_fn,
+            chunk_size=chunk,
+            accelerator=self.accelerator,
+        )
         self.model.zero_grad(set_to_none=True)
 
     def sync(self) -> None:
@@ -107,7 +143,9 @@ class Bench:
             torch.cuda.synchronize()
 
 
-def step_times(args: argparse.Namespace, cuda: bool, batch: int, chunks: list[int | None], rounds: int) -> list[dict]:
+def step_times(
+    args: argparse.Namespace, cuda: bool, batch: int, chunks: list[int | None], rounds: int
+) -> list[dict]:
     """Part 1: median wall/CPU seconds per step for each chunk size, alternating every round."""
     bench = Bench(args.model, batch, cuda, args.threads)
     for chunk in chunks:  # warm-up: allocator, oneDNN kernels, autograd threads
@@ -115,7 +153,7 @@ def step_times(args: argparse.Namespace, cuda: bool, batch: int, chunks: list[in
     walls: dict = {c: [] for c in chunks}
     cpus: dict = {c: [] for c in chunks}
     for r in range(rounds):
-        order = chunks[r % len(chunks):] + chunks[:r % len(chunks)]
+        order = chunks[r % len(chunks) :] + chunks[: r % len(chunks)]
         for chunk in order:
             bench.sync()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -123,15 +161,25 @@ def step_times(args: argparse.Namespace, cuda: bool, batch: int, chunks: list[in
             bench.sync()
             walls[chunk].append(time.perf_counter() - t0)
             cpus[chunk].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"chunk {c or batch}: {walls[c][-1]:.3f} s" for c in chunks), flush=True)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"chunk {c or batch}: {walls[c][-1]:.3f} s" for c in chunks),
+            flush=True,
+        )
     rows = []
     for chunk in chunks:
-        rows.append({
-            "batch": batch, "chunk": chunk, "wall_s": h.median(walls[chunk]), "cpu_s": h.median(cpus[chunk]),
-            "ratio": h.median(a / b for a, b in zip(walls[chunk], walls[None], strict=True)),
-            "cpu_ratio": h.median(a / b for a, b in zip(cpus[chunk], cpus[None], strict=True)),
-            "walls": walls[chunk], "rounds": rounds,
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "chunk": chunk,
+                "wall_s": h.median(walls[chunk]),
+                "cpu_s": h.median(cpus[chunk]),
+                "ratio": h.median(a / b for a, b in zip(walls[chunk], walls[None], strict=True)),
+                "cpu_ratio": h.median(a / b for a, b in zip(cpus[chunk], cpus[None], strict=True)),
+                "walls": walls[chunk],
+                "rounds": rounds,
+            }
+        )
     return rows
 
 
@@ -164,13 +212,30 @@ def child(args: argparse.Namespace) -> dict:
         bench.step(chunk)
     bench.sync()
     peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024
-    return {"batch": args.child_batch, "chunk": chunk, "peak_extra_gib": (peak - base) / 2**30,
-            "base_gib": base / 2**30, "device": "cuda" if cuda else "cpu"}
+    return {
+        "batch": args.child_batch,
+        "chunk": chunk,
+        "peak_extra_gib": (peak - base) / 2**30,
+        "base_gib": base / 2**30,
+        "device": "cuda" if cuda else "cpu",
+    }
 
 
 def memory_row(args: argparse.Namespace, batch: int, chunk: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--child-batch", str(batch), "--child-chunk", str(chunk or 0),
-           "--model", args.model, "--threads", str(args.threads), *(["--cpu"] if args.cpu else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--child-batch",
+        str(batch),
+        "--child-chunk",
+        str(chunk or 0),
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        *(["--cpu"] if args.cpu else []),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=h.REPO)
     if proc.returncode != 0:
         return {"batch": batch, "chunk": chunk, "failed": proc.stderr.strip()[-300:]}
@@ -184,10 +249,20 @@ def memory_growth(args: argparse.Namespace, b0: int, chunk: int) -> list[dict]:
     for batch, c in configs:
         rows.append(memory_row(args, batch, c))
         r = rows[-1]
-        print(f"memory batch {batch} chunk {c or batch}: " +
-              (f"{r['peak_extra_gib']:.3f} GiB extra" if "failed" not in r else r["failed"]), flush=True)
+        print(
+            f"memory batch {batch} chunk {c or batch}: "
+            + (f"{r['peak_extra_gib']:.3f} GiB extra" if "failed" not in r else r["failed"]),
+            flush=True,
+        )
     for r in rows:
-        first = next((x for x in rows if x["batch"] == b0 and x["chunk"] == r["chunk"] and "failed" not in x), None)
+        first = next(
+            (
+                x
+                for x in rows
+                if x["batch"] == b0 and x["chunk"] == r["chunk"] and "failed" not in x
+            ),
+            None,
+        )
         if first is not None and "failed" not in r:
             r["growth"] = r["peak_extra_gib"] / first["peak_extra_gib"]
     return rows
@@ -196,64 +271,153 @@ def memory_growth(args: argparse.Namespace, b0: int, chunk: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Part 3: real runs against open_clip --accum-freq
 
-def versus_open_clip(args: argparse.Namespace, cuda: bool, gpus: int, micro: int, local: int,
-                     repeats: int, steps: int, warmup: int) -> list[dict]:
+
+def versus_open_clip(
+    args: argparse.Namespace,
+    cuda: bool,
+    gpus: int,
+    micro: int,
+    local: int,
+    repeats: int,
+    steps: int,
+    warmup: int,
+) -> list[dict]:
     nproc = gpus if cuda else 2
     with tempfile.TemporaryDirectory() as tmp:
         data = h.make_digits_shards(Path(tmp) / "digits")
-        specs = [h.RunSpec(trainer=t, model=args.model, train_data=data["train"], nproc=nproc,
-                           global_batch=local * nproc, steps=steps, chunk=micro, lr=1e-3, weight_decay=0.1,
-                           warmup_steps=2, workers=4 if cuda else 1, precision="bf16" if cuda else "fp32",
-                           cuda=cuda) for t in h.TRAINERS]
+        specs = [
+            h.RunSpec(
+                trainer=t,
+                model=args.model,
+                train_data=data["train"],
+                nproc=nproc,
+                global_batch=local * nproc,
+                steps=steps,
+                chunk=micro,
+                lr=1e-3,
+                weight_decay=0.1,
+                warmup_steps=2,
+                workers=4 if cuda else 1,
+                precision="bf16" if cuda else "fp32",
+                cuda=cuda,
+            )
+            for t in h.TRAINERS
+        ]
         results: dict[str, list[h.RunResult]] = {s.trainer: [] for s in specs}
         for r in range(repeats):
             for spec in specs if r % 2 == 0 else specs[::-1]:
                 res = h.run_trainer(spec, Path(tmp) / "runs", warmup)
                 results[spec.trainer].append(res)
-                print(f"{spec.label()} round {r + 1}: {1e3 / res.samples_per_s:.2f} ms/sample, "
-                      f"peak RSS {max(res.peak_rss_gib):.2f} GiB, load {res.load_before:.1f}", flush=True)
+                print(
+                    f"{spec.label()} round {r + 1}: {1e3 / res.samples_per_s:.2f} ms/sample, "
+                    f"peak RSS {max(res.peak_rss_gib):.2f} GiB, load {res.load_before:.1f}",
+                    flush=True,
+                )
     rows = []
     for spec in specs:
         rs, ref = results[spec.trainer], results["open_clip"]
-        rows.append({
-            "trainer": spec.label(), "processes": nproc, "batch_per_process": local, "micro_batch": micro,
-            "ms_per_sample": h.median(1e3 / r.samples_per_s for r in rs),
-            "ratio_vs_open_clip": h.median(a.samples_per_s / b.samples_per_s for a, b in zip(rs, ref, strict=True)),
-            "cpu_ms_per_sample": h.median(1e3 / r.samples_per_cpu_s for r in rs),
-            "peak_rss_gib": h.median(max(r.peak_rss_gib) for r in rs),
-            "peak_cuda_gib": h.median(max(r.peak_cuda_gib) for r in rs if r.peak_cuda_gib),
-            "load": h.median(r.load_before for r in rs), "runs": [asdict(r) for r in rs],
-        })
+        rows.append(
+            {
+                "trainer": spec.label(),
+                "processes": nproc,
+                "batch_per_process": local,
+                "micro_batch": micro,
+                "ms_per_sample": h.median(1e3 / r.samples_per_s for r in rs),
+                "ratio_vs_open_clip": h.median(
+                    a.samples_per_s / b.samples_per_s for a, b in zip(rs, ref, strict=True)
+                ),
+                "cpu_ms_per_sample": h.median(1e3 / r.samples_per_cpu_s for r in rs),
+                "peak_rss_gib": h.median(max(r.peak_rss_gib) for r in rs),
+                "peak_cuda_gib": h.median(max(r.peak_cuda_gib) for r in rs if r.peak_cuda_gib),
+                "data_wait": h.median(r.data_wait_fraction for r in rs),
+                "load": h.median(r.load_before for r in rs),
+                "runs": [asdict(r) for r in rs],
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 
-def tables(time_rows: list[dict], memory_rows: list[dict], trainer_rows: list[dict], cuda: bool) -> str:
+
+def tables(
+    time_rows: list[dict], memory_rows: list[dict], trainer_rows: list[dict], cuda: bool
+) -> str:
     batch = time_rows[0]["batch"]
     t1 = h.markdown_table(
         ["chunk", "chunks / step", "step s (median)", "÷ unchunked", "CPU s", "÷ unchunked (CPU)"],
-        [[r["chunk"] or f"{batch} (off)", -(-batch // (r["chunk"] or batch)), r["wall_s"],
-          f"{r['ratio']:.2f}x", r["cpu_s"], f"{r['cpu_ratio']:.2f}x"] for r in time_rows])
+        [
+            [
+                r["chunk"] or f"{batch} (off)",
+                -(-batch // (r["chunk"] or batch)),
+                r["wall_s"],
+                f"{r['ratio']:.2f}x",
+                r["cpu_s"],
+                f"{r['cpu_ratio']:.2f}x",
+            ]
+            for r in time_rows
+        ],
+    )
     unit = "GiB (CUDA allocated)" if cuda else "GiB (RSS)"
     t2 = h.markdown_table(
         ["batch", "chunk", f"peak extra {unit}", "growth vs smallest batch"],
-        [[r["batch"], r["chunk"] or "off", r.get("peak_extra_gib", float("nan")),
-          f"{r['growth']:.2f}x" if "growth" in r else r.get("failed", "")] for r in memory_rows])
-    parts = [f"Step time vs chunk size at batch {batch} (target: ≤ 1.4x, theory ≈ 1.33x):", "", t1, "",
-             "Peak memory of a training step as the batch grows at a fixed chunk (target: chunked < 1.3x "
-             "for 4x the batch):", "", t2]
+        [
+            [
+                r["batch"],
+                r["chunk"] or "off",
+                r.get("peak_extra_gib", float("nan")),
+                f"{r['growth']:.2f}x" if "growth" in r else r.get("failed", ""),
+            ]
+            for r in memory_rows
+        ],
+    )
+    parts = [
+        f"Step time vs chunk size at batch {batch} (target: ≤ 1.4x, theory ≈ 1.33x):",
+        "",
+        t1,
+        "",
+        "Peak memory of a training step as the batch grows at a fixed chunk (target: chunked < 1.3x "
+        "for 4x the batch):",
+        "",
+        t2,
+    ]
     if trainer_rows:
         mem = "peak CUDA GiB / process" if cuda else "peak RSS GiB / process"
         t3 = h.markdown_table(
-            ["trainer", "processes", "batch / process", "micro-batch", "ms / sample (median)",
-             "speed vs open_clip", "CPU ms / sample / process", mem, "load avg"],
-            [[r["trainer"], r["processes"], r["batch_per_process"], r["micro_batch"], r["ms_per_sample"],
-              f"{r['ratio_vs_open_clip']:.2f}x", r["cpu_ms_per_sample"],
-              r["peak_cuda_gib"] if cuda else r["peak_rss_gib"], r["load"]] for r in trainer_rows],
-            "lrrrrrrrr")
-        parts += ["", "Real training runs, gradient cache vs open_clip's --accum-freq at the same "
-                  "effective batch and micro-batch (speed > 1: faster than open_clip):", "", t3]
+            [
+                "trainer",
+                "processes",
+                "batch / process",
+                "micro-batch",
+                "ms / sample (median)",
+                "speed vs open_clip",
+                "CPU ms / sample / process",
+                mem,
+                "load avg",
+            ],
+            [
+                [
+                    r["trainer"],
+                    r["processes"],
+                    r["batch_per_process"],
+                    r["micro_batch"],
+                    r["ms_per_sample"],
+                    f"{r['ratio_vs_open_clip']:.2f}x",
+                    r["cpu_ms_per_sample"],
+                    r["peak_cuda_gib"] if cuda else r["peak_rss_gib"],
+                    r["load"],
+                ]
+                for r in trainer_rows
+            ],
+            "lrrrrrrrr",
+        )
+        parts += [
+            "",
+            "Real training runs, gradient cache vs open_clip's --accum-freq at the same "
+            "effective batch and micro-batch (speed > 1: faster than open_clip):",
+            "",
+            t3,
+        ]
     return "\n".join(parts)
 
 
@@ -265,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     gpus = 0 if args.cpu else h.cuda_device_count()
     cuda = gpus > 0
     batch = args.batch or (32 if args.quick else 128)
-    chunks: list[int | None] = ([int(c) for c in args.chunks.split(",")] if args.chunks else
-                                [c for c in (batch // 2, batch // 4, batch // 8, batch // 16) if c >= 8])
+    chunks: list[int | None] = (
+        [int(c) for c in args.chunks.split(",")]
+        if args.chunks
+        else [c for c in (batch // 2, batch // 4, batch // 8, batch // 16) if c >= 8]
+    )
     chunks = [None] + [c for c in chunks if c < batch]
     rounds = args.rounds or (2 if args.quick else 5)
     b0 = args.memory_batch or (16 if args.quick else 64)
@@ -276,25 +443,49 @@ def main(argv: list[str] | None = None) -> int:
 
     time_rows = step_times(args, cuda, batch, chunks, rounds)
     memory_rows = memory_growth(args, b0, mem_chunk)
-    trainer_rows = [] if args.skip_trainers else versus_open_clip(
-        args, cuda, gpus, micro=mem_chunk, local=b0, repeats=args.trainer_repeats or (1 if args.quick else 2),
-        steps=args.trainer_steps or (8 if args.quick else 14), warmup=3)
+    trainer_rows = (
+        []
+        if args.skip_trainers
+        else versus_open_clip(
+            args,
+            cuda,
+            gpus,
+            micro=mem_chunk,
+            local=b0,
+            repeats=args.trainer_repeats or (1 if args.quick else 2),
+            steps=args.trainer_steps or (8 if args.quick else 14),
+            warmup=3,
+        )
+    )
 
     elapsed = time.perf_counter() - started
-    markdown = "\n".join([
-        f"**Gradient cache** ({h.describe_machine(info)}; load average at the end {os.getloadavg()[0]:.1f}; "
-        f"{elapsed:.0f} s)", "",
-        f"Model {args.model}, {'bf16 autocast on CUDA' if cuda else f'fp32 on the CPU, {args.threads} thread(s)'} "
-        "in the step-time and memory parts.", "",
-        tables(time_rows, memory_rows, trainer_rows, cuda),
-    ])
+    markdown = "\n".join(
+        [
+            f"**Gradient cache** ({h.describe_machine(info)}; load average at the end {os.getloadavg()[0]:.1f}; "
+            f"{elapsed:.0f} s)",
+            "",
+            f"Model {args.model}, {'bf16 autocast on CUDA' if cuda else f'fp32 on the CPU, {args.threads} thread(s)'} "
+            "in the step-time and memory parts.",
+            "",
+            tables(time_rows, memory_rows, trainer_rows, cuda),
+        ]
+    )
     print()
     print(markdown)
-    out = h.write_json("gradcache", {
-        "machine": info, "quick": args.quick, "model": args.model, "step_time": time_rows,
-        "memory": memory_rows, "versus_open_clip": trainer_rows, "markdown": markdown,
-        "command": " ".join(["python", "benchmarks/gradcache.py", *(argv or sys.argv[1:])]),
-    }, args.quick)
+    out = h.write_json(
+        "gradcache",
+        {
+            "machine": info,
+            "quick": args.quick,
+            "model": args.model,
+            "step_time": time_rows,
+            "memory": memory_rows,
+            "versus_open_clip": trainer_rows,
+            "markdown": markdown,
+            "command": " ".join(["python", "benchmarks/gradcache.py", *(argv or sys.argv[1:])]),
+        },
+        args.quick,
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -17,6 +17,7 @@ top-1 uses the prompts of `templates.txt`; retrieval is image<->caption recall@1
     python benchmarks/quality.py --quick   # 20 steps: plumbing only, accuracy near chance
     python benchmarks/quality.py           # the demo recipe: 200 steps, global batch 128, 2 processes
     python benchmarks/quality.py --seeds 0,1,2   # several seeds: the spread between seeds is large
+    python benchmarks/quality.py --seeds 3 --append   # one more seed, added to the last results
 """
 
 from __future__ import annotations
@@ -35,31 +36,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
 
-METRICS = {"zeroshot/top1": "zero-shot top-1", "zeroshot/top5": "zero-shot top-5",
-           "retrieval/image_to_text_R@1": "image→text R@1", "retrieval/text_to_image_R@1": "text→image R@1"}
+METRICS = {
+    "zeroshot/top1": "zero-shot top-1",
+    "zeroshot/top5": "zero-shot top-5",
+    "retrieval/image_to_text_R@1": "image→text R@1",
+    "retrieval/text_to_image_R@1": "text→image R@1",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 steps: a smoke test of the plumbing")
+    parser.add_argument(
+        "--quick", action="store_true", help="20 steps: a smoke test of the plumbing"
+    )
     parser.add_argument("--model", default="configs/models/demo-vit.json")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200, quick 20)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default 200, quick 20)"
+    )
     parser.add_argument("--global-batch", type=int, default=128)
-    parser.add_argument("--procs", type=int, default=None, help="processes (default 2 on the CPU, all GPUs)")
+    parser.add_argument(
+        "--procs", type=int, default=None, help="processes (default 2 on the CPU, all GPUs)"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup-steps", type=int, default=None, help="lr warmup (default 30, quick 3)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each trains both trainers")
-    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="lr warmup (default 30, quick 3)"
+    )
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds; each trains both trainers"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these seeds' rows to the last results of the same setting",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="stay on the CPU even if CUDA is available"
+    )
     return parser.parse_args(argv)
 
 
-def evaluate(model: str, data: dict[str, str], weights: Path, output: Path, cuda: bool) -> dict[str, float]:
+def evaluate(
+    model: str, data: dict[str, str], weights: Path, output: Path, cuda: bool
+) -> dict[str, float]:
     """`clip-train eval` of a plain open_clip state-dict file, in a fresh single process."""
-    cmd = [sys.executable, "-m", "clip_train", "eval", f"model.name={model}",
-           f"eval.zeroshot={data['val']}", f"eval.classnames={data['classnames']}",
-           f"eval.templates={data['templates']}", f"eval.retrieval={data['val']}", "eval.batch_size=256",
-           "--checkpoint", str(weights), "--output", str(output)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_train",
+        "eval",
+        f"model.name={model}",
+        f"eval.zeroshot={data['val']}",
+        f"eval.classnames={data['classnames']}",
+        f"eval.templates={data['templates']}",
+        f"eval.retrieval={data['val']}",
+        "eval.batch_size=256",
+        "--checkpoint",
+        str(weights),
+        "--output",
+        str(output),
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -84,43 +120,119 @@ def main(argv: list[str] | None = None) -> int:
         data = h.make_digits_shards(Path(tmp) / "digits")
         for i, seed in enumerate(seeds):
             for trainer in h.TRAINERS if i % 2 == 0 else h.TRAINERS[::-1]:
-                spec = h.RunSpec(trainer=trainer, model=args.model, train_data=data["train"], nproc=nproc,
-                                 global_batch=args.global_batch, steps=steps, lr=args.lr,
-                                 weight_decay=args.weight_decay, warmup_steps=warmup,
-                                 workers=4 if cuda else 1, precision="bf16" if cuda else "fp32",
-                                 seed=seed, cuda=cuda)
-                run = h.run_trainer(spec, Path(tmp) / "runs", warmup_steps=min(5, steps - 2))
+                spec = h.RunSpec(
+                    trainer=trainer,
+                    model=args.model,
+                    train_data=data["train"],
+                    nproc=nproc,
+                    global_batch=args.global_batch,
+                    steps=steps,
+                    lr=args.lr,
+                    weight_decay=args.weight_decay,
+                    warmup_steps=warmup,
+                    workers=4 if cuda else 1,
+                    precision="bf16" if cuda else "fp32",
+                    seed=seed,
+                    cuda=cuda,
+                )
+                run = h.run_trainer(
+                    spec, Path(tmp) / "runs", warmup_steps=max(0, min(5, steps - 3))
+                )
                 out = Path(run.output_dir)
-                weights = (out / "open_clip_model.pt" if trainer == "clip_train"
-                           else h.plain_state_dict(h.open_clip_checkpoint(run), out / "open_clip_plain.pt"))
+                weights = (
+                    out / "open_clip_model.pt"
+                    if trainer == "clip_train"
+                    else h.plain_state_dict(h.open_clip_checkpoint(run), out / "open_clip_plain.pt")
+                )
                 results = evaluate(args.model, data, weights, out / "eval_common.json", cuda)
-                rows.append({"trainer": trainer, "seed": seed, **{k: results.get(k) for k in METRICS},
-                             "num_eval": results.get("zeroshot/num_samples"), "train_wall_s": run.wall_s, "samples_per_s": run.samples_per_s,
-                             "run": asdict(run)})
-                print(f"seed {seed} {trainer:10s}: " + ", ".join(f"{METRICS[k]} {rows[-1][k]:.3f}" for k in METRICS)
-                      + f" (trained in {run.wall_s:.0f} s)", flush=True)
+                rows.append(
+                    {
+                        "trainer": trainer,
+                        "seed": seed,
+                        **{k: results.get(k) for k in METRICS},
+                        "num_eval": results.get("zeroshot/num_samples"),
+                        "train_wall_s": run.wall_s,
+                        "samples_per_s": run.samples_per_s,
+                        "run": asdict(run),
+                    }
+                )
+                print(
+                    f"seed {seed} {trainer:10s}: "
+                    + ", ".join(f"{METRICS[k]} {rows[-1][k]:.3f}" for k in METRICS)
+                    + f" (trained in {run.wall_s:.0f} s)",
+                    flush=True,
+                )
 
-    body = [[r["trainer"], r["seed"], *[r[k] for k in METRICS], r["train_wall_s"]] for r in rows]
+    setting = (
+        f"Digits demo shards, model {args.model}, {steps} steps, global batch {args.global_batch} on "
+        f"{nproc} process(es), lr {args.lr} (warmup {warmup}, cosine), weight decay {args.weight_decay}, "
+        f"{'bf16 autocast' if cuda else 'fp32'}"
+    )
+    elapsed = time.perf_counter() - started
+    commands = [
+        " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    ]
+    previous = h.RESULTS_DIR / f"quality{'_quick' if args.quick else ''}.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("setting") != setting:
+            raise SystemExit(
+                f"--append: {previous} was measured with another setting:\n{old.get('setting')}"
+            )
+        rows = old["rows"] + rows
+        commands = old.get("commands", []) + commands
+        elapsed += old.get("seconds", 0.0)
+    markdown = render(rows, setting, info, elapsed)
+    print()
+    print(markdown)
+    path = h.write_json(
+        "quality",
+        {
+            "machine": info,
+            "quick": args.quick,
+            "setting": setting,
+            "rows": rows,
+            "seconds": elapsed,
+            "markdown": markdown,
+            "commands": commands,
+            "command": " && ".join(commands),
+        },
+        args.quick,
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+def render(rows: list[dict], setting: str, info: dict, elapsed: float) -> str:
+    body = [
+        [r["trainer"], r["seed"], *[f"{r[k]:.3f}" for k in METRICS], r["train_wall_s"]]
+        for r in rows
+    ]
+    seeds = sorted({r["seed"] for r in rows})
     if len(seeds) > 1:
         for trainer in h.TRAINERS:
             mine = [r for r in rows if r["trainer"] == trainer]
-            body.append([f"**{trainer} mean**", f"{len(mine)} seeds",
-                         *[sum(r[k] for r in mine) / len(mine) for k in METRICS], ""])
-    table = h.markdown_table(["trainer", "seed", *METRICS.values(), "train wall s"], body, "lrrrrrr")
-    elapsed = time.perf_counter() - started
-    markdown = "\n".join([
-        f"**Quality at equal budget** ({h.describe_machine(info)}; {elapsed:.0f} s)", "",
-        f"Digits demo shards, model {args.model}, {steps} steps, global batch {args.global_batch} on "
-        f"{nproc} process(es), lr {args.lr} (warmup {warmup}, cosine), weight decay {args.weight_decay}, "
-        f"{'bf16 autocast' if cuda else 'fp32'}; evaluated by the same `clip-train eval` on "
-        f"{rows[0]['num_eval']:.0f} held-out digits (10 classes: chance is 0.10 top-1).", "", table])
-    print()
-    print(markdown)
-    path = h.write_json("quality", {"machine": info, "quick": args.quick, "rows": rows, "markdown": markdown,
-                                    "command": " ".join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])])},
-                        args.quick)
-    print(f"\nwrote {path}")
-    return 0
+            body.append(
+                [
+                    f"**{trainer} mean**",
+                    f"{len(mine)} seeds",
+                    *[f"{sum(r[k] for r in mine) / len(mine):.3f}" for k in METRICS],
+                    "",
+                ]
+            )
+    table = h.markdown_table(
+        ["trainer", "seed", *METRICS.values(), "train wall s"], body, "lrrrrrr"
+    )
+    return "\n".join(
+        [
+            f"**Quality at equal budget** ({h.describe_machine(info)}; {elapsed:.0f} s)",
+            "",
+            f"{setting}; evaluated by the same `clip-train eval` on {rows[0]['num_eval']:.0f} held-out digits "
+            "(10 classes: chance is 0.10 top-1).",
+            "",
+            table,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ fails is reported as failed (with its last output lines) and the others still ru
     python benchmarks/run_all.py --quick         # every benchmark's --quick mode (~10 min on 2 busy cores)
     python benchmarks/run_all.py                 # full modes (much longer: see each script)
     python benchmarks/run_all.py --only gradcache,train_throughput
+    python benchmarks/run_all.py --only negatives --quick   # optional benchmarks run only when named
     python benchmarks/run_all.py --replot        # rebuild the report from the latest JSON results, no runs
 
 Quick mode writes `<date>-<host>-quick.md`, so it never overwrites a full report.
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h  # noqa: E402
 
 BENCHMARKS = ("loss_memory", "data_throughput", "gradcache", "train_throughput", "quality")
+# Run only when named with --only (long, and not part of issue 9's set).
+OPTIONAL = ("negatives",)
 # Ours write a "markdown" field in their JSON; the others' tables are taken from their stdout.
 OWN = ("gradcache", "train_throughput", "quality")
 
@@ -36,11 +39,16 @@ OWN = ("gradcache", "train_throughput", "quality")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every benchmark in --quick mode")
-    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS + OPTIONAL)}"
+    )
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
-    parser.add_argument("--replot", action="store_true",
-                        help="no runs: rebuild the report and plots from the JSON files in results/")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="no runs: rebuild the report and plots from the JSON files in results/",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,15 +60,30 @@ def run_benchmark(name: str, quick: bool, timeout: float) -> dict:
     started = time.perf_counter()
     print(f"== {name} {'(quick)' if quick else ''}", flush=True)
     try:
-        proc = subprocess.run(command(name, quick), cwd=h.REPO, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            command(name, quick), cwd=h.REPO, capture_output=True, text=True, timeout=timeout
+        )
         code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as err:
-        code, stdout, stderr = -1, _text(err.stdout), _text(err.stderr) + f"\ntimed out after {timeout:.0f} s"
+        code, stdout, stderr = (
+            -1,
+            _text(err.stdout),
+            _text(err.stderr) + f"\ntimed out after {timeout:.0f} s",
+        )
     elapsed = time.perf_counter() - started
     print(f"   {'ok' if code == 0 else f'FAILED ({code})'} in {elapsed:.0f} s", flush=True)
-    return {"name": name, "returncode": code, "seconds": elapsed, "stdout": stdout, "stderr": stderr,
-            "command": "python " + " ".join(str(Path(c).relative_to(h.REPO)) if c.startswith(str(h.REPO)) else c
-                                            for c in command(name, quick)[1:])}
+    return {
+        "name": name,
+        "returncode": code,
+        "seconds": elapsed,
+        "stdout": stdout,
+        "stderr": stderr,
+        "command": "python "
+        + " ".join(
+            str(Path(c).relative_to(h.REPO)) if c.startswith(str(h.REPO)) else c
+            for c in command(name, quick)[1:]
+        ),
+    }
 
 
 def _text(value) -> str:
@@ -91,6 +114,7 @@ def latest_json(prefix: str, since: float) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 # Plots
 
+
 def _plain_ticks(ax, values: list[int]) -> None:
     """Tick marks at the measured x values, written as plain integers (not 2^k)."""
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
@@ -110,8 +134,12 @@ def plot_loss_memory(path: Path, output: Path) -> str | None:
     rows = json.loads(path.read_text()).get("rows", [])
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
-        if "peak_extra_bytes" in r and r.get("local_batch", r.get("global_batch")) == r.get("global_batch"):
-            series.setdefault(r["impl"], []).append((r["global_batch"], r["peak_extra_bytes"] / 2**30))
+        if "peak_extra_bytes" in r and r.get("local_batch", r.get("global_batch")) == r.get(
+            "global_batch"
+        ):
+            series.setdefault(r["impl"], []).append(
+                (r["global_batch"], r["peak_extra_bytes"] / 2**30)
+            )
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -165,13 +193,32 @@ def plot_step_time(result: dict, output: Path) -> str | None:
 
 # ------------------------------------------------------------------------------------------------
 
-def build_report(runs: list[dict], quick: bool, since: float, stem: str) -> str:
+
+def build_report(
+    runs: list[dict], quick: bool, since: float, stem: str, replot: bool = False
+) -> str:
     info = h.machine_info()
-    parts = [f"# Benchmarks {datetime.date.today().isoformat()} on {info['host']}{' (quick mode)' if quick else ''}",
-             "", f"Machine: {h.describe_machine(info)}; {info['platform']}, Python {info['python']}, "
-             f"accelerate {info.get('accelerate', '?')}, webdataset {info.get('webdataset', '?')}.", "",
-             "Reproduce: `python benchmarks/run_all.py" + (" --quick" if quick else "") + "` "
-             "(each section names its own script).", ""]
+    machine = h.describe_machine(info)
+    if replot:  # the load now says nothing about the stored runs; each section gives its own
+        machine = machine.split("; load average")[0]
+    how = (
+        "Assembled by `python benchmarks/run_all.py --replot"
+        + (" --quick" if quick else "")
+        + "` from the "
+        "stored results in benchmarks/results/; each section names the command that produced it."
+        if replot
+        else "Reproduce: `python benchmarks/run_all.py" + (" --quick" if quick else "") + "` "
+        "(each section names its own script)."
+    )
+    parts = [
+        f"# Benchmarks {datetime.date.today().isoformat()} on {info['host']}{' (quick mode)' if quick else ''}",
+        "",
+        f"Machine: {machine}; {info['platform']}, Python {info['python']}, "
+        f"accelerate {info.get('accelerate', '?')}, webdataset {info.get('webdataset', '?')}.",
+        "",
+        how,
+        "",
+    ]
     plots = []
     loss_json = latest_json("loss_memory", since)
     if loss_json is not None:
@@ -185,13 +232,26 @@ def build_report(runs: list[dict], quick: bool, since: float, stem: str) -> str:
             plots.append(("Step time vs chunk size", name))
 
     for run in runs:
+        result = own_result(run["name"], quick) if run["name"] in OWN else None
         took = f" ({run['seconds']:.0f} s)" if run["seconds"] else ""
-        parts += [f"## {run['name']}", "", f"`{run['command']}`{took}", ""]
+        # A replotted report names the command(s) that produced the stored results.
+        shown = (
+            result["command"]
+            if result and not run["seconds"] and result.get("command")
+            else run["command"]
+        )
+        parts += [f"## {run['name']}", "", f"`{shown}`{took}", ""]
         if run["returncode"] != 0:
             tail = "\n".join((run["stdout"] + "\n" + run["stderr"]).strip().splitlines()[-15:])
-            parts += [f"**Failed** (exit {run['returncode']}); last lines:", "", "```", tail, "```", ""]
+            parts += [
+                f"**Failed** (exit {run['returncode']}); last lines:",
+                "",
+                "```",
+                tail,
+                "```",
+                "",
+            ]
             continue
-        result = own_result(run["name"], quick) if run["name"] in OWN else None
         parts += [result["markdown"] if result else summary_from_stdout(run["stdout"]), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{title}]({name})\n" for title, name in plots]
@@ -200,20 +260,37 @@ def build_report(runs: list[dict], quick: bool, since: float, stem: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n for n in (args.only.split(",") if args.only else BENCHMARKS) if n not in args.skip.split(",")]
-    unknown = [n for n in names if n not in BENCHMARKS]
+    names = [
+        n
+        for n in (args.only.split(",") if args.only else BENCHMARKS)
+        if n not in args.skip.split(",")
+    ]
+    unknown = [n for n in names if n not in BENCHMARKS + OPTIONAL]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+        raise SystemExit(
+            f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS + OPTIONAL)}"
+        )
     since = time.time()
     h.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     if args.replot:
         since = 0.0
-        runs = [{"name": n, "returncode": 0, "seconds": 0.0, "stdout": "", "command": " ".join(
-            ["python", f"benchmarks/{n}.py", *(["--quick"] if args.quick else [])])} for n in names if n in OWN]
+        runs = [
+            {
+                "name": n,
+                "returncode": 0,
+                "seconds": 0.0,
+                "stdout": "",
+                "command": " ".join(
+                    ["python", f"benchmarks/{n}.py", *(["--quick"] if args.quick else [])]
+                ),
+            }
+            for n in names
+            if n in OWN
+        ]
     else:
         runs = [run_benchmark(name, args.quick, args.timeout) for name in names]
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
-    report = build_report(runs, args.quick, since, stem)
+    report = build_report(runs, args.quick, since, stem, replot=args.replot)
     path = h.RESULTS_DIR / f"{stem}.md"
     path.write_text(report + "\n")
     print(report)

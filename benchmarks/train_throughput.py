@@ -48,21 +48,48 @@ VARIANTS = ("clip_train", "clip_train+gc", "open_clip")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 processes (CPU), 1 round, 12 steps")
-    parser.add_argument("--procs", default=None,
-                        help="comma-separated process counts (default: 1,2 on the CPU, all GPUs on CUDA)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of A/B runs (default 3, quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30, quick 12)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (default 5, quick 3)")
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="samples per step over all processes (default 64 on the CPU, 512 per GPU)")
+    parser.add_argument(
+        "--procs",
+        default=None,
+        help="comma-separated process counts (default: 1,2 on the CPU, all GPUs on CUDA)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds of A/B runs (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default 30, quick 12)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed first steps (default 5, quick 3)"
+    )
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="samples per step over all processes (default 64 on the CPU, 512 per GPU)",
+    )
     parser.add_argument("--model", default="configs/models/tiny-vit.json", help="model-config JSON")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="gradient-cache chunk of the clip_train+gc rows (default: half the per-process batch)")
-    parser.add_argument("--workers", type=int, default=None, help="data workers per process (default 1; 4 on CUDA)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP threads per process (default 1 on the CPU, cpus/processes on CUDA)")
-    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
-    parser.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder, deleted)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="gradient-cache chunk of the clip_train+gc rows (default: half the per-process batch)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data workers per process (default 1; 4 on CUDA)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP threads per process (default 1 on the CPU, cpus/processes on CUDA)",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="stay on the CPU even if CUDA is available"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="keep runs here (default: a temp folder, deleted)"
+    )
     return parser.parse_args(argv)
 
 
@@ -72,41 +99,75 @@ def summarize(runs: dict[tuple[int, str], list[h.RunResult]]) -> list[dict]:
     for (nproc, variant), results in runs.items():
         reference = runs.get((nproc, "open_clip"), [])
         pairs = list(zip(results, reference, strict=False))
-        rows.append({
-            "processes": nproc, "variant": variant,
-            "global_batch": results[0].spec["global_batch"], "chunk": results[0].spec["chunk"],
-            "samples_per_s": h.median(r.samples_per_s for r in results),
-            "ratio_vs_open_clip": h.median(a.samples_per_s / b.samples_per_s for a, b in pairs),
-            "samples_per_cpu_s": h.median(r.samples_per_cpu_s for r in results),
-            "cpu_ratio_vs_open_clip": h.median(a.samples_per_cpu_s / b.samples_per_cpu_s for a, b in pairs),
-            "peak_rss_gib": h.median(max(r.peak_rss_gib) for r in results),
-            "peak_cuda_gib": h.median(max(r.peak_cuda_gib) for r in results if r.peak_cuda_gib),
-            "load": h.median(r.load_before for r in results),
-            "rounds": len(results),
-        })
+        rows.append(
+            {
+                "processes": nproc,
+                "variant": variant,
+                "global_batch": results[0].spec["global_batch"],
+                "chunk": results[0].spec["chunk"],
+                "samples_per_s": h.median(r.samples_per_s for r in results),
+                "ratio_vs_open_clip": h.median(a.samples_per_s / b.samples_per_s for a, b in pairs),
+                "samples_per_cpu_s": h.median(r.samples_per_cpu_s for r in results),
+                "cpu_ratio_vs_open_clip": h.median(
+                    a.samples_per_cpu_s / b.samples_per_cpu_s for a, b in pairs
+                ),
+                "peak_rss_gib": h.median(max(r.peak_rss_gib) for r in results),
+                "peak_cuda_gib": h.median(max(r.peak_cuda_gib) for r in results if r.peak_cuda_gib),
+                "data_wait": h.median(r.data_wait_fraction for r in results),
+                "load": h.median(r.load_before for r in results),
+                "rounds": len(results),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], cuda: bool) -> str:
     memory = "peak CUDA GiB / process" if cuda else "peak RSS GiB / process"
-    header = ["processes", "trainer", "global batch", "samples/s (median)", "vs open_clip",
-              "samples / CPU-s / process", "vs open_clip (CPU)", memory, "load avg"]
+    header = [
+        "processes",
+        "trainer",
+        "global batch",
+        "samples/s (median)",
+        "vs open_clip",
+        "samples / CPU-s / process",
+        "vs open_clip (CPU)",
+        memory,
+        "data wait",
+        "load avg",
+    ]
     body = []
     for r in rows:
         name = r["variant"] if r["chunk"] is None else f"{r['variant']} (chunk {r['chunk']})"
-        body.append([r["processes"], name, r["global_batch"], r["samples_per_s"],
-                     f"{r['ratio_vs_open_clip']:.2f}x", r["samples_per_cpu_s"],
-                     f"{r['cpu_ratio_vs_open_clip']:.2f}x", r["peak_cuda_gib"] if cuda else r["peak_rss_gib"],
-                     r["load"]])
-    return h.markdown_table(header, body, "rlrrrrrrr")
+        body.append(
+            [
+                r["processes"],
+                name,
+                r["global_batch"],
+                r["samples_per_s"],
+                f"{r['ratio_vs_open_clip']:.2f}x",
+                r["samples_per_cpu_s"],
+                f"{r['cpu_ratio_vs_open_clip']:.2f}x",
+                r["peak_cuda_gib"] if cuda else r["peak_rss_gib"],
+                f"{r['data_wait']:.0%}" if r["data_wait"] == r["data_wait"] else "–",
+                r["load"],
+            ]
+        )
+    return h.markdown_table(header, body, "rlrrrrrrrr")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpus = 0 if args.cpu else h.cuda_device_count()
     cuda = gpus > 0
-    procs = ([int(p) for p in args.procs.split(",")] if args.procs
-             else [gpus] if cuda else [2] if args.quick else [1, 2])
+    procs = (
+        [int(p) for p in args.procs.split(",")]
+        if args.procs
+        else [gpus]
+        if cuda
+        else [2]
+        if args.quick
+        else [1, 2]
+    )
     repeats = args.repeats or (1 if args.quick else 3)
     # One thread per process on the CPU: on a machine shared with other jobs a second OpenMP thread
     # makes step times bimodal (a step waits whenever another job holds the other core).
@@ -127,11 +188,21 @@ def main(argv: list[str] | None = None) -> int:
             chunk = args.chunk or max(1, local // 2)
             specs = {
                 variant: h.RunSpec(
-                    trainer="open_clip" if variant == "open_clip" else "clip_train", model=args.model,
-                    train_data=data["train"], nproc=nproc, global_batch=global_batch, steps=steps,
-                    chunk=chunk if variant == "clip_train+gc" else None, lr=1e-3, weight_decay=0.1,
-                    warmup_steps=2, workers=workers, precision="bf16" if cuda else "fp32", cuda=cuda,
-                    threads=threads)
+                    trainer="open_clip" if variant == "open_clip" else "clip_train",
+                    model=args.model,
+                    train_data=data["train"],
+                    nproc=nproc,
+                    global_batch=global_batch,
+                    steps=steps,
+                    chunk=chunk if variant == "clip_train+gc" else None,
+                    lr=1e-3,
+                    weight_decay=0.1,
+                    warmup_steps=2,
+                    workers=workers,
+                    precision="bf16" if cuda else "fp32",
+                    cuda=cuda,
+                    threads=threads,
+                )
                 for variant in VARIANTS
             }
             for round_ in range(repeats):
@@ -139,30 +210,52 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
                     result = h.run_trainer(specs[variant], workdir / "runs", warmup)
                     runs.setdefault((nproc, variant), []).append(result)
-                    print(f"{nproc} proc, {variant:14s} round {round_ + 1}: {result.samples_per_s:8.1f} samples/s, "
-                          f"{result.samples_per_cpu_s:7.1f} per CPU-s, peak RSS "
-                          f"{max(result.peak_rss_gib):.2f} GiB, load {result.load_before:.1f}", flush=True)
+                    print(
+                        f"{nproc} proc, {variant:14s} round {round_ + 1}: {result.samples_per_s:8.1f} samples/s, "
+                        f"{result.samples_per_cpu_s:7.1f} per CPU-s, peak RSS "
+                        f"{max(result.peak_rss_gib):.2f} GiB, load {result.load_before:.1f}",
+                        flush=True,
+                    )
         rows = summarize(runs)
 
     elapsed = time.perf_counter() - started
-    setting = (f"model {args.model}, {steps} steps ({warmup} untimed), {'bf16 autocast, CUDA' if cuda else 'fp32, CPU'}, "
-               f"{workers} data worker(s) and {threads or 'cpus/processes'} OMP thread(s) per process, AdamW, "
-               f"{repeats} alternating round(s); clip_train+gc: gradient caching with the chunk shown")
-    markdown = "\n".join([
-        f"**Training throughput, clip_train vs open_clip_train** ({h.describe_machine(info)}; "
-        f"load average at the end {os.getloadavg()[0]:.1f}; {elapsed:.0f} s)",
-        "", setting + ".", "",
-        table(rows, cuda), "",
-        "open_clip_train patched in the benchmark processes only: webdataset 1.0.2 end-of-shard marker "
-        "(open_clip #935) and DDP `device_ids` on CPU. Ratios are medians of per-round ratios.",
-    ])
+    setting = (
+        f"model {args.model}, {steps} steps ({warmup} untimed), {'bf16 autocast, CUDA' if cuda else 'fp32, CPU'}, "
+        f"{workers} data worker(s) and {threads or 'cpus/processes'} OMP thread(s) per process, AdamW, "
+        f"{repeats} alternating round(s); clip_train+gc: gradient caching with the chunk shown"
+    )
+    markdown = "\n".join(
+        [
+            f"**Training throughput, clip_train vs open_clip_train** ({h.describe_machine(info)}; "
+            f"load average at the end {os.getloadavg()[0]:.1f}; {elapsed:.0f} s)",
+            "",
+            setting + ".",
+            "",
+            table(rows, cuda),
+            "",
+            "Ratios are medians of per-round ratios. Data wait: share of the step spent waiting for the "
+            "next batch, as each trainer reports it. open_clip_train is patched in the benchmark "
+            "processes only: webdataset 1.0.2 end-of-shard marker (open_clip #935) and DDP `device_ids` "
+            "on the CPU.",
+        ]
+    )
     print()
     print(markdown)
-    out = h.write_json("train_throughput", {
-        "machine": info, "quick": args.quick, "setting": setting, "rows": rows, "markdown": markdown,
-        "runs": {f"{n}-{v}": [asdict(r) for r in rs] for (n, v), rs in runs.items()},
-        "command": " ".join([os.path.basename(sys.executable), "benchmarks/train_throughput.py", *(argv or sys.argv[1:])]),
-    }, args.quick)
+    out = h.write_json(
+        "train_throughput",
+        {
+            "machine": info,
+            "quick": args.quick,
+            "setting": setting,
+            "rows": rows,
+            "markdown": markdown,
+            "runs": {f"{n}-{v}": [asdict(r) for r in rs] for (n, v), rs in runs.items()},
+            "command": " ".join(
+                ["python", "benchmarks/train_throughput.py", *(argv or sys.argv[1:])]
+            ),
+        },
+        args.quick,
+    )
     print(f"\nwrote {out}")
     return 0
 

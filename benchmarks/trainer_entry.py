@@ -148,9 +148,13 @@ def _write_peak_memory(trainer: str) -> None:
     if not folder:
         return
     rank = int(os.environ.get("RANK", "0"))
-    record = {"trainer": trainer, "rank": rank, "pid": os.getpid(),
-              # ru_maxrss is in KiB on Linux.
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    record = {
+        "trainer": trainer,
+        "rank": rank,
+        "pid": os.getpid(),
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         record["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30

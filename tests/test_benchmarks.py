@@ -15,7 +15,7 @@ import train_throughput  # noqa: E402
 
 
 def _args_after_entry(cmd: list[str], trainer: str) -> list[str]:
-    return cmd[cmd.index(trainer) + 1:]
+    return cmd[cmd.index(trainer) + 1 :]
 
 
 def test_both_trainers_accept_the_same_setting(tmp_path):
@@ -24,10 +24,32 @@ def test_both_trainers_accept_the_same_setting(tmp_path):
     from clip_train.config import load_config
 
     model, data = "configs/models/tiny-vit.json", "shards/train-{000000..000003}.tar"
-    ours = h.RunSpec("clip_train", model, data, nproc=2, global_batch=64, steps=30, chunk=8,
-                     lr=2e-3, weight_decay=0.1, warmup_steps=3, workers=1)
-    theirs = h.RunSpec("open_clip", model, data, nproc=2, global_batch=64, steps=30, chunk=8,
-                       lr=2e-3, weight_decay=0.1, warmup_steps=3, workers=1)
+    ours = h.RunSpec(
+        "clip_train",
+        model,
+        data,
+        nproc=2,
+        global_batch=64,
+        steps=30,
+        chunk=8,
+        lr=2e-3,
+        weight_decay=0.1,
+        warmup_steps=3,
+        workers=1,
+    )
+    theirs = h.RunSpec(
+        "open_clip",
+        model,
+        data,
+        nproc=2,
+        global_batch=64,
+        steps=30,
+        chunk=8,
+        lr=2e-3,
+        weight_decay=0.1,
+        warmup_steps=3,
+        workers=1,
+    )
 
     cmd = h.launch_command(ours, tmp_path)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in cmd
@@ -47,17 +69,25 @@ def test_both_trainers_accept_the_same_setting(tmp_path):
 
 def _result(samples_per_s: float, cpu: float) -> h.RunResult:
     spec = {"global_batch": 64, "chunk": None}
-    return h.RunResult(spec=spec, step_s=[], cpu_s_per_step=0.0, samples_per_s=samples_per_s,
-                       samples_per_cpu_s=cpu, peak_rss_gib=[1.0, 1.5])
+    return h.RunResult(
+        spec=spec,
+        step_s=[],
+        cpu_s_per_step=0.0,
+        samples_per_s=samples_per_s,
+        samples_per_cpu_s=cpu,
+        peak_rss_gib=[1.0, 1.5],
+    )
 
 
 def test_summary_uses_per_round_ratios_and_markdown():
-    runs = {(2, "clip_train"): [_result(100, 10), _result(300, 30), _result(90, 9)],
-            (2, "open_clip"): [_result(50, 10), _result(200, 20), _result(100, 10)]}
+    runs = {
+        (2, "clip_train"): [_result(100, 10), _result(300, 30), _result(90, 9)],
+        (2, "open_clip"): [_result(50, 10), _result(200, 20), _result(100, 10)],
+    }
     rows = {r["variant"]: r for r in train_throughput.summarize(runs)}
     # Per-round ratios 2.0, 1.5, 0.9 -> median 1.5 (the ratio of medians would be 100/100 = 1.0).
     assert rows["clip_train"]["ratio_vs_open_clip"] == 1.5
     assert rows["clip_train"]["peak_rss_gib"] == 1.5  # the largest process
     table = train_throughput.table(list(rows.values()), cuda=False).splitlines()
-    assert table[1] == "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert table[1] == "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     assert "| 2 | clip_train | 64 | 100 | 1.50x |" in table[2]
