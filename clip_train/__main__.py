@@ -106,8 +106,17 @@ def _guarded(fn) -> int:
     try:
         return fn()
     except (ClipTrainError, FileNotFoundError) as err:
-        print(f"clip-train: error: {err}", file=sys.stderr, flush=True)
+        print(f"clip-train: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         return 2
+
+
+def one_line(message: str) -> str:
+    """The user's error without the worker traceback that torch's DataLoader wraps around it."""
+    if "Original Traceback" not in message:
+        return message
+    where = message.splitlines()[0].removeprefix("Caught ").rstrip(".")
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return f"{last.split(': ', 1)[-1]} ({where})"
 
 
 if __name__ == "__main__":

@@ -121,3 +121,26 @@ def test_malformed_yaml_is_one_clear_line(tmp_path):
     bad.write_text("train: {steps: [1\n")
     proc = run_cli(["train", "--config", str(bad)], timeout=60)
     assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_broken_data_ends_with_one_clear_line(tmp_path):
+    """Every shard is garbage: the bad-data ceiling trips inside a loader worker, and the user
+    still gets one line (not the worker's traceback that torch wraps around the error)."""
+    for i in range(2):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(bytes(range(256)) * 80)
+    proc = run_cli(["train", *TINY, f"data.train={tmp_path}/train-{{000000..000001}}.tar",
+                    "data.train_num_samples=100", "train.local_batch_size=8", "train.steps=3",
+                    "data.bad_fraction_min_samples=20", f"train.output_dir={tmp_path}/run"], timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clip-train: error:")]
+    assert len(errors) == 1 and "data.max_bad_fraction" in errors[0] and "bad_tar" in errors[0], proc.stderr[-2000:]
+    assert "Original Traceback" not in proc.stderr
+
+
+def test_one_line_unwraps_worker_errors():
+    from clip_train.__main__ import one_line
+
+    wrapped = ("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\nclip_train.data.DataError: 9 of 10 samples were unusable\n')
+    assert one_line(wrapped) == "9 of 10 samples were unusable (DataError in DataLoader worker process 1)"
+    assert one_line("data.train: missing") == "data.train: missing"
