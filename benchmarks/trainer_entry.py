@@ -91,17 +91,11 @@ def _clock_clip_train() -> None:
 
 
 def _patch_open_clip() -> None:
-    import open_clip_train.data as ocd
     import open_clip_train.main as ocm
     import torch
-    from webdataset.tariterators import tar_file_expander, url_opener
+    from data_throughput import patch_open_clip_for_webdataset_1_0_2  # this script's folder
 
-    def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
-        streams = url_opener(src, handler=handler)
-        files = tar_file_expander(streams, handler=handler, eof_value=None)
-        return ocd.group_by_keys_nothrow(files, handler=handler)
-
-    ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+    patch_open_clip_for_webdataset_1_0_2()
 
     ddp = torch.nn.parallel.DistributedDataParallel
 
