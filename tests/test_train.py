@@ -144,3 +144,15 @@ def test_one_line_unwraps_worker_errors():
                '  File "x.py", line 1, in f\nclip_train.data.DataError: 9 of 10 samples were unusable\n')
     assert one_line(wrapped) == "9 of 10 samples were unusable (DataError in DataLoader worker process 1)"
     assert one_line("data.train: missing") == "data.train: missing"
+
+
+def test_precision_falls_back_to_fp32_on_the_cpu(caplog):
+    from clip_train.train import resolve_precision
+
+    assert resolve_precision("auto", cuda=False) == "no"
+    assert resolve_precision("no", cuda=False) == "no"
+    with caplog.at_level("WARNING", logger="clip_train"):
+        assert resolve_precision("fp16", cuda=False) == "no"
+    assert "falling back to fp32" in caplog.text
+    assert resolve_precision("bf16", cuda=False) == "bf16"  # allowed, with a slowness warning
+    assert resolve_precision("fp16", cuda=True) == "fp16"
