@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 
 from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
 from clip_train.config import ClipTrainError, Config
-from clip_train.data import build_train_loader
+from clip_train.data import BAD_KINDS, build_train_loader
 from clip_train.evaluate import evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
@@ -275,14 +275,13 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def bad_sample_metrics(accelerator: Accelerator, loader) -> dict[str, float]:
-    """Bad-sample counts summed over processes (every process calls this at the same step)."""
+    """Bad-sample counts summed over processes (every process calls this at the same step).
+
+    BAD_KINDS fixes the tensor's layout, so every process reduces the same shape."""
     counts = loader.bad_counts()
-    kinds = sorted(counts)
-    if not kinds:
-        totals = accelerator.reduce(torch.tensor([float(loader.samples_read()), 0.0], device=accelerator.device), "sum")
-        return {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1].item()}
-    values = torch.tensor([float(loader.samples_read())] + [float(counts[k]) for k in kinds], device=accelerator.device)
+    values = torch.tensor([float(loader.samples_read())] + [float(counts[k]) for k in BAD_KINDS],
+                          device=accelerator.device)
     totals = accelerator.reduce(values, "sum")
     out = {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1:].sum().item()}
-    out.update({f"data/bad/{k}": totals[i + 1].item() for i, k in enumerate(kinds)})
+    out.update({f"data/bad/{k}": totals[i + 1].item() for i, k in enumerate(BAD_KINDS)})
     return out

@@ -26,6 +26,14 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 240, env: dict | None
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_result(args: list[str], **kwargs) -> dict:
+    """Launch a 2-process check script, require success, and return its `RESULT {json}` line."""
+    proc = launch(args, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def write_color_shards(out_dir: Path, n_shards: int = 2, per_shard: int = 32, size: int = 32,
                        n_classes: int = 4, sizes_file: bool = True) -> str:
     """Learnable tiny image–caption shards: the colour of the image is named by its caption."""

@@ -24,32 +24,10 @@ def test_both_trainers_accept_the_same_setting(tmp_path):
     from clip_train.config import load_config
 
     model, data = "configs/models/tiny-vit.json", "shards/train-{000000..000003}.tar"
-    ours = h.RunSpec(
-        "clip_train",
-        model,
-        data,
-        nproc=2,
-        global_batch=64,
-        steps=30,
-        chunk=8,
-        lr=2e-3,
-        weight_decay=0.1,
-        warmup_steps=3,
-        workers=1,
-    )
-    theirs = h.RunSpec(
-        "open_clip",
-        model,
-        data,
-        nproc=2,
-        global_batch=64,
-        steps=30,
-        chunk=8,
-        lr=2e-3,
-        weight_decay=0.1,
-        warmup_steps=3,
-        workers=1,
-    )
+    same = dict(nproc=2, global_batch=64, steps=30, chunk=8, lr=2e-3, weight_decay=0.1,
+                warmup_steps=3, workers=1)
+    ours = h.RunSpec("clip_train", model, data, **same)
+    theirs = h.RunSpec("open_clip", model, data, **same)
 
     cmd = h.launch_command(ours, tmp_path)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in cmd

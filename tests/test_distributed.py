@@ -1,17 +1,13 @@
 """Real 2-process runs (gloo on the CPU) of the gradient-cache step under DDP."""
 
-import json
 
 import pytest
-from conftest import launch
+from conftest import launch_result
 
 
 @pytest.mark.slow
 def test_two_process_gradient_cache_equals_single_process():
-    proc = launch(["tests/helpers/dist_train_check.py"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    results = json.loads(line.removeprefix("RESULT "))
+    results = launch_result(["tests/helpers/dist_train_check.py"])
     for case in ("nochunk", "chunk3", "chunk1", "chunk2_tiled"):
         assert results[case]["max_rel_err"] < 1e-5, results[case]
         assert results[case]["logit_scale_rel_err"] < 1e-5, results[case]

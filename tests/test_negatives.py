@@ -6,7 +6,6 @@ composability, config checks, 2 processes (one launch) and exact resume through 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import types
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import launch
+from conftest import launch_result
 from negatives_reference import debiased_hard_loss, queue_infonce
 from test_train import TINY, read_metrics, run_cli
 from toy import ToyClip, toy_batch
@@ -465,10 +464,7 @@ def test_training_with_queue_and_momentum_chunked_equals_unchunked():
 
 @pytest.mark.slow
 def test_two_processes_losses_queue_and_ema():
-    proc = launch(["tests/helpers/dist_negatives_check.py"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    results = json.loads(line.removeprefix("RESULT "))
+    results = launch_result(["tests/helpers/dist_negatives_check.py"])
     assert results["world_size"] == 2
     assert set(results["loss"]) == {f"{o}-{i}" for o in ("queue", "debias", "hard", "both") for i in ("plain", "tiled")}
     for name, case in results["loss"].items():
