@@ -1,4 +1,4 @@
-"""`clip-train <command>` / `python -m clip_train <command>`: train, eval, export, make-shards, make-demo.
+"""`clip-train <command>` / `python -m clip_train <command>`: train, eval, export, report, make-shards, make-demo.
 
 Bad input ends with one `clip-train: error: ...` line and exit code 2, never a deep traceback.
 """
@@ -69,6 +69,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from clip_train.report import write_report
+
+    png, page = write_report(args.run_dir, args.output_dir)
+    print(f"wrote {png} and {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "make-shards":
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="training checkpoint directory")
     p.add_argument("--output", required=True, help="file to write, e.g. model.pt")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("report", help="draw a run's curves from metrics.jsonl: report.png and report.html")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir (it may still be training)")
+    p.add_argument("--output-dir", help="where to write report.png and report.html (default: RUN_DIR)")
+    p.set_defaults(func=cmd_report)
     sub.add_parser("make-shards", help="write webdataset shards from a folder or manifest (see --help)")
     sub.add_parser("make-demo", help="write the demo's handwritten-digits shards (see --help)")
     args = parser.parse_args(argv)

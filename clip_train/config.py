@@ -279,6 +279,23 @@ class WandbConfig:
         _one_of(self.mode, "wandb.mode", ("auto", "online", "offline"))
 
 
+TRACKERS = ("wandb", "tensorboard")
+
+
+@dataclass
+class TrackingConfig:
+    report_to: list[str] = field(default_factory=list)
+    # Trackers fed through Accelerate besides metrics.jsonl, e.g. [wandb, tensorboard].
+    # wandb: settings in `wandb.*` (`wandb.enabled=true` is the same as listing it here);
+    # tensorboard: event files in <train.output_dir>/tensorboard (pip install 'clip-train[tensorboard]').
+
+    def __post_init__(self) -> None:
+        for name in self.report_to:
+            _one_of(name, "tracking.report_to", TRACKERS)
+        _require(len(set(self.report_to)) == len(self.report_to), "tracking.report_to",
+                 f"lists a tracker twice: {list(self.report_to)}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -288,6 +305,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.optim.schedule == "const-cooldown":

@@ -1,8 +1,9 @@
-"""Metrics: a main-process `metrics.jsonl` always, trackers (W&B) through Accelerate when enabled,
-and progress that fits the place (a bar on a terminal, plain lines in a cluster log)."""
+"""Metrics: a main-process `metrics.jsonl` always, trackers (W&B, TensorBoard) through Accelerate
+when asked for, and progress that fits the place (a bar on a terminal, plain lines in a cluster log)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -11,13 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate.tracking import TensorBoardTracker
 from tqdm import tqdm
 
-from clip_train.config import Config, to_yaml
+from clip_train.config import ClipTrainError, Config, to_yaml
 
 log = logging.getLogger("clip_train")
 
 STEP_KEY = "train/step"
+TENSORBOARD_DIR = "tensorboard"  # under train.output_dir
 
 
 def wandb_mode(mode: str) -> str:
@@ -34,12 +37,50 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
-def init_trackers(accelerator, cfg: Config, run_id: str | None) -> str | None:
-    """Start the W&B run through Accelerate (main process); returns the run id to checkpoint."""
-    if not cfg.wandb.enabled:
+class StepTensorBoard(TensorBoardTracker):
+    """Accelerate's TensorBoard tracker writing `<output_dir>/tensorboard`, charted against our
+    optimizer step (the `train/step` value of each log call)."""
+
+    def __init__(self, output_dir: str):
+        # run name = the sub-directory: `tensorboard --logdir runs/` then lists `<run>/tensorboard`.
+        super().__init__(TENSORBOARD_DIR, output_dir)
+
+    def start_at(self, step: int) -> None:
+        """Hide whatever an earlier start of this run logged after `step` (TensorBoard's purge:
+        a run resumed from a checkpoint older than its last logged step, or restarted from
+        scratch into the same directory, then shows one value per step, the latest)."""
+        self.init_kwargs["purge_step"] = step + 1
+
+    def store_init_configuration(self, values: dict) -> None:
+        # config.yaml sits next to the event files; add_hparams would add a sub-run at every start.
+        pass
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        values = dict(values)
+        super().log(values, step=values.pop(STEP_KEY, step), **kwargs)
+
+
+def trackers(cfg: Config) -> list:
+    """Accelerate's `log_with`: tracking.report_to, plus wandb when `wandb.enabled`."""
+    names = list(cfg.tracking.report_to)
+    if cfg.wandb.enabled and "wandb" not in names:
+        names.append("wandb")
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise ClipTrainError("tracking.report_to: tensorboard is not installed: "
+                             "pip install 'clip-train[tensorboard]' (or tensorboard)")
+    return [StepTensorBoard(cfg.train.output_dir) if n == "tensorboard" else n for n in names]
+
+
+def init_trackers(accelerator, cfg: Config, run_id: str | None, step: int = 0) -> str | None:
+    """Start the trackers through Accelerate (main process) at optimizer step `step` (0, or the
+    resumed checkpoint's); returns the W&B run id to checkpoint."""
+    if not accelerator.log_with:
         return None
     from omegaconf import OmegaConf
 
+    for tracker in accelerator.log_with:
+        if isinstance(tracker, StepTensorBoard):
+            tracker.start_at(step)
     init = {"mode": wandb_mode(cfg.wandb.mode), "dir": cfg.train.output_dir, "tags": list(cfg.wandb.tags),
             "resume": "allow"}
     if cfg.wandb.entity:
@@ -50,7 +91,7 @@ def init_trackers(accelerator, cfg: Config, run_id: str | None) -> str | None:
         init["id"] = run_id  # a resumed run continues the same W&B run
     accelerator.init_trackers(cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                               init_kwargs={"wandb": init})
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or "wandb" not in map(str, accelerator.log_with):
         return None
     run = accelerator.get_tracker("wandb", unwrap=True)
     # Charts use our optimizer step; W&B's own step just counts log calls. A run resumed from a

@@ -21,7 +21,7 @@ from clip_train.data import BAD_KINDS, build_train_loader
 from clip_train.evaluate import evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
-from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers
+from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
 from clip_train.negatives import (
     STALE_KEYS_WARNING,
@@ -30,6 +30,7 @@ from clip_train.negatives import (
     refresh_after_step,
 )
 from clip_train.optim import build_optimizer, lr_at, set_lr
+from clip_train.report import write_report_safely
 
 log = logging.getLogger("clip_train")
 
@@ -60,7 +61,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # temperature through the forward), so DDP need not search for unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     return Accelerator(mixed_precision=resolve_precision(cfg.train.precision, cuda),
-                       cpu=not cuda, log_with="wandb" if cfg.wandb.enabled else None,
+                       cpu=not cuda, log_with=trackers(cfg),
                        project_dir=cfg.train.output_dir, kwargs_handlers=[ddp])
 
 
@@ -141,7 +142,7 @@ def train(cfg: Config) -> dict[str, float]:
                                 debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
     # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
     infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
-    progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id)
+    progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id, progress.step)
     metrics_log = MetricsLog(accelerator, cfg)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
     global_batch = cfg.train.local_batch_size * world
@@ -233,6 +234,7 @@ def train(cfg: Config) -> dict[str, float]:
             export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
+            write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
     # Release the DDP wrapper before the process group goes: a reducer outliving its group can
     # abort the interpreter at exit ("terminate called without an active exception").
     del model, optimizer

@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 from conftest import REPO, launch
+from tensorboard_records import tensorboard_scalars
 from test_train import TINY, read_metrics
 
 from clip_train.checkpoint import (
@@ -22,6 +23,7 @@ from clip_train.checkpoint import (
 )
 from clip_train.config import ConfigError, ModelConfig
 from clip_train.model import build_model
+from clip_train.report import read_series
 
 FAULTS = "tests/helpers/train_with_faults.py"
 
@@ -38,12 +40,13 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shard
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch([FAULTS, "--kill-at-step", "7", *common, f"train.output_dir={killed}", "wandb.enabled=true"])
+    tracking = ["wandb.enabled=true", "tracking.report_to=[tensorboard]"]
+    proc = launch([FAULTS, "--kill-at-step", "7", *common, f"train.output_dir={killed}", *tracking])
     assert proc.returncode != 0  # SIGKILL of rank 0 ends the job
     assert [p.name for p in list_checkpoints(str(killed))] == ["step_00000004"]
     assert max(losses_by_step(killed)) == 6  # it got past the checkpoint before dying
     proc = launch(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest",
-                   "wandb.enabled=true"])
+                   *tracking])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The resumed run continues the same W&B run (offline here: one directory per start, same id).
     run_dirs = sorted(killed.glob("wandb/offline-run-*"))
@@ -53,6 +56,12 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shard
     for step in range(5, 11):  # steps redone after the resume from step 4
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
     assert got[10] != pytest.approx(got[5], rel=1e-3)  # the losses move, so equality means something
+    # TensorBoard: the same event directory, steps 1-10 once each, 5-6 from the resumed run.
+    assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert tensorboard_scalars(killed / "tensorboard", "loss") == pytest.approx(got, rel=1e-6)
+    # The report keeps the resumed run's values too (metrics.jsonl holds steps 5-6 twice).
+    assert read_series(killed / "metrics.jsonl")[0]["loss"] == pytest.approx(got, rel=1e-12)
+    assert (killed / "report.png").is_file()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, color_shards):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, launch
+from tensorboard_records import tensorboard_scalars
 from wandb_records import history
 
 from clip_train.train import LaunchError, check_world_size
@@ -41,7 +42,7 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     out = tmp_path / "run"
     proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.steps=12", "wandb.enabled=true",
-                    f"train.output_dir={out}", *eval_args(tmp_path, color_shards)])
+                    "tracking.report_to=[tensorboard]", f"train.output_dir={out}", *eval_args(tmp_path, color_shards)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert len(losses) == 12
@@ -65,6 +66,13 @@ def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     for key in ("lr", "logit_scale", "temperature", "grad_norm", "samples_per_s", "data_wait_fraction",
                 "health/alignment", "health/uniformity", "data/samples_read"):
         assert key in first, key
+    # TensorBoard too (wandb.enabled and tracking.report_to add up), against the same step axis.
+    tb_loss = tensorboard_scalars(out / "tensorboard", "loss")
+    assert list(tb_loss) == list(range(1, 13)) and list(tb_loss.values()) == pytest.approx(losses, rel=1e-6)
+    assert tensorboard_scalars(out / "tensorboard", "zeroshot/top1") == {12: pytest.approx(results["zeroshot/top1"])}
+    # The end of training drew the report: the picture, and the page with the final numbers.
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert f"<td>zeroshot/top1</td><td>{results['zeroshot/top1']:.6g}</td><td>12</td>" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
