@@ -45,7 +45,11 @@ NOT_DRAWN = {"temperature", "samples_per_s_per_process", "samples_seen", "skippe
              "data/samples_read"}
 NOT_DRAWN_PREFIXES = ("data/bad/",)
 COUNT_SUFFIXES = ("num_samples", "num_images", "num_texts", "num_classes")
-SMOOTH_ABOVE_POINTS = 200
+# Noisy per-step curves: above SMOOTH_ABOVE_POINTS points, drawn faint with a centred moving
+# average on top (deterministic ones such as the learning rate are drawn as they are).
+SMOOTHED = {"loss", "grad_norm", "samples_per_s", "data_wait_fraction", "health/alignment", "health/uniformity",
+            "health/mi_lower_bound"}
+SMOOTH_ABOVE_POINTS = 100
 
 
 class ReportError(ClipTrainError):
@@ -125,10 +129,12 @@ def _has_values(series: dict[str, dict[int, float]], key: str) -> bool:
 
 
 def final_numbers(series: dict[str, dict[int, float]]) -> dict[str, tuple[int, float]]:
-    """The last finite value of every metric and the step it was logged at."""
+    """The last finite value of every metric and the step it was logged at: evaluations first,
+    then the training metrics."""
+    training = {k for _, keys in TRAIN_PANELS for k in keys} | NOT_DRAWN
     out = {}
-    for key, by_step in series.items():
-        finite = [(s, v) for s, v in by_step.items() if math.isfinite(v)]
+    for key in sorted(series, key=lambda k: k in training or k.startswith(("health/", "data/"))):
+        finite = [(s, v) for s, v in series[key].items() if math.isfinite(v)]
         if finite:
             out[key] = finite[-1]
     return out
@@ -159,10 +165,9 @@ def draw(series: dict[str, dict[int, float]], title: str, columns: int = 3):
             # Evaluations come every few hundred steps, sometimes only at the end: mark points.
             style = {"marker": "o", "markersize": 3} if len(steps) <= 40 else {}
             label = key.rsplit("/", 1)[-1] if len(panel.keys) > 1 else None
-            if len(steps) > SMOOTH_ABOVE_POINTS and len(panel.keys) == 1:
-                # Many noisy points: the raw curve faint, its moving average on top.
+            if key in SMOOTHED and len(steps) > SMOOTH_ABOVE_POINTS:
                 ax.plot(steps, values, linewidth=0.8, alpha=0.3, color="C0")
-                ax.plot(steps, _ema(values, 10 / len(values)), linewidth=1.4, color="C0")
+                ax.plot(steps, moving_average(values, max(5, len(values) // 30)), linewidth=1.4, color="C0")
             else:
                 ax.plot(steps, values, linewidth=1.2, label=label, **style)
         finite = [v for k in panel.keys for v in series[k].values() if math.isfinite(v)]
@@ -178,14 +183,19 @@ def draw(series: dict[str, dict[int, float]], title: str, columns: int = 3):
     return fig
 
 
-def _ema(values: list[float], alpha: float) -> list[float]:
-    """Exponential moving average that carries over NaN gaps (non-finite steps)."""
-    out, avg = [], math.nan
-    for v in values:
-        if math.isfinite(v):
-            avg = v if not math.isfinite(avg) else (1 - alpha) * avg + alpha * v
-        out.append(avg)
-    return out
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred mean over `window` points (fewer at the ends), NaN points left out."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, x, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    i = np.arange(len(x))
+    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + window // 2 + 1, len(x))
+    n = counts[hi] - counts[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return list(np.where(n > 0, (sums[hi] - sums[lo]) / n, np.nan))
 
 
 def render_html(title: str, status: str, png: bytes, numbers: dict[str, tuple[int, float]],
@@ -238,11 +248,21 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
     fig = draw(series, f"{run.resolve().name} — step {last_step}" + (f" of {planned}" if planned else ""))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    png = buf.getvalue()
+    png = compact_png(buf.getvalue())
     out = Path(output_dir) if output_dir is not None else run
     out.mkdir(parents=True, exist_ok=True)
     page = render_html(title, status, png, final_numbers(series), config_text)
     return _replace(out / REPORT_PNG, png), _replace(out / REPORT_HTML, page.encode())
+
+
+def compact_png(png: bytes) -> bytes:
+    """The same picture with a 256-colour palette: line plots lose nothing visible and the file
+    (and the HTML page that embeds it) shrinks ~3x."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(out, format="PNG", optimize=True)
+    return out.getvalue() if out.tell() < len(png) else png
 
 
 def _planned_steps(config_text: str | None) -> int | None:

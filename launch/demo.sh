@@ -14,4 +14,5 @@ print(f"\nDemo finished in {sys.argv[1]} s. Held-out digits ({r.get('zeroshot/nu
 print(f"  zero-shot top-1 accuracy {r['zeroshot/top1']:.3f} (chance 0.100), top-5 {r['zeroshot/top5']:.3f}")
 if "retrieval/image_to_text_R@1" in r:
     print(f"  retrieval R@1 image->text {r['retrieval/image_to_text_R@1']:.3f}, text->image {r['retrieval/text_to_image_R@1']:.3f}")
+print("Curves: runs/demo/report.png (with the final numbers and the config: runs/demo/report.html)")
 PY
