@@ -236,6 +236,8 @@ def write_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | Non
     if not metrics.is_file():
         raise ReportError(f"{run}: no metrics.jsonl (give a run's train.output_dir)")
     series, skipped = read_series(metrics)
+    if not any(series.values()):
+        raise ReportError(f"{metrics}: no metrics logged yet")
     if skipped:
         log.warning("report: skipped %d unreadable line(s) of %s (a partial last line while the "
                     "run is writing, or one left by a killed job)", skipped, metrics)

@@ -92,6 +92,19 @@ def test_report_of_a_resumed_run_still_writing(tmp_path, caplog):
     assert not list(run.glob(".*.tmp"))
 
 
+def test_panels_group_named_evaluations():
+    """Several named evaluations (`zeroshot/<name>/...`) get a panel each; bad samples show once
+    there are some; counts are not drawn."""
+    series = {"loss": {1: 2.0, 2: 1.0}, "data/bad_samples": {1: 0.0, 2: 3.0},
+              "zeroshot/imagenet/top1": {2: 0.3}, "zeroshot/imagenet/top5": {2: 0.6},
+              "zeroshot/imagenet/num_samples": {2: 50000.0}, "zeroshot/cifar10/top1": {2: 0.5},
+              "val/loss": {1: 3.0, 2: 2.5}, "val/loss_per_sample": {1: 0.3, 2: 0.2}}
+    assert [(p.title, p.keys) for p in panels(series)] == [
+        ("loss", ["loss"]), ("bad samples (cumulative)", ["data/bad_samples"]),
+        ("zeroshot/imagenet", ["zeroshot/imagenet/top1", "zeroshot/imagenet/top5"]),
+        ("zeroshot/cifar10", ["zeroshot/cifar10/top1"]), ("val/loss", ["val/loss", "val/loss_per_sample"])]
+
+
 def test_report_command(tmp_path, capsys):
     run = tmp_path / "run"
     write_resumed_run(run)
@@ -102,6 +115,9 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("clip-train: error:") and "no metrics.jsonl" in err and "Traceback" not in err
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "lo')  # a run's very first line
+    assert main(["report", str(tmp_path / "out")]) == 2
+    assert "no metrics logged yet" in capsys.readouterr().err
 
 
 def test_end_of_training_report_only_warns(tmp_path, caplog, monkeypatch):
@@ -122,6 +138,7 @@ def test_end_of_training_report_only_warns(tmp_path, caplog, monkeypatch):
 def test_tracker_selection():
     assert trackers(load_config(None, ["wandb.enabled=true"])) == ["wandb"]  # today's key still works
     assert trackers(load_config(None, [])) == []
+    assert trackers(load_config(None, ["tracking.report_to=[wandb]"])) == ["wandb"]
     both = trackers(load_config(None, ["tracking.report_to=[tensorboard,wandb]", "wandb.enabled=true",
                                        "train.output_dir=/tmp/r"]))
     assert isinstance(both[0], StepTensorBoard) and both[1] == "wandb" and len(both) == 2
