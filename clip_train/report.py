@@ -173,6 +173,8 @@ def draw(series: dict[str, dict[int, float]], title: str, columns: int = 3):
         finite = [v for k in panel.keys for v in series[k].values() if math.isfinite(v)]
         if panel.keys == ["grad_norm"] and finite and min(finite) > 0 and max(finite) / min(finite) > 50:
             ax.set_yscale("log")  # early spikes would flatten the rest of the curve
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # "1e-14+1e-2" helps nobody
         ax.set_xlim(first - pad, last + pad)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
