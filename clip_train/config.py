@@ -267,7 +267,8 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = False
-    # Track the run in Weights & Biases through Accelerate's tracker.
+    # Track the run in Weights & Biases through Accelerate's tracker (same as listing wandb in
+    # tracking.report_to).
     project: str = "clip-train"
     entity: str | None = None
     name: str | None = None
