@@ -74,6 +74,14 @@ def accelerator_kwargs(process_group_timeout_s: float) -> list:
     return [ddp, group]
 
 
+def buffers_change_in_training(model: nn.Module) -> bool:
+    """True when training updates buffers (BatchNorm running statistics, e.g. open_clip's
+    ModifiedResNet). Only then must DDP broadcast rank 0's buffers before every forward; a ViT's
+    buffers (the text causal mask) are constant, and the broadcast would be one collective per
+    step for nothing."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
+
+
 def freeze_unused_logit_bias(clip: nn.Module, loss_kind: str) -> bool:
     """The CLIP (InfoNCE) loss never uses a logit bias (SigLIP models have one): left trainable,
     it gets no gradient and DDP fails at step 2 ("Expected to have finished reduction").

@@ -33,6 +33,7 @@ from clip_train.optim import build_optimizer, lr_at, set_lr
 from clip_train.runtime import (
     StepHealth,
     accelerator_kwargs,
+    buffers_change_in_training,
     configure_matmul_precision,
     cuda_bf16_native,
     freeze_unused_logit_bias,
@@ -112,6 +113,7 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim)
+    accelerator.ddp_handler.broadcast_buffers = buffers_change_in_training(bundle.model)
     model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
