@@ -205,7 +205,11 @@ class TrainConfig:
     chunk_size: int | None = None
     # Gradient caching: samples per encoder forward. None (or local_batch_size): no chunking.
     precision: str = "auto"
-    # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
+    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    tf32: bool = True
+    # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
     seed: int = 0
     output_dir: str = "runs/default"
     # Checkpoints, metrics.jsonl, the resolved config and evaluation results go here.
@@ -217,7 +221,15 @@ class TrainConfig:
     resume: str | None = None
     # latest (the newest checkpoint in output_dir, or start fresh if none) or a checkpoint path.
     max_nonfinite_steps: int = 5
-    # A non-finite loss or gradient skips the step; this many in a row stop the run.
+    # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
+    # the next stop check, below).
+    stop_check_every_steps: int = 10
+    # Every N steps (and at every log and checkpoint step) the processes agree, with one small
+    # collective, on a stop signal (SIGTERM/SIGUSR1) and on the skipped-step counts. Other steps
+    # never wait for the device: a signal is acted on within N steps.
+    process_group_timeout_s: float = 1800.0
+    # Seconds a collective may wait before the run fails: every process waits while the main
+    # process writes a checkpoint, so this must outlast a save to a slow shared filesystem.
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", "must be > 0")
@@ -229,6 +241,10 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
         _require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
+        _require(self.stop_check_every_steps > 0, "train.stop_check_every_steps",
+                 "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
+        _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",
+                 "must be > 0 seconds (e.g. 1800: long enough to write a checkpoint)")
 
 
 @dataclass

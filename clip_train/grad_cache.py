@@ -106,8 +106,10 @@ def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tens
     cached = {id(t): (torch.zeros_like(t) if g is None else g) for t, g in zip(leaves, grads, strict=True)}
 
     # fp16: the cached gradients enter backward where `accelerator.backward(loss)` would have
-    # scaled the loss, so they are scaled by the same factor for GradScaler to unscale.
-    loss_scale = accelerator.scaler.get_scale() if getattr(accelerator, "scaler", None) else 1.0
+    # scaled the loss, so they go through the GradScaler (in float32, before the cast to the
+    # compute dtype, where small gradients would underflow); `scaler.scale` also initialises the
+    # scale that `unscale_` and the skip-on-overflow step rely on.
+    scaler = getattr(accelerator, "scaler", None)
 
     # Pass 3: re-embed each chunk with graphs and back-propagate its slice of the cache.
     for i, sl in enumerate(slices):
@@ -121,10 +123,10 @@ def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tens
             outputs, out_grads = [], []
             if train_image:
                 outputs.append(out["image"])
-                out_grads.append(cached[id(img_emb_BD)][sl].to(out["image"].dtype))
+                out_grads.append(cached[id(img_emb_BD)][sl])
             if train_text:
                 outputs.append(out["text"])
-                out_grads.append(cached[id(txt_emb_BD)][sl].to(out["text"].dtype))
+                out_grads.append(cached[id(txt_emb_BD)][sl])
             if last:
                 # The temperature's gradient enters once, through this forward, so that DDP
                 # reduces it together with the encoders' (and finds every parameter used).
@@ -132,6 +134,8 @@ def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tens
                     if leaf is not None and leaf.requires_grad:
                         outputs.append(out[key])
                         out_grads.append(cached[id(leaf)])
-            torch.autograd.backward(outputs, [g * loss_scale for g in out_grads])
+            if scaler is not None:
+                out_grads = scaler.scale(out_grads)  # one call per chunk, as backward(loss) once
+            torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in zip(outputs, out_grads, strict=True)])
 
     return StepOutput(loss.detach(), img_emb_BD.detach(), txt_emb_BD.detach())

@@ -13,7 +13,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
 from clip_train.config import ClipTrainError, Config
@@ -31,6 +31,17 @@ from clip_train.negatives import (
 )
 from clip_train.optim import build_optimizer, lr_at, set_lr
 from clip_train.report import write_report_safely
+from clip_train.runtime import (
+    StepHealth,
+    accelerator_kwargs,
+    buffers_change_in_training,
+    configure_matmul_precision,
+    cuda_bf16_native,
+    freeze_unused_logit_bias,
+    optimizer_step,
+    own_cuda_device,
+    resolve_precision,
+)
 
 log = logging.getLogger("clip_train")
 
@@ -43,26 +54,13 @@ class TrainingError(ClipTrainError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-def resolve_precision(precision: str, cuda: bool) -> str:
-    """Accelerate's mixed_precision value; fp32 on CPU unless bf16 is asked for explicitly."""
-    if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if not cuda and precision == "fp16":
-        log.warning("train.precision=fp16 needs CUDA; falling back to fp32 on the CPU")
-        return "no"
-    if not cuda and precision == "bf16":
-        log.warning("train.precision=bf16 on the CPU runs much slower than fp32 (use train.precision=no)")
-    return precision
-
-
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
-    # Every parameter takes part in every step's last backward (the gradient cache feeds the
-    # temperature through the forward), so DDP need not search for unused parameters.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision, cuda),
-                       cpu=not cuda, log_with=trackers(cfg),
-                       project_dir=cfg.train.output_dir, kwargs_handlers=[ddp])
+    precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
+    configure_matmul_precision(cfg.train.tf32, cuda)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg),
+                       project_dir=cfg.train.output_dir,
+                       kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -106,6 +104,9 @@ def train(cfg: Config) -> dict[str, float]:
     check_world_size(accelerator)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
+    if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
+        log.info("loss.kind=clip does not use the model's logit_bias: it is frozen "
+                 "(and kept unchanged in checkpoints and exports)")
     # Negatives beyond the batch (loss.queue_size, loss.momentum): the queue and the momentum copy
     # of the towers, made from the initial weights before torch.compile patches the model.
     queue, key_encoder = build_negatives(cfg.loss, bundle.model, bundle.name, accelerator.device)
@@ -113,6 +114,7 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim)
+    accelerator.ddp_handler.broadcast_buffers = buffers_change_in_training(bundle.model)
     model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
@@ -159,6 +161,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
+    health = StepHealth(accelerator.device, progress.skipped_steps, progress.nonfinite_in_a_row)
     results: dict[str, float] = {}
     while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -176,29 +179,32 @@ def train(cfg: Config) -> dict[str, float]:
         out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
                          accelerator=accelerator, train_image=train_image, train_text=train_text)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
-        # One small collective decides for every process: skip the step? stop for a signal?
-        flags = torch.tensor([float(not torch.isfinite(out.loss)), float(stop.requested)], device=accelerator.device)
-        flags = accelerator.reduce(flags, "max")
-        nonfinite = bool(flags[0]) or (accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm))
-        if accelerator.mixed_precision == "fp16" or not nonfinite:
-            optimizer.step()  # under fp16, GradScaler itself skips steps with inf/NaN gradients
+        # The norm of the all-reduced gradients: the same on every process, and non-finite when
+        # any process's loss or gradient was (NaN/inf propagate through backward and all-reduce).
+        # It decides on the device whether the step is applied: no host read, no collective.
+        skip = ~torch.isfinite(grad_norm)
+        optimizer_step(optimizer, skip, accelerator.scaler)
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # Clamp the temperature in place, as CLIP does: beyond 100 training becomes unstable.
             clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
-        if queue is not None and not nonfinite:
+        if queue is not None and not skip.item():  # the queue's ring pointer is on the host
             refresh_after_step(queue, key_encoder, clip, images, texts, out.img_emb_BD, out.txt_emb_BD,
                                chunk_size=cfg.train.chunk_size, autocast=accelerator.autocast)
+        # fp16: GradScaler skips overflowing steps by design while it calibrates its scale; only
+        # a non-finite loss counts as a bad step there.
+        health.record(~torch.isfinite(out.loss) if accelerator.scaler is not None else skip, progress.step + 1)
         progress.step += 1
         progress.samples_seen += global_batch
         throughput.stepped()
-        if nonfinite:
-            count_nonfinite_step(progress, cfg, checkpoint)
-        else:
-            progress.nonfinite_in_a_row = 0
 
         last = progress.step == cfg.train.steps
-        if progress.step % cfg.train.log_every_steps == 0 or last:
+        log_now = progress.step % cfg.train.log_every_steps == 0 or last
+        save_now = bool(cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last
+        stop_now = False
+        if log_now or save_now or progress.step % cfg.train.stop_check_every_steps == 0:
+            stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint)
+        if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
                 "loss": loss,
@@ -219,10 +225,9 @@ def train(cfg: Config) -> dict[str, float]:
             display.update(progress.step, metrics)
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
             metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle), progress.step)
-        if (cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last:
+        if save_now or stop_now:
             checkpoint()
-        if bool(flags[1]) and not last:
-            checkpoint()
+        if stop_now and not last:
             log.warning("stop signal received: checkpoint saved at step %d, exiting", progress.step)
             break
 
@@ -243,17 +248,18 @@ def train(cfg: Config) -> dict[str, float]:
     return results
 
 
-def count_nonfinite_step(progress: RunState, cfg: Config, checkpoint) -> None:
-    """A skipped step; too many in a row stop the run with a checkpoint of the last good state."""
-    progress.skipped_steps += 1
-    progress.nonfinite_in_a_row += 1
-    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                progress.step, progress.nonfinite_in_a_row)
-    if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest, progress: RunState,
+                 cfg: Config, checkpoint) -> bool:
+    """The periodic check (one small collective, every process at the same step): skipped-step
+    counts into the run state; too many non-finite steps in a row stop the run with a checkpoint
+    (skipped steps change nothing, so it holds the last good weights). True: a stop signal came."""
+    stop_now, progress.skipped_steps, worst, progress.nonfinite_in_a_row = health.check(
+        accelerator, stop.requested)
+    if worst >= cfg.train.max_nonfinite_steps:
         checkpoint()
-        raise TrainingError(f"{progress.nonfinite_in_a_row} non-finite steps in a row "
-                            f"(train.max_nonfinite_steps); last good state saved in "
-                            f"{cfg.train.output_dir}/checkpoints")
+        raise TrainingError(f"{worst} non-finite steps in a row (train.max_nonfinite_steps); last good "
+                            f"state saved in {cfg.train.output_dir}/checkpoints")
+    return stop_now
 
 
 def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:

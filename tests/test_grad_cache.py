@@ -187,3 +187,61 @@ def test_gradient_checkpointing_composes_with_the_cache(monkeypatch):
         results.append(grads(model))
         assert bool(calls) == checkpointing  # really recomputed blocks when enabled
     assert_grads_close(results[1], results[0], rtol=1e-5)
+
+
+def scaler_accelerator(scaler, autocast=contextlib.nullcontext):
+    """What accelerate does under fp16: backward(loss) scales the loss through the GradScaler."""
+    return types.SimpleNamespace(autocast=autocast, backward=lambda loss: scaler.scale(loss).backward(),
+                                 no_sync=lambda model: contextlib.nullcontext(), scaler=scaler)
+
+
+def fp32_step_grads(images, texts):
+    torch.manual_seed(0)
+    model = DualEncoder(ToyClip(p=0.0))
+    train_step(model, images, texts, loss_fn=clip_loss, chunk_size=None, accelerator=plain_accelerator())
+    return grads(model)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_grad_scaler_step_unscales_to_the_fp32_gradients(chunk, fp16):
+    """fp16 (GradScaler) + gradient cache: the old code multiplied by get_scale() without ever
+    calling scaler.scale, so unscale_ raised `Attempted unscale_ but _scale is None`."""
+    images, texts = batch(5)
+    want = fp32_step_grads(images, texts)
+    torch.manual_seed(0)
+    model = DualEncoder(ToyClip(p=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16 else contextlib.nullcontext
+    train_step(model, images, texts, loss_fn=clip_loss, chunk_size=chunk,
+               accelerator=scaler_accelerator(scaler, autocast))
+    scaler.unscale_(opt)  # what accelerator.clip_grad_norm_ does first under fp16
+    assert scaler.get_scale() == 2.0**12
+    # fp32 compute: the scale is a power of two, so unscaling is exact up to summation order;
+    # fp16 encoders keep ~3 significant digits.
+    assert_grads_close(grads(model), want, rtol=2e-2 if fp16 else 1e-6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # a real step
+
+
+def test_grad_scaler_skips_the_step_and_lowers_the_scale_on_inf_gradients():
+    images, texts = batch(6)
+    torch.manual_seed(0)
+    model = DualEncoder(ToyClip(p=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+    def inf_loss(img, txt, scale, bias=None):
+        return clip_loss(img, txt, scale) * float("inf")
+
+    train_step(model, images, texts, loss_fn=inf_loss, chunk_size=3, accelerator=scaler_accelerator(scaler))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert opt.state == {}  # AdamW never stepped: no moments, no step count
+    assert scaler.get_scale() == 2.0**11

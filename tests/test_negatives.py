@@ -6,6 +6,7 @@ composability, config checks, 2 processes (one launch) and exact resume through 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 import types
@@ -317,6 +318,24 @@ def test_momentum_update_is_the_ema_formula():
         assert not p.requires_grad
     # the copy is independent: training the online model does not move it
     assert not torch.equal(encoder.model.visual[1].weight, online.visual[1].weight)
+
+
+def test_momentum_update_with_foreach_equals_the_per_parameter_loop():
+    """`_foreach_lerp_` (one kernel per dtype/device) against the former loop of lerp_: bitwise."""
+    torch.manual_seed(0)
+    online = ToyClip(p=0.0)
+    encoder = MomentumEncoder(online, 0.995)
+    loop = copy.deepcopy(encoder.model)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))
+            for mine, theirs in zip(loop.parameters(), online.parameters(), strict=True):
+                mine.lerp_(theirs, 1.0 - 0.995)
+        encoder.update(online)
+    for (n, got), want in zip(encoder.model.named_parameters(), loop.parameters(), strict=True):
+        assert torch.equal(got, want), n
+        assert not torch.equal(got, dict(online.named_parameters())[n])  # it really moved slowly
 
 
 def test_momentum_keys_are_deterministic_chunked_and_leave_the_rng_alone():

@@ -1,0 +1,151 @@
+"""What the accelerator set-up and the hot loop need to run on GPUs without a crash or a stall.
+
+Set-up: the mixed precision `precision=auto` resolves to (probed on this process's own GPU), the
+CUDA float32-matmul switch (TF32), the DDP and process-group options.
+
+Hot loop: the host must not wait on the device in a step that does not log. A step that cannot
+be applied (non-finite gradients) is skipped on the device: the gradient norm is computed from
+the all-reduced gradients, so it is the same on every process and is the skip flag; a fused
+optimizer (or fp16's GradScaler) applies it without reading it back. Skips are counted on the
+device, and the counters and the stop signal (SIGTERM/SIGUSR1) are read with one small collective
+only every `train.stop_check_every_steps` steps and at log and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch import nn
+
+log = logging.getLogger("clip_train")
+
+
+def own_cuda_device() -> torch.device:
+    """This process's GPU: the launcher's LOCAL_RANK, as accelerate will pick it."""
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", index % max(torch.cuda.device_count(), 1))
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Native bf16 (Ampere or newer) on `device`, made current first: probing before the device
+    is set would open a CUDA context on GPU 0 from every local rank. Emulated bf16 (pre-Ampere
+    GPUs run bf16 matmuls in float32 at a fraction of fp16's speed) does not count."""
+    torch.cuda.set_device(device)
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(precision: str, cuda: bool, bf16_native: Callable[[], bool] = lambda: False) -> str:
+    """Accelerate's mixed_precision value. auto: bf16 where the GPU has it natively, else fp16
+    (with loss scaling); fp32 on the CPU unless bf16 is asked for explicitly."""
+    if precision == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if bf16_native() else "fp16"
+    if not cuda and precision == "fp16":
+        log.warning("train.precision=fp16 needs CUDA; falling back to fp32 on the CPU")
+        return "no"
+    if not cuda and precision == "bf16":
+        log.warning("train.precision=bf16 on the CPU runs much slower than fp32 (use train.precision=no)")
+    return precision
+
+
+def configure_matmul_precision(tf32: bool, cuda: bool) -> None:
+    """TF32 tensor cores for float32 matmuls on CUDA (the float32 parts: the loss, fp32 runs):
+    ~8x the float32 throughput on Ampere+ at a 10-bit mantissa. Left alone on the CPU."""
+    if cuda:
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def accelerator_kwargs(process_group_timeout_s: float) -> list:
+    """DDP and process-group options for `Accelerator(kwargs_handlers=...)`."""
+    # Every trainable parameter takes part in every step's last backward (the gradient cache
+    # feeds the temperature through the forward; an unused logit bias is frozen), so DDP need
+    # not search for unused parameters. Gradients as views of the all-reduce buckets: one copy
+    # of the gradients less in memory and no copy in and out of the buckets.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)
+    # Every process waits in a collective while the main process writes a checkpoint: the
+    # timeout must outlast a save to a slow shared filesystem.
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))
+    return [ddp, group]
+
+
+def buffers_change_in_training(model: nn.Module) -> bool:
+    """True when training updates buffers (BatchNorm running statistics, e.g. open_clip's
+    ModifiedResNet). Only then must DDP broadcast rank 0's buffers before every forward; a ViT's
+    buffers (the text causal mask) are constant, and the broadcast would be one collective per
+    step for nothing."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
+
+
+def freeze_unused_logit_bias(clip: nn.Module, loss_kind: str) -> bool:
+    """The CLIP (InfoNCE) loss never uses a logit bias (SigLIP models have one): left trainable,
+    it gets no gradient and DDP fails at step 2 ("Expected to have finished reduction").
+    Freeze it; it stays in checkpoints and exports unchanged. True when it was frozen."""
+    bias = getattr(clip, "logit_bias", None)
+    if loss_kind != "clip" or bias is None or not bias.requires_grad:
+        return False
+    bias.requires_grad_(False)
+    return True
+
+
+def optimizer_step(optimizer, skip: torch.Tensor, scaler=None) -> None:
+    """optimizer.step() unless `skip` (a bool tensor, the same on every process), exactly: a
+    skipped step leaves parameters and optimizer state (moments, step counts) untouched.
+
+    fp16: GradScaler finds the inf/NaN gradients itself. A fused optimizer takes the flag as
+    `found_inf` (as under GradScaler) and skips on the device. Any other optimizer needs the flag
+    on the host: one device->host read per step."""
+    if scaler is not None:
+        optimizer.step()
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused"):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not skip.item():
+        optimizer.step()
+
+
+class StepHealth:
+    """Skipped (non-finite) steps counted on the device; read every few steps with the stop flag.
+
+    `record` is device-only. `check` is the one collective (a max over processes: under fp16 the
+    non-finite loss is a per-process flag) and the one host read of the steps that call it."""
+
+    def __init__(self, device: torch.device, skipped_steps: int = 0, in_a_row: int = 0):
+        def counter(value: int) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.int64, device=device)
+
+        self.device = device
+        self.skipped, self.in_a_row = counter(skipped_steps), counter(in_a_row)
+        self.worst_in_a_row, self.last_bad_step = counter(in_a_row), counter(0)
+        self.skipped_at_last_check = skipped_steps
+
+    def record(self, bad: torch.Tensor, step: int) -> None:
+        self.skipped += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        self.worst_in_a_row = torch.maximum(self.worst_in_a_row, self.in_a_row)
+        self.last_bad_step = torch.where(bad, step, self.last_bad_step)
+
+    def check(self, accelerator, stop_requested: bool) -> tuple[bool, int, int, int]:
+        """(stop, skipped_steps, worst run of non-finite steps since the last check, now in a
+        row), agreed by every process. Call it at the same steps on every process."""
+        flags = torch.stack([torch.tensor(int(stop_requested), device=self.device), self.skipped,
+                             self.worst_in_a_row, self.in_a_row, self.last_bad_step])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "max")
+        stop, skipped, worst, in_a_row, last_bad = flags.tolist()
+        if skipped > self.skipped_at_last_check:
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d skipped since the last "
+                        "check, %d in a row)", last_bad, skipped - self.skipped_at_last_check, in_a_row)
+        self.skipped_at_last_check = skipped
+        self.worst_in_a_row = self.in_a_row.clone()
+        return bool(stop), skipped, worst, in_a_row
