@@ -308,7 +308,7 @@ def imagefolder_loader(
 # Progress
 
 
-def progress(iterable: Iterable, *, desc: str, show: bool, unit: str = "batch", total=None):
+def progress(iterable: Iterable, *, desc: str, show: bool, unit: str = "batches", total=None):
     """A tqdm bar at a terminal; otherwise (cluster logs) a log line every PROGRESS_LOG_EVERY_S
     seconds and one at the end. `show`: this process reports (the main process)."""
     if not show:
@@ -328,6 +328,6 @@ def _logged(iterable: Iterable, desc: str, unit: str, total) -> Iterator:
         if now - last >= PROGRESS_LOG_EVERY_S:
             last = now
             of = f"/{total}" if total else ""
-            log.info("eval %s: %d%s %ss, %.0f s", desc, done, of, unit, now - start)
+            log.info("%s: %d%s %s, %.0f s", desc, done, of, unit, now - start)
     if time.monotonic() - start >= PROGRESS_LOG_EVERY_S:
-        log.info("eval %s: done, %d %ss in %.0f s", desc, done, unit, time.monotonic() - start)
+        log.info("%s: done, %d %s in %.0f s", desc, done, unit, time.monotonic() - start)

@@ -41,7 +41,7 @@ def build_classifier(
     per_batch = max(1, batch_size // len(templates))
     cols: list[torch.Tensor] = []
     starts = range(0, len(classnames), per_batch)
-    for c0 in progress(starts, desc="zero-shot classifier", unit="batch", total=len(starts)):
+    for c0 in progress(starts, desc="zero-shot classifier", unit="batches", total=len(starts)):
         names = classnames[c0 : c0 + per_batch]
         prompts = [t(name) for name in names for t in templates]
         with autocast():
