@@ -508,7 +508,7 @@ def test_run_eval_from_exported_file_and_checkpoint_dir(bundle, data, tmp_path, 
 @pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     weights = _save_weights(bundle, tmp_path / "model.pt")
-    full = _full_cfg(data)
+    full = _full_cfg(data, validation=data["pairs"], val_batch_size=10)
     spec = {
         "model": TINY,
         "weights": weights,
@@ -519,6 +519,8 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
                 "classnames",
                 "templates",
                 "retrieval",
+                "validation",
+                "val_batch_size",
                 "batch_size",
                 "workers",
                 "retrieval_chunk_size",
@@ -547,11 +549,20 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     assert r0["world_size"] == 2 and r0["backend"] == "gloo"
     r1 = json.loads((out / "rank1.json").read_text())
 
-    one = _eval(bundle, full)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): the same kernels
+    try:
+        one = _eval(bundle, full)
+    finally:
+        torch.set_num_threads(threads)
     folder_one = _eval(bundle, EvalConfig(**spec["imagefolder_eval"]))
     for key in ("run_eval", "imagefolder"):
         assert r0[key] == r1[key], key  # every rank returns the same dict
     assert r0["run_eval"] == pytest.approx(one, abs=1e-5)
+    # The validation loss: the same batches of the same embeddings, each batch computed whole on
+    # one process, so the same numbers to the last bit.
+    val = {k: v for k, v in one.items() if k.startswith("val/")}
+    assert len(val) == 4 and {k: r0["run_eval"][k] for k in val} == val
     assert r0["imagefolder"] == pytest.approx(folder_one, abs=1e-5)
     # No sample lost or read twice, though rank 1 had no retrieval shard.
     assert r0["run_eval"]["zeroshot/num_samples"] == sum(ZS_SIZES)
