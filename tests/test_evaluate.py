@@ -807,6 +807,9 @@ def test_clip_benchmark_folder_gives_data_names_and_templates(bundle, data, tmp_
     (tmp_path / "names.json").write_text(json.dumps(CLASSNAMES))
     again = _eval(bundle, EvalConfig(zeroshot={"t": {"data": str(folder), "classnames": str(tmp_path / "names.json")}}))
     assert again["zeroshot/t/top1"] == ref["zeroshot/top1"]
+    (folder / "test" / "nshards.txt").write_text("4\n")
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\.things: shard .*3\.tar. not found"):
+        _eval(bundle, EvalConfig(zeroshot={"things": str(folder)}))
 
 
 def test_long_evaluation_logs_progress_without_a_terminal(bundle, data, monkeypatch, caplog):

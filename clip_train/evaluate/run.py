@@ -15,7 +15,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clip_train.config import Config, ConfigError, EvalConfig, EvalSet, LossConfig, check_eval_paths
+from clip_train.config import (
+    Config,
+    ConfigError,
+    EvalConfig,
+    EvalSet,
+    LossConfig,
+    check_eval_paths,
+    check_shards,
+)
 from clip_train.evaluate.data import (
     PairSample,
     RetrievalSample,
@@ -403,6 +411,9 @@ def evaluate(
         resolve_zeroshot(k, e.data, e.classnames, e.templates, (cfg.classnames, cfg.templates))
         for k, e in zeroshot.items()
     ]
+    for source in sources:
+        if source.kind == "shards":  # a clip_benchmark folder's test/ shards, named by nshards.txt
+            check_shards(source.data, source.key)
     ctx = _Context(
         model, cfg, loss or LossConfig(), transform, tokenizer, device, rank, world_size,
         show_progress, autocast, cache or ClassifierCache(),
