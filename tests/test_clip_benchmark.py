@@ -36,13 +36,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def clip_benchmark_env(request) -> Path:
-    """A directory holding clip-benchmark and numpy < 2.3, made once and cached. Set
-    CLIP_BENCHMARK_ENV to use a directory prepared elsewhere."""
+def clip_benchmark_env(request, tmp_path_factory) -> Path:
+    """A directory holding clip-benchmark and numpy < 2.3, made once and cached in pytest's cache
+    directory (a session temp directory under -p no:cacheprovider). Set CLIP_BENCHMARK_ENV to
+    use a directory prepared elsewhere."""
     if os.environ.get("CLIP_BENCHMARK_ENV"):
         return Path(os.environ["CLIP_BENCHMARK_ENV"])
     tag = hashlib.sha1(" ".join(CLIP_BENCHMARK_PACKAGES).encode()).hexdigest()[:10]
-    target = request.config.cache.mkdir("clip-benchmark-env") / tag
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("clip-benchmark-env") if cache is not None else tmp_path_factory.mktemp("cb")
+    target = root / tag
     if (target / "READY").exists():
         return target
     tmp = target.with_name(f"{tag}.partial")

@@ -50,6 +50,7 @@ from clip_train.evaluate.maths import (
     validation_batch_losses,
     validation_metrics,
 )
+from clip_train.model import tower_trainable
 
 log = logging.getLogger("clip_train.evaluate")
 
@@ -114,8 +115,6 @@ class ClassifierCache:
 
     def begin(self, model: nn.Module) -> None:
         """Start an evaluation of `model`: drop what may be stale."""
-        from clip_train.model import tower_trainable
-
         frozen = not tower_trainable(model)[1]
         if not (frozen and self._text_frozen and self._model_id == id(model)):
             self._store.clear()
