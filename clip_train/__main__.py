@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train (plain python: 1 process; accelerate launch: N)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="zero-shot classification and retrieval of a checkpoint")
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval and validation loss of a checkpoint")
     _config_args(p)
     p.add_argument("--checkpoint", help="training checkpoint directory or exported open_clip file")
     p.add_argument("--output", help="results JSON (default: <train.output_dir>/eval.json)")

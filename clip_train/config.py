@@ -8,9 +8,11 @@ before any model, data loader or process group is built.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import braceexpand
 from omegaconf import OmegaConf
@@ -248,21 +250,60 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSet:
+    """One named evaluation data set (an entry of eval.zeroshot, eval.retrieval or eval.validation)."""
+
+    data: str
+    # Shards (brace pattern), an ImageFolder directory (zero-shot), or a clip_benchmark
+    # webdataset folder (zero-shot: test/*.tar, classnames.txt, zeroshot_classification_templates.txt).
+    every_steps: int | None = None
+    # Cadence of this entry in training steps (0: only at the end). None: eval.every_steps.
+    classnames: str | None = None
+    # Zero-shot only: overrides the folder's classnames.txt and eval.classnames.
+    templates: str | None = None
+    # Zero-shot only: overrides the folder's templates and eval.templates.
+
+
+EVAL_SET_KEYS = ("data", "every_steps", "classnames", "templates")
+
+
+def clip_benchmark_folder(path: str) -> bool:
+    """A clip_benchmark webdataset folder: <path>/test/ holds nshards.txt or .tar shards."""
+    test = os.path.join(path, "test")
+    return os.path.isdir(test) and (
+        os.path.isfile(os.path.join(test, "nshards.txt"))
+        or any(name.endswith(".tar") for name in os.listdir(test)))
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0
-    # Evaluate every N training steps (0: only at the end of training).
-    zeroshot: str | None = None
-    # Zero-shot classification data: webdataset shards with a class-index key `cls`, or an
-    # ImageFolder directory.
+    # Evaluate every N training steps (0: only at the end of training); the default cadence of
+    # every entry of zeroshot / retrieval / validation.
+    zeroshot: Any = None
+    # Zero-shot classification: one data set (a string; metrics `zeroshot/top1`, ...) or a map
+    # name -> data set (metrics `zeroshot/<name>/top1`, ...). A data set is a string or
+    # {data, every_steps, classnames, templates}; its data: webdataset shards with a class index
+    # `cls`, an ImageFolder directory, or a clip_benchmark webdataset folder (class names and
+    # templates are then read from it).
     classnames: str | None = None
-    # Class names: a text file (one per line), a JSON list, or `imagenet` (open_clip's names).
+    # Class names for zero-shot entries that name none: a text file (one per line), a JSON list,
+    # or `imagenet` (open_clip's names).
     templates: str | None = None
-    # Prompt templates with `{}` for the class name: text file or JSON list. Default (or
-    # `imagenet`): open_clip's 80 OpenAI ImageNet templates.
-    retrieval: str | None = None
-    # Held-out image-caption shards for image<->text recall@1/5/10 and alignment/uniformity.
-    # Several captions per image: a JSON list under the `json` key `captions`, else one caption
-    # per line of `txt`.
+    # Prompt templates with `{}` (or clip_benchmark's `{c}`) for the class name: text file or JSON
+    # list. Default (or `imagenet`): open_clip's 80 OpenAI ImageNet templates.
+    retrieval: Any = None
+    # Held-out image-caption shards for image<->text recall@1/5/10 and alignment/uniformity: a
+    # string (metrics `retrieval/...`) or a map name -> string or {data, every_steps}
+    # (`retrieval/<name>/...`). Several captions per image: a JSON list under the `json` key
+    # `captions`, else one caption per line of `txt`.
+    validation: Any = None
+    # Held-out image-caption shards (jpg/png/webp + txt) for the validation contrastive loss: the
+    # training objective (loss.*) over fixed consecutive batches of val_batch_size. A string
+    # (metrics `val/loss`, ...) or a map name -> string or {data, every_steps} (`val/<name>/...`).
+    val_batch_size: int = 256
+    # Samples per validation-loss batch, the same for any number of processes. The loss grows
+    # with the number of negatives: compare runs at one value (e.g. the training global batch).
     batch_size: int = 64
     # Images (or prompts, captions) per forward during evaluation.
     workers: int = 1
@@ -274,10 +315,73 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
         _require(self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _require(self.val_batch_size > 1, "eval.val_batch_size",
+                 "must be > 1 (a contrastive loss needs negatives)")
         _require(self.workers >= 0, "eval.workers", "must be >= 0")
         _require(self.retrieval_chunk_size > 0, "eval.retrieval_chunk_size", "must be > 0")
-        _require(self.zeroshot is None or self.classnames is not None, "eval.classnames",
-                 "is required with eval.zeroshot (a file of class names, or 'imagenet')")
+        for key, entry in self.zeroshot_sets().items():
+            _require(entry.classnames is not None or self.classnames is not None
+                     or (os.path.isdir(entry.data) and clip_benchmark_folder(entry.data)),
+                     f"{key}.classnames" if key != "eval.zeroshot" else "eval.classnames",
+                     f"is required with {key} (a file of class names, or 'imagenet'), unless its "
+                     "data is a clip_benchmark folder with a classnames.txt")
+        self.retrieval_sets()
+        self.validation_sets()
+
+    def zeroshot_sets(self) -> dict[str, EvalSet]:
+        """{config key: entry}, e.g. {'eval.zeroshot': ...} or {'eval.zeroshot.imagenet': ...}."""
+        return _eval_sets(self.zeroshot, "eval.zeroshot", zeroshot=True)
+
+    def retrieval_sets(self) -> dict[str, EvalSet]:
+        return _eval_sets(self.retrieval, "eval.retrieval", zeroshot=False)
+
+    def validation_sets(self) -> dict[str, EvalSet]:
+        return _eval_sets(self.validation, "eval.validation", zeroshot=False)
+
+    def cadence(self, entry: EvalSet) -> int:
+        return self.every_steps if entry.every_steps is None else entry.every_steps
+
+    def due(self, step: int) -> bool:
+        """Does any entry evaluate at this training step (before the end of training)?"""
+        sets = {**self.zeroshot_sets(), **self.retrieval_sets(), **self.validation_sets()}
+        return any(self.cadence(e) > 0 and step % self.cadence(e) == 0 for e in sets.values())
+
+
+def _eval_sets(value: Any, key: str, zeroshot: bool) -> dict[str, EvalSet]:
+    """Normalise a string / map of entries to {config key of the entry: EvalSet}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        _require(bool(value.strip()), key, "is empty: give a data set path")
+        return {key: EvalSet(data=value)}
+    _require(isinstance(value, dict), key,
+             f"must be a data set path or a map name -> data set, got {type(value).__name__}")
+    out = {}
+    for name, entry in value.items():
+        entry_key = f"{key}.{name}"
+        _require(isinstance(name, str) and bool(name) and "/" not in name, entry_key,
+                 "entry names must be non-empty and contain no '/' (they become metric prefixes)")
+        if isinstance(entry, EvalSet):
+            entry = dataclasses.asdict(entry)
+        if isinstance(entry, str):
+            entry = {"data": entry}
+        _require(isinstance(entry, dict), entry_key,
+                 f"must be a data set path or a map with keys {', '.join(EVAL_SET_KEYS)}")
+        unknown = sorted(set(entry) - set(EVAL_SET_KEYS))
+        _require(not unknown, f"{entry_key}.{unknown[0] if unknown else ''}",
+                 f"unknown key (expected one of {', '.join(EVAL_SET_KEYS)})")
+        _require(isinstance(entry.get("data"), str) and bool(entry["data"]), f"{entry_key}.data",
+                 "is required: the data set path")
+        every = entry.get("every_steps")
+        _require(every is None or (isinstance(every, int) and every >= 0), f"{entry_key}.every_steps",
+                 f"must be an integer >= 0 (0: only at the end), got {every!r}")
+        for opt in ("classnames", "templates"):
+            _require(entry.get(opt) is None or isinstance(entry[opt], str), f"{entry_key}.{opt}",
+                     "must be a path (or 'imagenet')")
+            _require(zeroshot or entry.get(opt) is None, f"{entry_key}.{opt}",
+                     "only zero-shot entries have class names and templates")
+        out[entry_key] = EvalSet(**entry)
+    return out
 
 
 @dataclass
@@ -402,14 +506,23 @@ def check_paths(cfg: Config, training: bool = True) -> None:
     if training and cfg.data.train is None:
         raise ConfigError("data.train: required for training, e.g. data.train='shards/train-{000000..000009}.tar'")
     check_shards(cfg.data.train, "data.train")
-    check_shards(cfg.eval.retrieval, "eval.retrieval")
-    if cfg.eval.zeroshot is not None and not os.path.isdir(cfg.eval.zeroshot):
-        check_shards(cfg.eval.zeroshot, "eval.zeroshot")
-    for key, value in (("eval.classnames", cfg.eval.classnames), ("eval.templates", cfg.eval.templates)):
-        if value is not None and value != "imagenet" and not os.path.isfile(value):
-            raise ConfigError(f"{key}: no such file {value!r}")
+    check_eval_paths(cfg.eval)
     if cfg.model.pretrained is not None and not os.path.isfile(cfg.model.pretrained):
         raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} "
                           "(weights are only loaded from a local file)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")
+
+
+def check_eval_paths(cfg: EvalConfig) -> None:
+    """Every evaluation input exists (shards, folders, class-name and template files)."""
+    for key, entry in {**cfg.retrieval_sets(), **cfg.validation_sets()}.items():
+        check_shards(entry.data, key)
+    files = {"eval.classnames": cfg.classnames, "eval.templates": cfg.templates}
+    for key, entry in cfg.zeroshot_sets().items():
+        if not os.path.isdir(entry.data):
+            check_shards(entry.data, key)
+        files.update({f"{key}.classnames": entry.classnames, f"{key}.templates": entry.templates})
+    for key, value in files.items():
+        if value is not None and value != "imagenet" and not os.path.isfile(value):
+            raise ConfigError(f"{key}: no such file {value!r}")

@@ -442,6 +442,7 @@ def contrastive_loss(
     queue_txt_KD: torch.Tensor | None = None,
     debias_tau_plus: float = 0.0,
     hardness_beta: float = 0.0,
+    distributed: bool = True,
 ) -> torch.Tensor:
     """Takes this process's LOCAL raw (unnormalised) embeddings and the raw learnable parameters
     as open_clip stores them (logit_scale is log-space: the loss uses
@@ -462,6 +463,9 @@ def contrastive_loss(
       negative columns of the text->image and image->text rows respectively.
     - debias_tau_plus (class prior tau+ in [0, 1)) and hardness_beta (beta >= 0): the debiased /
       hard-negative weighted objective of `_clip_reweighted`; both 0 is the plain InfoNCE.
+
+    distributed=False: the embeddings are the whole batch, nothing is gathered even under
+    torch.distributed (the validation loss computes each batch on one process).
     """
     if kind not in ("clip", "siglip"):
         raise ValueError(f"kind: got {kind!r}, expected clip or siglip")
@@ -494,13 +498,13 @@ def contrastive_loss(
         txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
         # One collective for both modalities; cheaper, and both backwards happen in one
         # all_reduce so the processes cannot disagree on the order.
-        if _world_size() == 1:
+        if not distributed or _world_size() == 1:
             img_GD, txt_GD = img_BD, txt_BD
         else:
             both_GD = all_gather_with_grad(torch.cat([img_BD, txt_BD], dim=1))
             img_GD, txt_GD = both_GD.split(img_BD.shape[1], dim=1)
         b, g = img_BD.shape[0], img_GD.shape[0]
-        offset = _rank() * b
+        offset = _rank() * b if distributed else 0
         if kind == "clip":
             # Columns of the text->image rows (img_CD) and of the image->text rows (txt_CD).
             img_CD, txt_CD = img_GD, txt_GD

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -18,7 +17,7 @@ from accelerate.utils import gather_object, set_seed
 from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
 from clip_train.config import ClipTrainError, Config
 from clip_train.data import BAD_KINDS, build_train_loader
-from clip_train.evaluate import evaluate
+from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
@@ -163,6 +162,7 @@ def train(cfg: Config) -> dict[str, float]:
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
     health = StepHealth(accelerator.device, progress.skipped_steps, progress.nonfinite_in_a_row)
     results: dict[str, float] = {}
+    eval_cache = ClassifierCache()  # a frozen text tower's zero-shot classifiers, kept between evaluations
     while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
@@ -223,8 +223,8 @@ def train(cfg: Config) -> dict[str, float]:
             }
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
-        if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
-            metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle), progress.step)
+        if not last and cfg.eval.due(progress.step):  # only the entries due at this step
+            metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle, eval_cache, progress.step), progress.step)
         if save_now or stop_now:
             checkpoint()
         if stop_now and not last:
@@ -233,7 +233,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     display.close()
     if progress.step == cfg.train.steps:
-        results = run_evaluation(accelerator, clip, cfg, bundle)
+        results = run_evaluation(accelerator, clip, cfg, bundle, eval_cache)
         metrics_log.log(results, progress.step)
         if accelerator.is_main_process:
             export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
@@ -262,12 +262,14 @@ def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest
     return stop_now
 
 
-def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:
-    with accelerator.autocast():  # embeddings are cast to float32 before any evaluation maths
-        results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
-                           device=accelerator.device, rank=accelerator.process_index,
-                           world_size=accelerator.num_processes,
-                           show_progress=accelerator.is_main_process and sys.stderr.isatty())
+def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle, cache: ClassifierCache | None = None,
+                   step: int | None = None) -> dict[str, float]:
+    """Every evaluation (step None: the end of training) or those due at `step`. Only the encoders
+    run in the training precision: under autocast the similarities would be bf16 too."""
+    results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                       device=accelerator.device, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, show_progress=accelerator.is_main_process,
+                       autocast=accelerator.autocast, loss=cfg.loss, step=step, cache=cache)
     if results and accelerator.is_main_process:
         log.info("eval: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results

@@ -4,6 +4,7 @@ and a 2-process evaluation that must equal the 1-process one."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ CLASSNAMES = ["cat", "dog", "red car"]
 TEMPLATES = ["a photo of a {}.", "{} in the wild", "a drawing of the {} (sketch)"]
 ZS_SIZES = (5, 4, 4)  # 13 samples over 3 shards: odd, and uneven between ranks
 RET_SIZE = 7  # one retrieval shard: with 2 processes, rank 1 reads nothing
+PAIR_SIZES = (13, 9)  # validation-loss pairs: 3 batches of 10 across the shard boundary
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,6 +97,9 @@ def data(tmp_path_factory):
     _write_shards(str(d / "ret-%06d.tar"), ret, (RET_SIZE,))
     bad = [{"__key__": f"b{i}", "png": _image(rng), "cls": 3 if i == 3 else 0} for i in range(4)]
     _write_shards(str(d / "bad-%06d.tar"), bad, (2, 2))  # the bad index is in shard 1 only
+    pairs = [{"__key__": f"p{i:04d}", "png": _image(rng), "txt": f"a picture of thing {i}"}
+             for i in range(sum(PAIR_SIZES))]
+    _write_shards(str(d / "pairs-%06d.tar"), pairs, PAIR_SIZES)
     (d / "names.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (d / "templates.json").write_text(json.dumps(TEMPLATES))
     return {
@@ -105,6 +110,8 @@ def data(tmp_path_factory):
         "folder": str(folder),
         "retrieval": str(d / "ret-000000.tar"),
         "bad": str(d / "bad-{000000..000001}.tar"),
+        "pairs": str(d / "pairs-{000000..000001}.tar"),
+        "pair_samples": pairs,
         "names": str(d / "names.txt"),
         "templates": str(d / "templates.json"),
     }
@@ -501,7 +508,7 @@ def test_run_eval_from_exported_file_and_checkpoint_dir(bundle, data, tmp_path, 
 @pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     weights = _save_weights(bundle, tmp_path / "model.pt")
-    full = _full_cfg(data)
+    full = _full_cfg(data, validation=data["pairs"], val_batch_size=10)
     spec = {
         "model": TINY,
         "weights": weights,
@@ -512,6 +519,8 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
                 "classnames",
                 "templates",
                 "retrieval",
+                "validation",
+                "val_batch_size",
                 "batch_size",
                 "workers",
                 "retrieval_chunk_size",
@@ -540,11 +549,20 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     assert r0["world_size"] == 2 and r0["backend"] == "gloo"
     r1 = json.loads((out / "rank1.json").read_text())
 
-    one = _eval(bundle, full)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): the same kernels
+    try:
+        one = _eval(bundle, full)
+    finally:
+        torch.set_num_threads(threads)
     folder_one = _eval(bundle, EvalConfig(**spec["imagefolder_eval"]))
     for key in ("run_eval", "imagefolder"):
         assert r0[key] == r1[key], key  # every rank returns the same dict
     assert r0["run_eval"] == pytest.approx(one, abs=1e-5)
+    # The validation loss: the same batches of the same embeddings, each batch computed whole on
+    # one process, so the same numbers to the last bit.
+    val = {k: v for k, v in one.items() if k.startswith("val/")}
+    assert len(val) == 4 and {k: r0["run_eval"][k] for k in val} == val
     assert r0["imagefolder"] == pytest.approx(folder_one, abs=1e-5)
     # No sample lost or read twice, though rank 1 had no retrieval shard.
     assert r0["run_eval"]["zeroshot/num_samples"] == sum(ZS_SIZES)
@@ -553,3 +571,259 @@ def test_two_process_evaluation_equals_one_process(bundle, data, tmp_path):
     # The bad class index is in rank 1's shard only: rank 1 names it, rank 0 fails too (no hang).
     assert r1["bad"].startswith("ConfigError: eval.zeroshot: class index 3"), r1["bad"]
     assert r0["bad"].startswith("RuntimeError: evaluation failed on another process"), r0["bad"]
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation during training: encoders in the training precision, maths in float32
+
+
+def _autocast_bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_training_evaluation_under_bf16_equals_standalone(bundle, data, monkeypatch):
+    """Issue 13, defect 3: run_evaluation used to wrap the whole evaluation in autocast, so
+    similarities, top-k and uniformity were bf16. Now only the encoders are: the in-training
+    numbers must equal a standalone evaluation whose encoders (only) run under bf16."""
+    from types import SimpleNamespace
+
+    from clip_train.train import run_evaluation
+
+    cfg = Config(model=ModelConfig(name=TINY), eval=_full_cfg(data))
+    accelerator = SimpleNamespace(
+        autocast=_autocast_bf16, device=torch.device("cpu"), process_index=0, num_processes=1,
+        is_main_process=True,
+    )
+    in_training = run_evaluation(accelerator, bundle.model, cfg, bundle)
+    fp32 = _eval(bundle, cfg.eval)
+
+    model = bundle.model
+    for name in ("encode_image", "encode_text"):
+        encoder = getattr(model, name)
+
+        def under_bf16(*args, _encoder=encoder, **kwargs):
+            with _autocast_bf16():
+                return _encoder(*args, **kwargs)
+
+        monkeypatch.setattr(model, name, under_bf16)  # works with the old evaluate as well
+    standalone = _eval(bundle, cfg.eval)
+    monkeypatch.undo()
+    assert in_training == standalone
+    # Not vacuous: bf16 encoders change the numbers (so autocast was on where it mattered).
+    assert in_training["retrieval/uniformity"] != fp32["retrieval/uniformity"]
+
+
+# ------------------------------------------------------------------------------------------
+# Several named evaluations, each on its own cadence; shared zero-shot classifiers
+
+
+class _CountTextForwards:
+    """Counts encode_text calls of a model (the prompts of zero-shot classifiers)."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = 0
+        encode_text = model.encode_text
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return encode_text(*args, **kwargs)
+
+        monkeypatch.setattr(model, "encode_text", counted)
+
+
+def test_named_sets_prefix_metrics_and_follow_their_cadence(bundle, data, monkeypatch):
+    plain = _eval(bundle, _full_cfg(data))
+    counter = _CountTextForwards(bundle.model, monkeypatch)
+    only_a = EvalConfig(zeroshot={"a": data["zeroshot"]}, classnames=data["names"],
+                        templates=data["templates"], batch_size=4, workers=0)
+    _eval(bundle, only_a)
+    one_classifier = counter.calls
+    assert one_classifier > 0
+    cfg = EvalConfig(
+        every_steps=4,
+        zeroshot={"a": data["zeroshot"], "b": {"data": data["folder"], "every_steps": 2}},
+        classnames=data["names"],
+        templates=data["templates"],
+        retrieval={"r": {"data": data["retrieval"], "every_steps": 3}},
+        batch_size=4,
+        workers=0,
+        retrieval_chunk_size=3,
+    )
+    everything = _eval(bundle, cfg)
+    for key, value in plain.items():
+        kind, metric = key.split("/", 1)
+        names = ("a", "b") if kind == "zeroshot" else ("r",)
+        for name in names:
+            assert everything[f"{kind}/{name}/{metric}"] == pytest.approx(value, abs=1e-6), key
+    assert len(everything) == 2 * 4 + len([k for k in plain if k.startswith("retrieval/")])
+
+    def at(step):
+        out = evaluate(bundle.model, cfg, transform=bundle.eval_transform,
+                       tokenizer=bundle.tokenizer, device="cpu", step=step)
+        return sorted({k.split("/")[1] for k in out})
+
+    counter.calls = 0
+    assert at(4) == ["a", "b"]
+    assert counter.calls == one_classifier  # a and b share names and templates: one classifier
+    assert at(2) == ["b"] and at(3) == ["r"] and at(5) == []
+    assert at(12) == ["a", "b", "r"]
+    assert [cfg.due(s) for s in (1, 2, 3, 4, 5)] == [False, True, True, True, False]
+    assert not EvalConfig(zeroshot={"a": data["zeroshot"]}, classnames="imagenet").due(4)
+
+
+def test_frozen_text_tower_classifier_is_computed_once_per_run(bundle, data, monkeypatch):
+    import copy
+
+    from clip_train.evaluate import ClassifierCache
+
+    model = copy.deepcopy(bundle.model)
+    cfg = EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
+                     templates=data["templates"], batch_size=4, workers=0)
+    counter = _CountTextForwards(model, monkeypatch)
+
+    def run(cache):
+        return evaluate(model, cfg, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                        device="cpu", cache=cache)
+
+    cache = ClassifierCache()
+    first = run(cache)
+    per_classifier = counter.calls
+    assert run(cache) == first and counter.calls == 2 * per_classifier  # text tower trainable
+    for name, p in model.named_parameters():
+        if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"):
+            p.requires_grad_(False)  # what model.lock_text does
+    counter.calls = 0
+    assert run(cache) == first and counter.calls == per_classifier  # computed once ...
+    assert run(cache) == first and run(cache) == first and counter.calls == per_classifier
+    run(None)  # ... and without a cache, every evaluation computes its own
+    assert counter.calls == 2 * per_classifier
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["eval.zeroshot.a.evry=3", "eval.zeroshot.a.data=x.tar"], "eval.zeroshot.a.evry"),
+    (["eval.retrieval.r.data=x.tar", "eval.retrieval.r.every_steps=-1"], "eval.retrieval.r.every_steps"),
+    (["eval.zeroshot.a=x.tar"], "eval.zeroshot.a.classnames"),
+    (["eval.zeroshot.a.every_steps=2"], "eval.zeroshot.a.data"),
+    (["eval.validation.v.data=x.tar", "eval.validation.v.classnames=n.txt"], "eval.validation.v.classnames"),
+    (["eval.val_batch_size=1"], "eval.val_batch_size"),
+])
+def test_eval_set_errors_name_the_key(overrides, key):
+    from clip_train.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_named_sets_from_yaml_and_overrides(tmp_path):
+    from clip_train.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  classnames: imagenet\n  zeroshot:\n    imagenet: /d/in/val\n"
+                    "    v2: {data: /d/v2, every_steps: 500, templates: t.txt}\n")
+    cfg = load_config(str(path), ["eval.retrieval=r.tar", "eval.zeroshot.sketch=/d/sk"])
+    sets = cfg.eval.zeroshot_sets()
+    assert list(sets) == ["eval.zeroshot.imagenet", "eval.zeroshot.v2", "eval.zeroshot.sketch"]
+    assert sets["eval.zeroshot.v2"].every_steps == 500 and sets["eval.zeroshot.v2"].templates == "t.txt"
+    assert list(cfg.eval.retrieval_sets()) == ["eval.retrieval"]
+
+
+# ------------------------------------------------------------------------------------------
+# Validation contrastive loss
+
+
+def _reference_batch_loss(img_BD, txt_BD, scale, bias, kind) -> float:
+    """float64, from the definitions: CLIP's symmetric cross-entropy, SigLIP's pairwise
+    -log sigmoid summed over pairs and divided by the batch."""
+    a, b = F.normalize(img_BD.double(), dim=-1), F.normalize(txt_BD.double(), dim=-1)
+    logits = scale * a @ b.T
+    n = a.shape[0]
+    if kind == "clip":
+        labels = torch.arange(n)
+        return float((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+    sign = 2 * torch.eye(n, dtype=torch.float64) - 1
+    return float(-F.logsigmoid(sign * (logits + bias)).sum() / n)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_validation_batches_are_identical_for_any_process_count(kind):
+    from clip_train.evaluate import validation_batch_losses, validation_metrics
+
+    n, batch = 23, 5  # 5 batches, the last of 3
+    img_ND = _unit(n, seed=12)
+    # Well aligned at scale 100, as late in training: small losses, nothing may cancel.
+    txt_ND = F.normalize(img_ND + 0.05 * _unit(n, seed=13), dim=-1) * 3.0
+    scale, bias = torch.tensor(math.log(100.0)), torch.tensor(-10.0) if kind == "siglip" else None
+    kw = dict(batch_size=batch, kind=kind, max_logit_scale=100.0)
+    one = validation_batch_losses(img_ND, txt_ND, scale, bias, **kw)
+    for world in (2, 3, 7):
+        parts = [validation_batch_losses(img_ND, txt_ND, scale, bias, rank=r, world_size=world, **kw)
+                 for r in range(world)]
+        assert torch.equal(torch.stack(parts).sum(0), one), world
+    ref = [_reference_batch_loss(img_ND[j:j + batch], txt_ND[j:j + batch], 100.0,
+                                 -10.0 if bias is not None else 0.0, kind) for j in range(0, n, batch)]
+    torch.testing.assert_close(one, torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    m = validation_metrics(one, n, batch)
+    assert m["val/loss"] == pytest.approx(float(np.mean(ref)), rel=1e-4)
+    sizes = [5, 5, 5, 5, 3]
+    assert m["val/loss_per_sample"] == pytest.approx(float(np.dot(ref, sizes) / n), rel=1e-4)
+    assert m["val/num_samples"] == n and m["val/num_batches"] == 5
+
+
+def test_validation_loss_end_to_end_matches_float64_reference(bundle, data):
+    cfg = EvalConfig(validation={"pairs": data["pairs"]}, val_batch_size=10, batch_size=7,
+                     workers=2)
+    got = _eval(bundle, cfg)
+    samples = data["pair_samples"]  # in shard order: the canonical order of the batches
+    model, tf, tok = bundle.model, bundle.eval_transform, bundle.tokenizer
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([tf(s["png"]) for s in samples]))
+        txt = model.encode_text(tok([s["txt"] for s in samples]))
+    scale = float(model.logit_scale.detach().exp())
+    ref = [_reference_batch_loss(img[j:j + 10], txt[j:j + 10], scale, 0.0, "clip")
+           for j in range(0, len(samples), 10)]
+    sizes = [len(samples[j:j + 10]) for j in range(0, len(samples), 10)]
+    assert got["val/pairs/loss"] == pytest.approx(float(np.mean(ref)), rel=1e-5)
+    assert got["val/pairs/loss_per_sample"] == pytest.approx(np.dot(ref, sizes) / sum(sizes), rel=1e-5)
+    assert got["val/pairs/num_samples"] == len(samples) and got["val/pairs/num_batches"] == len(ref)
+
+
+# ------------------------------------------------------------------------------------------
+# clip_benchmark's webdataset folders and progress
+
+
+def test_clip_benchmark_folder_gives_data_names_and_templates(bundle, data, tmp_path):
+    from helpers.clip_benchmark_data import write_clip_benchmark_folder
+
+    folder = write_clip_benchmark_folder(
+        tmp_path / "wds_things", data["zs_samples"], CLASSNAMES,
+        ["a photo of a {c}.", "{c} in the wild", "a drawing of the {c} (sketch)"], shard_sizes=ZS_SIZES,
+    )
+    got = _eval(bundle, EvalConfig(zeroshot={"things": str(folder)}, batch_size=4, workers=2))
+    ref = _eval(bundle, EvalConfig(zeroshot=data["zeroshot"], classnames=data["names"],
+                                   templates=data["templates"], batch_size=4, workers=2))
+    assert got == {k.replace("zeroshot/", "zeroshot/things/"): v for k, v in ref.items()}
+    # The entry's own class names win over the folder's (here: the same names in a JSON file).
+    (tmp_path / "names.json").write_text(json.dumps(CLASSNAMES))
+    again = _eval(bundle, EvalConfig(zeroshot={"t": {"data": str(folder), "classnames": str(tmp_path / "names.json")}}))
+    assert again["zeroshot/t/top1"] == ref["zeroshot/top1"]
+    (folder / "test" / "nshards.txt").write_text("4\n")
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\.things: shard .*3\.tar. not found"):
+        _eval(bundle, EvalConfig(zeroshot={"things": str(folder)}))
+
+
+def test_long_evaluation_logs_progress_without_a_terminal(bundle, data, monkeypatch, caplog):
+    import logging
+
+    import clip_train.evaluate.data as eval_data
+
+    monkeypatch.setattr(eval_data, "PROGRESS_LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="clip_train.evaluate"):
+        _eval(bundle, EvalConfig(retrieval=data["retrieval"], batch_size=2, workers=0))
+        assert not [r for r in caplog.records if "eval.retrieval:" in r.getMessage()]  # not the main process
+        evaluate(bundle.model, EvalConfig(retrieval=data["retrieval"], batch_size=2, workers=0),
+                 transform=bundle.eval_transform, tokenizer=bundle.tokenizer, device="cpu",
+                 show_progress=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("eval.retrieval: 1 batches") for line in lines), lines
+    assert any("done, 4 batches" in line for line in lines), lines

@@ -42,8 +42,13 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     out = tmp_path / "run"
     proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.steps=12", "wandb.enabled=true",
-                    "tracking.report_to=[tensorboard]", f"train.output_dir={out}", *eval_args(tmp_path, color_shards)])
+                    "tracking.report_to=[tensorboard]", f"train.output_dir={out}", *eval_args(tmp_path, color_shards),
+                    # A named validation loss on its own cadence; zero-shot and retrieval at the end only.
+                    f"eval.validation.held.data={color_shards}", "eval.validation.held.every_steps=5",
+                    "eval.val_batch_size=16"])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(out) if "val/held/loss" in m] == [5, 10, 12]
+    assert [m["step"] for m in read_metrics(out) if "zeroshot/top1" in m] == [12]
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses

@@ -1,7 +1,8 @@
 """Launched by tests/test_evaluate.py under `accelerate launch` (2 CPU processes, gloo).
 
 One launch covers every distributed assertion: `run_eval` from an exported weights file (zero-shot
-on webdataset shards + retrieval on a single shard, so one rank reads nothing), `evaluate` on an
+on webdataset shards, retrieval on a single shard, so one rank reads nothing, and the validation
+loss over batches that cross a shard boundary), `evaluate` on an
 ImageFolder, and a bad class index that only one rank sees (both ranks must fail, not hang).
 Each rank writes <out>/rank<r>.json; the test compares them with a one-process evaluation.
 
