@@ -1,11 +1,15 @@
-"""Fast checks of the benchmark harness (the benchmarks themselves are never run by the suite):
-both trainers' command lines are accepted by the trainers' own parsers and say the same thing,
-and the A/B summary takes medians of per-round ratios."""
+"""Checks of the benchmarks: both trainers' command lines are accepted by the trainers' own
+parsers and say the same thing; the A/B summary takes medians of per-round ratios; every module
+the benchmarks import is installed by the set-up and every benchmark command in the README is
+accepted; and the GPU check runs end to end in its --cpu-smoke mode (the only benchmark the
+suite runs)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -150,3 +154,34 @@ def test_benchmark_commands_in_the_readme_exist_and_take_their_flags():
         assert name in helps, f"README runs {script}, which has no --help"
         for flag in re.findall(r"--[\w-]+", flags):
             assert flag in helps[name], f"README runs {script} {flag}, which it does not accept"
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's own code, on the CPU with a tiny model
+    (about 20 s, plus two short trainer launches for part (c))."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--output", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    report = json.loads(out.read_text())
+    failed = [(r["check"], r["value"]) for r in report["results"] if r["status"] != "ok"]
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    rows = {r["check"]: r for r in report["results"]}
+    assert report["cpu_smoke"] and report["flops_per_step"] > 0
+    assert "CPU SMOKE RUN" in report["markdown"] and "| part | check |" in proc.stdout
+    gradients = [r for r in report["results"] if r["check"].startswith("train_step")]
+    assert len(gradients) == 3 and gradients[0]["rel_grad_diff_chunked"] < 1e-5  # fp32
+    losses = [r for r in report["results"] if r["check"].startswith("tiled vs plain")]
+    assert len(losses) == 2 and 0.01 < losses[1]["reference_loss"] < 2  # the aligned regime
+    speed = [r for r in report["results"] if r["part"] == "b" and "samples_per_s" in r]
+    assert [r["chunk"] for r in speed] == [8, 4, 2, None]
+    assert speed[-1]["batch_dtype"] == "torch.uint8"  # real shards arrive as uint8
+    trainers = [r for r in report["results"] if r["part"] == "c"]
+    assert len(trainers) == 2 and "clip_train / open_clip" in trainers[1]["value"]
+    assert all(r["samples_per_s"] > 0 for r in speed + trainers)
+    assert len(rows) == len(report["results"])  # every check named once
