@@ -9,6 +9,9 @@ fails (an exception, out of memory) is reported as failed and the others still r
 (a) Correctness, on the device, with clip_train's own functions (`model.build_model`,
     `grad_cache.train_step`, `loss.contrastive_loss`) and a real `accelerate.Accelerator` per
     precision:
+    - uint8 batches copied from pinned memory and normalised on the device (`batch_to_device`)
+      against the float32 transform on the CPU (within 1e-6; expected identical), and, under
+      `torch.cuda.set_sync_debug_mode("error")`, without a host sync;
     - one step's gradients, chunked (chunk = batch / 4) and unchunked, under fp32, bf16 and fp16,
       against the fp32 unchunked step of the same weights and batch (TF32 off for fp32):
       relative difference ||g - g_ref|| / ||g_ref|| over every parameter. fp32 chunked must be
@@ -281,6 +284,52 @@ def gradient_checks(setting: Setting, results: list[dict]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def uint8_input_check(setting: Setting, results: list[dict]) -> None:
+    """uint8 batches normalised on the device vs the float32 transform on the CPU (the old path);
+    on CUDA also: the pinned copy + normalisation runs without a host sync."""
+    import random
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clip_train.data import batch_to_device, split_normalize
+
+    def check() -> dict:
+        bundle = base_model(setting)
+        transform = bundle.train_transform
+        uint8_transform, norm = split_normalize(transform)
+        if norm is None:
+            raise RuntimeError(f"the train transform of {setting.model} was not split: {transform}")
+        rng = np.random.default_rng(2)
+        floats, uint8s = [], []
+        for i in range(8):
+            image = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+            for out, fn in ((floats, transform), (uint8s, uint8_transform)):
+                random.seed(i), torch.manual_seed(i)  # the loader seeds every sample this way
+                out.append(fn(image))
+        images = torch.stack(uint8s)
+        if setting.device.type == "cuda":
+            images = images.pin_memory()
+        texts = torch.zeros(len(uint8s), 4, dtype=torch.long)
+        moved, _ = batch_to_device(images, texts, setting.device, norm)  # caches the constants
+        diff = float((moved.cpu() - torch.stack(floats)).abs().max())
+        sync_free = "not checked (CPU)"
+        if setting.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # raises on any host sync
+            try:
+                batch_to_device(images, texts, setting.device, norm)
+                sync_free = "no host sync"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return {"status": "ok" if diff <= 1e-6 else "FAILED",
+                "value": f"max abs diff {diff:.1e} ({images.dtype} batch, {sync_free})",
+                "tolerance": "<= 1e-6 (expected 0: the same float32 operations)", "max_abs_diff": diff}
+
+    run_check(results, "a", "uint8 batch normalised on the device vs float32 transform on the CPU", check)
+
+
 def _reference_clip_loss(img_BD, txt_BD, scale):
     """Symmetric InfoNCE in float64, written out independently of clip_train.loss."""
     import torch
@@ -536,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     flops: float | None = None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        uint8_input_check(setting, results)
         gradient_checks(setting, results)
         loss_checks(setting, results)
         runner = StepRunner(setting)

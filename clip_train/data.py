@@ -60,7 +60,7 @@ import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -610,14 +610,24 @@ def normalize_images(images_BCHW: torch.Tensor, mean: tuple[float, ...], std: tu
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 images -> (x / 255 - mean) / std in `dtype`, on the images' device.
 
-    The same float32 operations as torchvision's ToTensor + Normalize, so the result is
-    bit-identical to what the float path shipped (tested)."""
-    from torchvision.transforms.functional import normalize
-
+    The same float32 operations as torchvision's ToTensor + Normalize, so the result is the
+    float path's, bit for bit (tested on the CPU). Every operand is a tensor on the images'
+    device: a Python-number divisor would make CUDA multiply by its reciprocal instead (1 ulp
+    off), and per-call host->device copies of the constants could stall the step."""
     if images_BCHW.dtype != torch.uint8:
         raise TypeError(f"normalize_images expects uint8 images, got {images_BCHW.dtype}")
-    float_BCHW = images_BCHW.to(torch.float32).div_(255)
-    return normalize(float_BCHW, list(mean), list(std), inplace=True).to(dtype)
+    scale, mean_C11, std_C11 = _normalize_constants(tuple(mean), tuple(std), images_BCHW.device)
+    float_BCHW = images_BCHW.to(torch.float32).div_(scale).sub_(mean_C11).div_(std_C11)
+    return float_BCHW.to(dtype)
+
+
+@lru_cache(maxsize=8)
+def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def put(values) -> torch.Tensor:  # once per device: the copy may wait, later steps do not
+        return torch.tensor(values, dtype=torch.float32).to(device)
+
+    return put(255.0), put(mean).view(-1, 1, 1), put(std).view(-1, 1, 1)
 
 
 def batch_to_device(images: torch.Tensor, texts: torch.Tensor, device: torch.device,

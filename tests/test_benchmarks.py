@@ -174,6 +174,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     rows = {r["check"]: r for r in report["results"]}
     assert report["cpu_smoke"] and report["flops_per_step"] > 0
     assert "CPU SMOKE RUN" in report["markdown"] and "| part | check |" in proc.stdout
+    assert rows["uint8 batch normalised on the device vs float32 transform on the CPU"]["max_abs_diff"] == 0
     gradients = [r for r in report["results"] if r["check"].startswith("train_step")]
     assert len(gradients) == 3 and gradients[0]["rel_grad_diff_chunked"] < 1e-5  # fp32
     losses = [r for r in report["results"] if r["check"].startswith("tiled vs plain")]
