@@ -172,6 +172,16 @@ def image_normalization(bundle):
     return split_normalize(bundle.train_transform)[1]
 
 
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def sync(device) -> None:
     import torch
 
@@ -200,12 +210,28 @@ def run_check(results: list[dict], part: str, name: str, fn) -> dict:
     try:
         row = fn()
     except Exception as exn:  # noqa: BLE001 - any failure of one check is that check's result
-        row = {"status": "FAILED", "value": f"{type(exn).__name__}: {str(exn)[:300]}",
-               "traceback": traceback.format_exc()[-3000:]}
+        row = _failure(exn)
     row = {"part": part, "check": name, **row, "seconds": time.perf_counter() - started}
     results.append(row)
     print(f"[{part}] {name}: {row['status']} {row['value']}", flush=True)
     return row
+
+
+def guarded(results: list[dict], part: str, name: str, fn, *args):
+    """fn(*args), or None with a failed row when a whole section cannot run (e.g. out of memory
+    building its model); the checks inside a section record their own failures."""
+    try:
+        return fn(*args)
+    except Exception as exn:  # noqa: BLE001 - reported in the table, the next section still runs
+        row = {"part": part, "check": name, **_failure(exn), "seconds": 0.0}
+        results.append(row)
+        print(f"[{part}] {name}: {row['status']} {row['value']}", flush=True)
+        return None
+
+
+def _failure(exn: BaseException) -> dict:
+    return {"status": "FAILED", "value": f"{type(exn).__name__}: {str(exn)[:300]}",
+            "traceback": traceback.format_exc()[-3000:]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -585,15 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     flops: float | None = None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        uint8_input_check(setting, results)
-        gradient_checks(setting, results)
-        loss_checks(setting, results)
-        runner = StepRunner(setting)
-        try:
-            flops = runner.model_flops()
-        except Exception as exn:  # noqa: BLE001 - MFU is then not reported
-            print(f"FLOP count failed: {exn!r}", flush=True)
-        speed_synthetic(setting, runner, flops, results)
+        guarded(results, "a", "uint8 input check", uint8_input_check, setting, results)
+        guarded(results, "a", "gradient checks", gradient_checks, setting, results)
+        guarded(results, "a", "loss checks", loss_checks, setting, results)
+        release_memory()
+        runner = guarded(results, "b", "model and optimizer for the speed part", StepRunner, setting)
+        if runner is not None:
+            try:
+                flops = runner.model_flops()
+            except Exception as exn:  # noqa: BLE001 - MFU is then not reported
+                print(f"FLOP count failed: {exn!r}", flush=True)
+            speed_synthetic(setting, runner, flops, results)
         size = 40 if setting.smoke else 256
         count = 8 * setting.batch if setting.smoke else 4096
         pattern_row: dict = {}
@@ -603,11 +631,12 @@ def main(argv: list[str] | None = None) -> int:
             return {"status": "ok", "value": f"{count} JPEGs of {size} px in 8 shards"}
 
         run_check(results, "b", "make-shards from synthetic JPEGs", shards)
-        if "pattern" in pattern_row:
+        if runner is not None and "pattern" in pattern_row:
             speed_shards(setting, runner, flops, pattern_row["pattern"], results)
-            del runner
-            if not args.skip_trainers:
-                trainer_checks(setting, pattern_row["pattern"], workdir, results)
+        del runner
+        release_memory()  # the trainers of part (c) run in other processes on the same GPU
+        if "pattern" in pattern_row and not args.skip_trainers:
+            trainer_checks(setting, pattern_row["pattern"], workdir, results)
 
     elapsed = time.perf_counter() - started
     info = h.machine_info()
