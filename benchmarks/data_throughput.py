@@ -10,7 +10,9 @@ pipelines' cluster mode) with `--workers` DataLoader workers and batch 64; the f
   spent in the timed window. The capacity of one worker core, and robust to other jobs sharing
   the machine (the wall clock is not);
 - wall samples/s per worker: samples / wall seconds / workers, best of the repeats.
-The two pipelines are measured alternately, `--repeats` times each.
+The two pipelines are measured alternately, `--repeats` times each. clip_train's loader ships
+uint8 images as the trainer receives them (float conversion and normalisation happen later, on the
+training device, and are not timed here); open_clip's ships normalised float32.
 
 open_clip's `get_wds_dataset` fails on webdataset 1.0.2 (its tar grouping does not expect the
 end-of-shard `{}` marker that 1.0.2 yields: KeyError 'fname', open_clip issue #935). This harness
@@ -178,7 +180,8 @@ def main() -> None:
     print(f"\nData-loader throughput, {n} synthetic 256-px JPEG samples, batch {BATCH}, "
           f"{args.workers} worker(s), {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
     print("open_clip's get_wds_dataset was patched in this benchmark only (drop webdataset 1.0.2's "
-          "end-of-shard marker: KeyError 'fname', open_clip #935).\n")
+          "end-of-shard marker: KeyError 'fname', open_clip #935). clip_train ships uint8 images "
+          "(normalised later on the training device), open_clip float32.\n")
     print(f"raw tar read (no decode, 1 process): {raw:,.0f} samples/s\n")
     print("| image px | pipeline | samples / worker-CPU-s | vs open_clip | wall samples/s per worker |")
     print("|---:|---|---:|---:|---:|")

@@ -33,6 +33,12 @@ worker regenerates its shard sequence, skips whole shards without opening them, 
 shards that held buffered samples (no decoding), and continues. Augmentation is seeded per sample
 from its position, so it is reproduced too.
 
+Images travel as uint8 (B, 3, H, W): the train transform is split before its ToTensor +
+Normalize (`split_normalize`), and the training process normalises each batch on its device
+(`batch_to_device`, `normalize_images`) after a pinned, non-blocking copy, 4x less data through
+the workers' shared memory and the host-to-device copy than float32. A transform that needs float
+images after Normalize (timm's random erasing) keeps the float32 path.
+
 Bad data never stops the run by itself: unreachable shards, broken tars, missing or empty or
 undecodable captions, missing or corrupt images are skipped, counted by kind, and the first few
 of each kind logged with the shard name. Only when more than `data.max_bad_fraction` of the
@@ -54,7 +60,7 @@ import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -563,24 +569,102 @@ def _passthrough(batch: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+# uint8 batches, normalised on the device
+
+
+@dataclass(frozen=True)
+class ImageNormalization:
+    """Per-channel mean and std that the train transform's Normalize would have applied."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# The steps that turn a PIL image into a float tensor in [0, 1]: torchvision's, open_clip's and
+# timm's. They consume no random numbers, so dropping them keeps every augmentation identical.
+_TO_FLOAT_TENSOR = ("ToTensor", "MaybeToTensor")
+
+
+def split_normalize(transform: Callable) -> tuple[Callable, ImageNormalization | None]:
+    """(`transform` stopped at uint8 CHW, the Normalize it ended with), or (`transform`, None).
+
+    Splits a Compose that ends in [..., ToTensor, Normalize] (open_clip's train and eval
+    transforms, timm's without random erasing): the returned transform ends in timm's
+    `MaybePILToTensor` (uint8, unscaled) instead, as timm's own GPU prefetcher does. Anything
+    else (a custom callable, steps after Normalize that need float images, e.g. timm's
+    RandomErasing) is returned unchanged with None: the loader then ships float32 as it is.
+    """
+    steps = list(getattr(transform, "transforms", None) or [])
+    if len(steps) < 2:
+        return transform, None
+    to_tensor, normalize = steps[-2], steps[-1]
+    if type(to_tensor).__name__ not in _TO_FLOAT_TENSOR or type(normalize).__name__ != "Normalize":
+        return transform, None
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision.transforms import Compose
+
+    mean, std = (tuple(float(x) for x in torch.as_tensor(v).flatten()) for v in (normalize.mean, normalize.std))
+    return Compose([*steps[:-2], MaybePILToTensor()]), ImageNormalization(mean, std)
+
+
+def normalize_images(images_BCHW: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images -> (x / 255 - mean) / std in `dtype`, on the images' device.
+
+    The same float32 operations as torchvision's ToTensor + Normalize, so the result is the
+    float path's, bit for bit (tested on the CPU). Every operand is a tensor on the images'
+    device: a Python-number divisor would make CUDA multiply by its reciprocal instead (1 ulp
+    off), and per-call host->device copies of the constants could stall the step."""
+    if images_BCHW.dtype != torch.uint8:
+        raise TypeError(f"normalize_images expects uint8 images, got {images_BCHW.dtype}")
+    scale, mean_C11, std_C11 = _normalize_constants(tuple(mean), tuple(std), images_BCHW.device)
+    float_BCHW = images_BCHW.to(torch.float32).div_(scale).sub_(mean_C11).div_(std_C11)
+    return float_BCHW.to(dtype)
+
+
+@lru_cache(maxsize=8)
+def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def put(values) -> torch.Tensor:  # once per device: the copy may wait, later steps do not
+        return torch.tensor(values, dtype=torch.float32).to(device)
+
+    return put(255.0), put(mean).view(-1, 1, 1), put(std).view(-1, 1, 1)
+
+
+def batch_to_device(images: torch.Tensor, texts: torch.Tensor, device: torch.device,
+                    normalization: ImageNormalization | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to `device` without waiting (the loader pins it on CUDA); normalise uint8
+    images there. Float images (a transform that could not be split) arrive ready."""
+    images = images.to(device, non_blocking=True)
+    texts = texts.to(device, non_blocking=True)
+    if normalization is not None and images.dtype == torch.uint8:
+        images = normalize_images(images, normalization.mean, normalization.std)
+    return images, texts
+
+
+# --------------------------------------------------------------------------------------------
 # The loader the training loop uses
 
 
 class TrainLoader:
-    """Endless iterator of (images_BCHW float, texts_BL long) for this process, every batch of
-    exactly `local_batch_size` rows; epoch after epoch in epoch mode.
+    """Endless iterator of (images_BCHW, texts_BL long) for this process, every batch of
+    exactly `local_batch_size` rows; epoch after epoch in epoch mode. Images are uint8 when
+    `image_normalization` is set (normalise them with `batch_to_device`), else what the
+    transform returned (float32).
 
     Attributes: `num_samples` (one pass over the data), `steps_per_epoch` (for the global batch),
-    `epoch` and `batches_consumed` (of the next batch / so far). `state_dict()` is where the
-    stream stands; `bad_counts()` and `samples_read()` are this process's cumulative counts.
+    `image_normalization`, `epoch` and `batches_consumed` (of the next batch / so far).
+    `state_dict()` is where the stream stands; `bad_counts()` and `samples_read()` are this
+    process's cumulative counts.
 
     Not for `accelerator.prepare()`: it already splits the data between processes (prepare would
     dispatch every batch from rank 0 or split it a second time).
     """
 
     def __init__(self, spec: _StreamSpec, num_samples: int, url_digest: str, state: dict | None, *,
-                 loader_workers: int, pin_memory: bool, prefetch_factor: int):
+                 loader_workers: int, pin_memory: bool, prefetch_factor: int,
+                 image_normalization: ImageNormalization | None = None):
         self._spec = spec
+        self.image_normalization = image_normalization
         self._loader_workers = loader_workers  # DataLoader processes (0: in this process)
         self.num_samples = num_samples
         self.steps_per_epoch = spec.steps_per_epoch
@@ -665,11 +749,12 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Callable,
                        local_batch_size: int, seed: int, rank: int, world_size: int,
                        state: dict | None = None, pin_memory: bool = False,
-                       prefetch_factor: int = 2) -> TrainLoader:
+                       prefetch_factor: int = 2, uint8_images: bool = True) -> TrainLoader:
     """The training stream of process `rank` of `world_size` (see the module docstring).
 
     `state`: this process's `TrainLoader.state_dict()` from a checkpoint, to continue exactly
-    where that run stopped.
+    where that run stopped. `uint8_images`: ship uint8 batches when the transform ends in
+    ToTensor + Normalize (see `split_normalize`). `pin_memory`: for a CUDA device.
     """
     if local_batch_size <= 0:
         raise ConfigError("train.local_batch_size: must be > 0")
@@ -694,6 +779,12 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
     if steps_per_epoch == 0:
         raise ConfigError(f"data.train_num_samples: {num_samples} samples are less than one global batch "
                           f"({local_batch_size} x {world_size} processes = {global_batch})")
+    normalization = None
+    if uint8_images:
+        transform, normalization = split_normalize(transform)
+        if normalization is None:
+            log.info("data: the train transform does not end in ToTensor + Normalize; batches "
+                     "stay float32 (normalised in the loader workers)")
     spec = _StreamSpec(
         urls=tuple(urls), weights=None if weights is None else tuple(weights),
         resampled=cfg.resampled, seed=seed, rank=rank, world_size=world_size,
@@ -705,7 +796,8 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
         tokenizer=tokenizer, resume=(None,) * num_workers, worker_offset=0)
     digest = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
     return TrainLoader(spec, num_samples, digest, state, loader_workers=cfg.workers,
-                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+                       pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                       image_normalization=normalization)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object, set_seed
 
 from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
 from clip_train.config import ClipTrainError, Config
-from clip_train.data import BAD_KINDS, build_train_loader
+from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
@@ -137,7 +137,8 @@ def train(cfg: Config) -> dict[str, float]:
     loader = build_train_loader(
         cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
         local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
-        world_size=world, state=progress.data_states[rank] if progress.data_states else None)
+        world_size=world, state=progress.data_states[rank] if progress.data_states else None,
+        pin_memory=accelerator.device.type == "cuda")
     loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
                                 tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale,
                                 debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
@@ -166,7 +167,8 @@ def train(cfg: Config) -> dict[str, float]:
     while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
-        images, texts = images.to(accelerator.device), texts.to(accelerator.device)
+        # uint8 images, normalised on the device after a non-blocking copy from pinned memory.
+        images, texts = batch_to_device(images, texts, accelerator.device, loader.image_normalization)
         throughput.waited(time.perf_counter() - t0)
 
         set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))

@@ -1,11 +1,15 @@
-"""Fast checks of the benchmark harness (the benchmarks themselves are never run by the suite):
-both trainers' command lines are accepted by the trainers' own parsers and say the same thing,
-and the A/B summary takes medians of per-round ratios."""
+"""Checks of the benchmarks: both trainers' command lines are accepted by the trainers' own
+parsers and say the same thing; the A/B summary takes medians of per-round ratios; every module
+the benchmarks import is installed by the set-up and every benchmark command in the README is
+accepted; and the GPU check runs end to end in its --cpu-smoke mode (the only benchmark the
+suite runs)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -69,3 +73,116 @@ def test_summary_uses_per_round_ratios_and_markdown():
     table = train_throughput.table(list(rows.values()), cuda=False).splitlines()
     assert table[1] == "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     assert "| 2 | clip_train | 64 | 100 | 1.50x |" in table[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Every benchmark runs after `bash launch/setup.sh` (issue 13, defect 6: run_all.py died on a
+# missing matplotlib, open_clip_train on a missing pandas).
+
+BENCH = REPO / "benchmarks"
+LOCAL_MODULES = {p.stem for p in BENCH.glob("*.py")}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a script imports, at the top or inside functions (lazy imports included)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] not in LOCAL_MODULES and n != "__future__"}
+
+
+def test_every_module_the_benchmarks_import_is_installed():
+    import importlib
+
+    setup = (REPO / "launch" / "setup.sh").read_text()
+    assert "-e '.[dev,bench]'" in setup  # the set-up the README shows installs the bench extra
+
+    modules = sorted(set().union(*(_imported_modules(p) for p in BENCH.glob("*.py"))))
+    assert "matplotlib.pyplot" in modules and "open_clip_train.main" in modules  # the scan works
+    missing = []
+    for name in modules:
+        try:  # importing runs the module's own imports too (open_clip_train.data needs pandas)
+            importlib.import_module(name)
+        except ImportError as exn:
+            missing.append(f"{name}: {exn}")
+    assert not missing, ("benchmark imports missing after launch/setup.sh (add them to the extra "
+                         f"it installs): {missing}")
+
+
+def _help_texts() -> dict[str, str]:
+    """`python benchmarks/X.py --help` of every script with a command line, in one process."""
+    import json
+    import subprocess
+
+    scripts = sorted(p.name for p in BENCH.glob("*.py") if "ArgumentParser(" in p.read_text())
+    program = (
+        "import contextlib, io, json, runpy, sys\n"
+        "out = {}\n"
+        f"for name in {scripts!r}:\n"
+        "    sys.argv = [name, '--help']\n"
+        "    buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf):\n"
+        "        try:\n"
+        "            runpy.run_path(f'benchmarks/{name}', run_name='__main__')\n"
+        "        except SystemExit as exit_:\n"
+        "            assert exit_.code in (0, None), (name, exit_.code)\n"
+        "    out[name] = buf.getvalue()\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_benchmark_commands_in_the_readme_exist_and_take_their_flags():
+    import re
+
+    helps = _help_texts()
+    assert set(helps) >= {"run_all.py", "train_throughput.py", "gpu_check.py"}
+    assert all("usage:" in text for text in helps.values())
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"python (benchmarks/\w+\.py)((?: --[\w-]+(?:[ =][\w.,]+)?)*)", readme)
+    assert len(commands) >= 6
+    for script, flags in commands:
+        name = Path(script).name
+        assert name in helps, f"README runs {script}, which has no --help"
+        for flag in re.findall(r"--[\w-]+", flags):
+            assert flag in helps[name], f"README runs {script} {flag}, which it does not accept"
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's own code, on the CPU with a tiny model
+    (about 20 s, plus two short trainer launches for part (c))."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--output", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    report = json.loads(out.read_text())
+    failed = [(r["check"], r["value"]) for r in report["results"] if r["status"] != "ok"]
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    rows = {r["check"]: r for r in report["results"]}
+    assert report["cpu_smoke"] and report["flops_per_step"] > 0
+    assert "CPU SMOKE RUN" in report["markdown"] and "| part | check |" in proc.stdout
+    assert rows["uint8 batch normalised on the device vs float32 transform on the CPU"]["max_abs_diff"] == 0
+    gradients = [r for r in report["results"] if r["check"].startswith("train_step")]
+    assert len(gradients) == 3 and gradients[0]["rel_grad_diff_chunked"] < 1e-5  # fp32
+    losses = [r for r in report["results"] if r["check"].startswith("tiled vs plain")]
+    assert len(losses) == 2 and 0.01 < losses[1]["reference_loss"] < 2  # the aligned regime
+    speed = [r for r in report["results"] if r["part"] == "b" and "samples_per_s" in r]
+    assert [r["chunk"] for r in speed] == [8, 4, 2, None]
+    assert speed[-1]["batch_dtype"] == "torch.uint8"  # real shards arrive as uint8
+    trainers = [r for r in report["results"] if r["part"] == "c"]
+    assert len(trainers) == 2 and "clip_train / open_clip" in trainers[1]["value"]
+    assert all(r["samples_per_s"] > 0 for r in speed + trainers)
+    assert len(rows) == len(report["results"])  # every check named once

@@ -7,8 +7,10 @@ import io
 import json
 import logging
 import pickle
+import random
 import tarfile
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,15 @@ from clip_train.config import ConfigError, DataConfig, ModelConfig
 from clip_train.data import (
     BAD_KINDS,
     DataError,
+    batch_to_device,
     build_train_loader,
     dataset_size,
     epoch_quota,
     epoch_shard_order,
     make_shards,
     make_shards_main,
+    normalize_images,
+    split_normalize,
     write_samples,
 )
 
@@ -347,14 +352,72 @@ def test_open_clip_transform_and_tokenizer_in_workers(color_shards):
 
     bundle = build_model(ModelConfig(name=str(REPO / "configs/models/tiny-vit.json")))
     cfg = DataConfig(train=color_shards, workers=1, shuffle_buffer=10)
-    L = build_train_loader(cfg, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
-                           local_batch_size=5, seed=0, rank=0, world_size=1)
-    images, texts = next(iter(L))
-    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+    def first_batches(uint8_images: bool):
+        L = build_train_loader(cfg, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
+                               local_batch_size=5, seed=0, rank=0, world_size=1,
+                               uint8_images=uint8_images)
+        return L, list(islice(L, 3))
+
+    L, batches = first_batches(uint8_images=True)
+    images, texts = batches[0]
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8  # 4x less than float32
     assert texts.shape == (5, 32) and texts.dtype == torch.long
     names = ["red", "green", "blue", "yellow"]
     expected = bundle.tokenizer([f"a photo of a {n} square" for n in names])
     assert all(any(torch.equal(row, e) for e in expected) for row in texts)
+    # Normalised on the "device", the batches are bit-identical to the float32 path's: ToTensor
+    # of an 8-bit image is exactly k/255 and the same float32 operations follow (tolerance 0).
+    norm = L.image_normalization
+    assert norm is not None and norm.mean == pytest.approx(bundle.model.visual.image_mean)
+    _, float_batches = first_batches(uint8_images=False)
+    for (u8, texts_u8), (f32, texts_f32) in zip(batches, float_batches, strict=True):
+        assert f32.dtype == torch.float32 and torch.equal(texts_u8, texts_f32)
+        moved, moved_texts = batch_to_device(u8, texts_u8, torch.device("cpu"), norm)
+        assert moved.dtype == torch.float32 and torch.equal(moved, f32)
+        assert torch.equal(moved_texts, texts_f32)
+
+
+def _augmented_transforms():
+    import open_clip
+
+    yield "open_clip default", open_clip.image_transform(32, is_train=True)
+    yield "open_clip jitter + gray", open_clip.image_transform(
+        32, is_train=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+        aug_cfg={"color_jitter_prob": 0.8, "color_jitter": (0.4, 0.4, 0.4, 0.1), "gray_scale_prob": 0.5})
+    yield "timm without erasing", open_clip.image_transform(32, is_train=True, aug_cfg={"use_timm": True})
+    yield "open_clip eval", open_clip.image_transform(32, is_train=False)
+
+
+@pytest.mark.filterwarnings("ignore:Unused augmentation cfg items")  # open_clip 3.3 warns spuriously
+@pytest.mark.parametrize("name", [n for n, _ in _augmented_transforms()])
+def test_split_transform_matches_the_float_transform(name):
+    transform = dict(_augmented_transforms())[name]
+    uint8_transform, norm = split_normalize(transform)
+    assert norm is not None
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for seed in range(4):  # random augmentations draw the same numbers on both paths
+        random.seed(seed), torch.manual_seed(seed)  # as the loader seeds each sample
+        reference = transform(image)
+        random.seed(seed), torch.manual_seed(seed)
+        u8 = uint8_transform(image)
+        assert u8.dtype == torch.uint8 and u8.shape == reference.shape
+        assert torch.equal(normalize_images(u8[None], norm.mean, norm.std)[0], reference)
+    assert normalize_images(u8[None], norm.mean, norm.std, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_transforms_that_need_float_images_stay_float():
+    import open_clip
+
+    # timm's random erasing works on the normalised float image: no split, float32 batches.
+    erasing = open_clip.image_transform(32, is_train=True, aug_cfg={"use_timm": True, "re_prob": 0.5})
+    assert split_normalize(erasing) == (erasing, None)
+    assert split_normalize(to_tensor) == (to_tensor, None)  # a plain function
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_images(torch.zeros(1, 3, 2, 2), (0.0,) * 3, (1.0,) * 3)
+    images, texts = torch.rand(2, 3, 4, 4), torch.zeros(2, 3, dtype=torch.long)
+    moved, _ = batch_to_device(images, texts, torch.device("cpu"), None)
+    assert moved is images or torch.equal(moved, images)
 
 
 # ---------------------------------------------------------------------------------------------
