@@ -12,6 +12,9 @@ Two implementations of the same maths:
 - tiled: custom autograd Functions walk T x C tiles, keep an online log-sum-exp (clip) or a running
   softplus sum (siglip) in the forward, and recompute tiles in the backward. Peak extra memory is
   O((B + G) * D + T * C) instead of O(B * G).
+Both form each row's loss from its negatives relative to its positive logit (softplus of a
+shifted log-sum-exp, see "Precision" below), so the loss keeps its relative precision when it is
+~1e-6 at a logit scale of 100, where log-sum-exp minus the positive logit would be all rounding.
 
 Options beyond the plain objective (all off by default, all composable with both
 implementations and any number of processes):
@@ -172,6 +175,17 @@ def _mask_positives_(logits_TC, r0: int, r1: int, c0: int, c1: int, offset: int)
     return logits_TC
 
 
+def _shifted_logsumexp(logits_TC: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
+    """log sum exp(logits - shift) along `dim` (shift: one value per entry of the other dim),
+    leaving the tile as it is and with one temporary tile: log sum exp(logits - m) + (m - shift),
+    m the maximum. m - shift is a difference of two logits, exact where they are within a factor
+    of 2 of each other (Sterbenz), and never rounded at the size of the logits themselves."""
+    m = logits_TC.amax(dim=dim)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a fully masked line: -inf out
+    sums = (logits_TC - m.unsqueeze(dim)).exp_().sum(dim=dim)
+    return sums.log_() + (m - shift)
+
+
 class _TiledLogSumExp(torch.autograd.Function):
     """r_B[i] = log sum_{c != i + offset} exp(scale * <q_i, k_c> - shift_i) without the B x C
     matrix: row i's negatives (its positive column i + offset left out), relative to shift_i.
@@ -252,9 +266,9 @@ class _TiledSymmetricLogSumExp(torch.autograd.Function):
             r_T = None
             for c0, c1 in _tiles(b_BD.shape[0], tile_size):
                 logits_TC = _mask_positives_(as_TD @ b_BD[c0:c1].T, r0, r1, c0, c1, 0)
-                tile_T = torch.logsumexp(logits_TC - shift_B[r0:r1, None], dim=1)
+                tile_T = _shifted_logsumexp(logits_TC, shift_B[r0:r1], dim=1)
                 r_T = tile_T if r_T is None else torch.logaddexp(r_T, tile_T)
-                tile_C = torch.logsumexp(logits_TC.sub_(shift_B[None, c0:c1]), dim=0)
+                tile_C = _shifted_logsumexp(logits_TC, shift_B[c0:c1], dim=0)
                 torch.logaddexp(r_col_B[c0:c1], tile_C, out=r_col_B[c0:c1])
             r_row_B[r0:r1] = r_T
         ctx.save_for_backward(a_BD, b_BD, scale, shift_B, r_row_B, r_col_B)
@@ -371,8 +385,9 @@ def _symmetric_negatives_lse(a_BD, b_BD, scale, shift_B, impl: str, tile_size: i
         return _TiledSymmetricLogSumExp.apply(a_BD, b_BD, scale, shift_B, tile_size)
     logits_BB = (a_BD * scale) @ b_BD.T
     diagonal_BB = torch.eye(a_BD.shape[0], dtype=torch.bool, device=a_BD.device)
-    row_BB = (logits_BB - shift_B[:, None]).masked_fill_(diagonal_BB, float("-inf"))
     col_BB = (logits_BB - shift_B[None, :]).masked_fill_(diagonal_BB, float("-inf"))
+    # In place (nothing saved the product): two B x B blocks rather than three.
+    row_BB = logits_BB.sub_(shift_B[:, None]).masked_fill_(diagonal_BB, float("-inf"))
     return torch.logsumexp(row_BB, dim=1), torch.logsumexp(col_BB, dim=0)
 
 
@@ -515,9 +530,10 @@ def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int)
 
     Below the switch tiling saves nothing (its one tile is the block) and the plain path, pure
     autograd, was the faster one (CPU, D=512: 0.15 vs 0.28 CPU-s at B=1024). At the default
-    switch, B*G = 4096^2, plain peaks at ~0.3 GiB (a 64 MiB block, a few copies) and the two
-    take about the same time; beyond it plain grows as ~4 blocks (4.1 GiB at 16384) while tiled
-    stays near 0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py."""
+    switch, B*G = 4096^2, plain peaks at ~0.4 GiB (a 64 MiB block, a few copies; 0.3 GiB before
+    the row losses were formed relative to the positive) and the two take about the same time;
+    beyond it plain grows as ~4-6 blocks (4.1 GiB at 16384 before) while tiled stays near
+    0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py."""
     if impl == "auto":
         return "plain" if local_batch * global_batch <= tile_size * tile_size else "tiled"
     if impl not in ("plain", "tiled"):
