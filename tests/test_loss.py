@@ -436,3 +436,19 @@ def test_benchmark_smoke(tmp_path):
     assert [(r["impl"], r["global_batch"], r["local_batch"]) for r in rows] == [
         ("plain", 256, 256), ("tiled", 256, 256), ("tiled", 512, 64)]  # fmt: skip
     assert all(r["time_s"] > 0 and r["peak_extra_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_precision_benchmark_smoke(tmp_path):
+    """benchmarks/loss_precision.py runs (public API only) and reports errors within the tests'
+    tolerances at one scale, small batch."""
+    out = tmp_path / "precision.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/loss_precision.py"), "--scales", "90",
+           "--batch", "48", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert {r["path"] for r in rows} >= {"clip plain", "clip tiled", "queued tiled", "siglip tiled"}
+    for r in rows:
+        assert r["loss"] < LOSS_TOL, r
+        assert max(v for k, v in r.items() if k in ("img", "txt", "logit_scale")) < 2e-4, r
