@@ -58,8 +58,9 @@ def _rank() -> int:
 # Backends whose flat-buffer collectives the gather uses: all_gather_into_tensor writes every
 # rank's rows into one (G, D) buffer (no list of `world` tensors, no torch.cat), and
 # reduce_scatter_tensor sums the gradient and hands each rank only its slice, moving half the
-# bytes of an all_reduce. gloo has both since torch 2.2, but emulates the reduce-scatter with an
-# all_reduce, so it keeps the list / all_reduce path (tests opt gloo in to check the NCCL branch).
+# bytes of an all_reduce. gloo has both in recent torch (checked: 2.14) but emulates the
+# reduce-scatter with an all_reduce, so it keeps the list / all_reduce path (the 2-process test
+# opts gloo in to check the NCCL branch against it).
 FLAT_COLLECTIVE_BACKENDS: set[str] = {"nccl"}
 
 
