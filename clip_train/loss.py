@@ -12,6 +12,9 @@ Two implementations of the same maths:
 - tiled: custom autograd Functions walk T x C tiles, keep an online log-sum-exp (clip) or a running
   softplus sum (siglip) in the forward, and recompute tiles in the backward. Peak extra memory is
   O((B + G) * D + T * C) instead of O(B * G).
+Both form each row's loss from its negatives relative to its positive logit (softplus of a
+shifted log-sum-exp, see "Precision" below), so the loss keeps its relative precision when it is
+~1e-6 at a logit scale of 100, where log-sum-exp minus the positive logit would be all rounding.
 
 Options beyond the plain objective (all off by default, all composable with both
 implementations and any number of processes):
@@ -52,33 +55,87 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+# Backends whose flat-buffer collectives the gather uses: all_gather_into_tensor writes every
+# rank's rows into one (G, D) buffer (no list of `world` tensors, no torch.cat), and
+# reduce_scatter_tensor sums the gradient and hands each rank only its slice, moving half the
+# bytes of an all_reduce. gloo has both in recent torch (checked: 2.14) but emulates the
+# reduce-scatter with an all_reduce, so it keeps the list / all_reduce path (the 2-process test
+# opts gloo in to check the NCCL branch against it).
+FLAT_COLLECTIVE_BACKENDS: set[str] = {"nccl"}
+
+
+def _device_backend(backend: str, device_type: str) -> str:
+    """The backend serving `device_type` in a `dist.get_backend()` string: a plain name
+    ('nccl') or, for a group with one backend per device type, 'cpu:gloo,cuda:nccl'."""
+    if ":" not in backend:
+        return backend
+    for part in backend.split(","):
+        device, _, name = part.partition(":")
+        if device.strip() == device_type:
+            return name.strip()
+    return ""
+
+
+def uses_flat_collectives(device: torch.device) -> bool:
+    """Whether the gather of tensors on `device` takes the all_gather_into_tensor /
+    reduce_scatter_tensor branch (see FLAT_COLLECTIVE_BACKENDS)."""
+    return _device_backend(str(dist.get_backend()), device.type) in FLAT_COLLECTIVE_BACKENDS
+
+
+# torch 2.14 renamed the flat collectives (the old names warn); torch >= 2.4 has the old ones.
+def _all_gather_flat(out_GD: torch.Tensor, x_BD: torch.Tensor) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out_GD, x_BD)
+
+
+def _reduce_scatter_flat(out_BD: torch.Tensor, grad_GD: torch.Tensor) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+        out_BD, grad_GD, op=dist.ReduceOp.SUM
+    )
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: sum the incoming gradient over processes, keep
     this rank's slice. The sum is what carries the other processes' loss terms back to our
-    embeddings; a gather without it (or `accelerator.gather`) silently drops them."""
+    embeddings; a gather without it (or `accelerator.gather`) silently drops them.
+
+    Two branches with the same result (tested bitwise on gloo): flat collectives
+    (all_gather_into_tensor, then reduce_scatter_tensor) where the backend runs them natively,
+    else all_gather into a list and all_reduce + slice."""
 
     @staticmethod
     def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
-        ctx.rows = (rank * x_BD.shape[0], (rank + 1) * x_BD.shape[0])
+        b = x_BD.shape[0]
+        ctx.rows = (rank * b, (rank + 1) * b)
+        # Every rank decides alike (same backend), and the backward follows the forward's choice.
+        ctx.flat = uses_flat_collectives(x_BD.device)
+        x_BD = x_BD.contiguous()
+        if ctx.flat:
+            out_GD = x_BD.new_empty((world * b, *x_BD.shape[1:]))
+            _all_gather_flat(out_GD, x_BD)
+            return out_GD
         parts = [torch.empty_like(x_BD) for _ in range(world)]
-        dist.all_gather(parts, x_BD.contiguous())
+        dist.all_gather(parts, x_BD)
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad_GD: torch.Tensor) -> torch.Tensor:
-        # all_reduce + slice instead of reduce_scatter: gloo has no reduce_scatter, and the
-        # embedding gradient is tiny next to the encoders' (G * D floats).
+        start, stop = ctx.rows
+        if ctx.flat:
+            grad_BD = grad_GD.new_empty((stop - start, *grad_GD.shape[1:]))
+            _reduce_scatter_flat(grad_BD, grad_GD.contiguous())
+            return grad_BD
+        # The embedding gradient is tiny next to the encoders' (G * D floats): all_reduce's
+        # extra traffic does not matter where reduce-scatter is missing or emulated.
         grad_GD = grad_GD.contiguous().clone()
         dist.all_reduce(grad_GD, op=dist.ReduceOp.SUM)
-        start, stop = ctx.rows
         return grad_GD[start:stop]
 
 
 def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     """(world*B, D) concatenation over processes in rank order; identity when torch.distributed
-    is not initialised or world size is 1. Backward: all_reduce(SUM) of the incoming gradient,
-    then this rank's slice (works on gloo, which has no reduce_scatter, and NCCL).
+    is not initialised or world size is 1. Backward: the sum over processes of the incoming
+    gradient, this rank's slice (reduce_scatter_tensor on NCCL, all_reduce + slice elsewhere).
 
     Every process must call it with the same shape (equal local batch sizes)."""
     if _world_size() == 1:
@@ -89,6 +146,16 @@ def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Tiled kernels. Only the terms that couple every row with every column live here; the positive
 # (diagonal) terms are O(B * D) and stay in ordinary autograd.
+#
+# Precision. Late in training a row's positive logit p_i (up to the logit scale, ~100) dominates
+# it and the loss is ~1e-3..1e-6. Formed as logsumexp_c(x_ic) - p_i, the loss would be the
+# difference of two float32 numbers of ~100, each rounded by ~5e-6: an error as large as the
+# loss itself, and its gradients would hold softmax_ii - 1 alike. So the CLIP kernels return the
+# log-sum-exp of the row's NEGATIVES relative to a per-row shift (the positive logit),
+#     r_i = log sum_{c != pos(i)} exp(x_ic - p_i),
+# a number of moderate size whose rounding is relative to itself, and the loss is
+# log(1 + e^{r_i}) = softplus(r_i) (log1p of the negatives' mass). Nothing of the size of p_i is
+# ever subtracted from something of its own size.
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -109,111 +176,125 @@ def _mask_positives_(logits_TC, r0: int, r1: int, c0: int, c1: int, offset: int)
     return logits_TC
 
 
+def _shifted_logsumexp(logits_TC: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
+    """log sum exp(logits - shift) along `dim` (shift: one value per entry of the other dim),
+    leaving the tile as it is and with one temporary tile: log sum exp(logits - m) + (m - shift),
+    m the maximum. m - shift is a difference of two logits, exact where they are within a factor
+    of 2 of each other (Sterbenz), and never rounded at the size of the logits themselves."""
+    m = logits_TC.amax(dim=dim)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a fully masked line: -inf out
+    sums = (logits_TC - m.unsqueeze(dim)).exp_().sum(dim=dim)
+    return sums.log_() + (m - shift)
+
+
 class _TiledLogSumExp(torch.autograd.Function):
-    """lse_B[i] = log sum_c exp(scale * <q_i, k_c>) without the B x G matrix; with
-    `negatives_only`, the positive column c = i + offset is left out of row i's sum.
+    """r_B[i] = log sum_{c != i + offset} exp(scale * <q_i, k_c> - shift_i) without the B x C
+    matrix: row i's negatives (its positive column i + offset left out), relative to shift_i.
+    Every row needs at least one negative (C >= 2).
 
     Forward: for each row tile, merge per-column-tile logsumexps with logaddexp (online LSE).
-    Backward: recompute each tile's logits; dL/dlogits_ic = g_i * softmax_ic, so
-    dq = scale * P @ k, dk = scale * P^T @ q and dL/dscale = sum_i <q_i, (P @ k)_i>."""
+    Backward: recompute each tile's logits; dL/dlogits_ic = g_i * w_ic =: W_ic with w the
+    softmax over row i's negatives, so dq = scale * W @ k, dk = scale * W^T @ q,
+    dL/dscale = sum_i <q_i, (W @ k)_i>, and dL/dshift_i = -g_i (exactly: the weights sum to 1)."""
 
     @staticmethod
-    def forward(
-        ctx, q_BD, k_GD, scale, tile_size: int, offset: int = 0, negatives_only: bool = False
-    ):
-        lse_B = q_BD.new_empty(q_BD.shape[0])
+    def forward(ctx, q_BD, k_CD, scale, shift_B, tile_size: int, offset: int):
+        r_B = q_BD.new_empty(q_BD.shape[0])
         for r0, r1 in _tiles(q_BD.shape[0], tile_size):
             qs_TD = q_BD[r0:r1] * scale
-            lse_T = None
-            for c0, c1 in _tiles(k_GD.shape[0], tile_size):
-                logits_TC = qs_TD @ k_GD[c0:c1].T
-                if negatives_only:
-                    _mask_positives_(logits_TC, r0, r1, c0, c1, offset)
-                tile_lse_T = torch.logsumexp(logits_TC, dim=1)
-                lse_T = tile_lse_T if lse_T is None else torch.logaddexp(lse_T, tile_lse_T)
-            lse_B[r0:r1] = lse_T
-        ctx.save_for_backward(q_BD, k_GD, scale, lse_B)
-        ctx.tile_size, ctx.offset, ctx.negatives_only = tile_size, offset, negatives_only
-        return lse_B
+            shift_T1 = shift_B[r0:r1, None]
+            r_T = None
+            for c0, c1 in _tiles(k_CD.shape[0], tile_size):
+                logits_TC = _mask_positives_(qs_TD @ k_CD[c0:c1].T, r0, r1, c0, c1, offset)
+                tile_T = torch.logsumexp(logits_TC.sub_(shift_T1), dim=1)
+                r_T = tile_T if r_T is None else torch.logaddexp(r_T, tile_T)
+            r_B[r0:r1] = r_T
+        ctx.save_for_backward(q_BD, k_CD, scale, shift_B, r_B)
+        ctx.tile_size, ctx.offset = tile_size, offset
+        return r_B
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_lse_B):
-        q_BD, k_GD, scale, lse_B = ctx.saved_tensors
-        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
-        # (P @ k) without the scale factor; also yields the scale gradient, so compute it when
+    def backward(ctx, grad_r_B):
+        q_BD, k_CD, scale, shift_B, r_B = ctx.saved_tensors
+        need_q, need_k, need_scale, need_shift = ctx.needs_input_grad[:4]
+        # (W @ k) without the scale factor; also yields the scale gradient, so compute it when
         # either q or scale needs a gradient.
-        pk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
-        pq_GD = torch.zeros_like(k_GD) if need_k else None
+        wk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
+        wq_CD = torch.zeros_like(k_CD) if need_k else None
+        # w_ic = exp(x_ic - (shift_i + r_i)): one subtraction per entry, rounded like a logit.
+        level_B = shift_B + r_B
         for r0, r1 in _tiles(q_BD.shape[0], ctx.tile_size):
             q_TD = q_BD[r0:r1]
             qs_TD = q_TD * scale
-            shift_T1 = lse_B[r0:r1, None]
-            g_T1 = grad_lse_B[r0:r1, None]
-            for c0, c1 in _tiles(k_GD.shape[0], ctx.tile_size):
-                k_CD = k_GD[c0:c1]
+            level_T1 = level_B[r0:r1, None]
+            g_T1 = grad_r_B[r0:r1, None]
+            for c0, c1 in _tiles(k_CD.shape[0], ctx.tile_size):
+                k_TD = k_CD[c0:c1]
                 # In place: the tile is the only T x C buffer alive.
-                logits_TC = qs_TD @ k_CD.T
-                if ctx.negatives_only:
-                    _mask_positives_(logits_TC, r0, r1, c0, c1, ctx.offset)
-                p_TC = logits_TC.sub_(shift_T1).exp_().mul_(g_T1)
-                if pk_BD is not None:
-                    pk_BD[r0:r1].addmm_(p_TC, k_CD)
-                if pq_GD is not None:
-                    pq_GD[c0:c1].addmm_(p_TC.T, q_TD)
-        grad_scale = _dot(q_BD, pk_BD).reshape(scale.shape) if need_scale else None
+                logits_TC = _mask_positives_(qs_TD @ k_TD.T, r0, r1, c0, c1, ctx.offset)
+                w_TC = logits_TC.sub_(level_T1).exp_().mul_(g_T1)
+                if wk_BD is not None:
+                    wk_BD[r0:r1].addmm_(w_TC, k_TD)
+                if wq_CD is not None:
+                    wq_CD[c0:c1].addmm_(w_TC.T, q_TD)
+        grad_scale = _dot(q_BD, wk_BD).reshape(scale.shape) if need_scale else None
         # Scale in place: no second copy of the O(B * D) accumulators.
-        grad_q = pk_BD.mul_(scale) if need_q else None
-        grad_k = pq_GD.mul_(scale) if need_k else None
-        return grad_q, grad_k, grad_scale, None, None, None
+        grad_q = wk_BD.mul_(scale) if need_q else None
+        grad_k = wq_CD.mul_(scale) if need_k else None
+        grad_shift = -grad_r_B if need_shift else None
+        return grad_q, grad_k, grad_scale, grad_shift, None, None
 
 
 class _TiledSymmetricLogSumExp(torch.autograd.Function):
     """Both directions of one square block at once (a single process: rows and columns are the
-    same batch): lse_row_B[i] = log sum_j exp(S_ij), lse_col_B[j] = log sum_i exp(S_ij) with
-    S = scale * a @ b^T. One tile of S serves both, so forward and backward each do half the
-    matrix products of two `_TiledLogSumExp` calls.
+    same batch, the diagonal holds the positives). With S = scale * a @ b^T:
+        r_row_B[i] = log sum_{j != i} exp(S_ij - shift_i),
+        r_col_B[j] = log sum_{i != j} exp(S_ij - shift_j).
+    One tile of S serves both, so forward and backward each do half the matrix products of two
+    `_TiledLogSumExp` calls.
 
-    Backward: dL/dS_ij = g_i * softmax_row_ij + h_j * softmax_col_ij =: M_ij;
-    da = scale * M @ b, db = scale * M^T @ a, dL/dscale = sum_i <a_i, (M @ b)_i>."""
+    Backward: dL/dS_ij = g_i * w_row_ij + h_j * w_col_ij =: M_ij (0 on the diagonal);
+    da = scale * M @ b, db = scale * M^T @ a, dL/dscale = sum_i <a_i, (M @ b)_i>,
+    dL/dshift = -(g + h)."""
 
     @staticmethod
-    def forward(ctx, a_BD, b_BD, scale, tile_size: int):
-        lse_row_B = a_BD.new_empty(a_BD.shape[0])
-        lse_col_B = a_BD.new_full((b_BD.shape[0],), float("-inf"))
+    def forward(ctx, a_BD, b_BD, scale, shift_B, tile_size: int):
+        r_row_B = a_BD.new_empty(a_BD.shape[0])
+        r_col_B = a_BD.new_full((b_BD.shape[0],), float("-inf"))
         for r0, r1 in _tiles(a_BD.shape[0], tile_size):
             as_TD = a_BD[r0:r1] * scale
-            lse_T = None
+            r_T = None
             for c0, c1 in _tiles(b_BD.shape[0], tile_size):
-                logits_TC = as_TD @ b_BD[c0:c1].T
-                tile_lse_T = torch.logsumexp(logits_TC, dim=1)
-                lse_T = tile_lse_T if lse_T is None else torch.logaddexp(lse_T, tile_lse_T)
-                torch.logaddexp(
-                    lse_col_B[c0:c1], torch.logsumexp(logits_TC, dim=0), out=lse_col_B[c0:c1]
-                )
-            lse_row_B[r0:r1] = lse_T
-        ctx.save_for_backward(a_BD, b_BD, scale, lse_row_B, lse_col_B)
+                logits_TC = _mask_positives_(as_TD @ b_BD[c0:c1].T, r0, r1, c0, c1, 0)
+                tile_T = _shifted_logsumexp(logits_TC, shift_B[r0:r1], dim=1)
+                r_T = tile_T if r_T is None else torch.logaddexp(r_T, tile_T)
+                tile_C = _shifted_logsumexp(logits_TC, shift_B[c0:c1], dim=0)
+                torch.logaddexp(r_col_B[c0:c1], tile_C, out=r_col_B[c0:c1])
+            r_row_B[r0:r1] = r_T
+        ctx.save_for_backward(a_BD, b_BD, scale, shift_B, r_row_B, r_col_B)
         ctx.tile_size = tile_size
-        return lse_row_B, lse_col_B
+        return r_row_B, r_col_B
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_row_B, grad_col_B):
-        a_BD, b_BD, scale, lse_row_B, lse_col_B = ctx.saved_tensors
-        need_a, need_b, need_scale, _ = ctx.needs_input_grad
+        a_BD, b_BD, scale, shift_B, r_row_B, r_col_B = ctx.saved_tensors
+        need_a, need_b, need_scale, need_shift = ctx.needs_input_grad[:4]
         # An output that did not reach the loss has no gradient: treat it as zero.
-        grad_row_B = torch.zeros_like(lse_row_B) if grad_row_B is None else grad_row_B
-        grad_col_B = torch.zeros_like(lse_col_B) if grad_col_B is None else grad_col_B
+        grad_row_B = torch.zeros_like(r_row_B) if grad_row_B is None else grad_row_B
+        grad_col_B = torch.zeros_like(r_col_B) if grad_col_B is None else grad_col_B
         mb_BD = torch.zeros_like(a_BD) if (need_a or need_scale) else None
         ma_BD = torch.zeros_like(b_BD) if need_b else None
+        level_row_B, level_col_B = shift_B + r_row_B, shift_B + r_col_B
         for r0, r1 in _tiles(a_BD.shape[0], ctx.tile_size):
             a_TD = a_BD[r0:r1]
             as_TD = a_TD * scale
             for c0, c1 in _tiles(b_BD.shape[0], ctx.tile_size):
                 b_CD = b_BD[c0:c1]
-                logits_TC = as_TD @ b_CD.T
-                m_TC = (logits_TC - lse_row_B[r0:r1, None]).exp_().mul_(grad_row_B[r0:r1, None])
-                col_TC = logits_TC.sub_(lse_col_B[None, c0:c1]).exp_()
+                logits_TC = _mask_positives_(as_TD @ b_CD.T, r0, r1, c0, c1, 0)
+                m_TC = (logits_TC - level_row_B[r0:r1, None]).exp_().mul_(grad_row_B[r0:r1, None])
+                col_TC = logits_TC.sub_(level_col_B[None, c0:c1]).exp_()
                 m_TC.add_(col_TC.mul_(grad_col_B[None, c0:c1]))
                 del logits_TC, col_TC
                 if mb_BD is not None:
@@ -223,17 +304,20 @@ class _TiledSymmetricLogSumExp(torch.autograd.Function):
         grad_scale = _dot(a_BD, mb_BD).reshape(scale.shape) if need_scale else None
         grad_a = mb_BD.mul_(scale) if need_a else None
         grad_b = ma_BD.mul_(scale) if need_b else None
-        return grad_a, grad_b, grad_scale, None
+        grad_shift = -(grad_row_B + grad_col_B) if need_shift else None
+        return grad_a, grad_b, grad_scale, grad_shift, None
 
 
 class _TiledSoftplusSum(torch.autograd.Function):
-    """sum_{i,c} softplus(scale * <q_i, k_c> + bias) without the B x G matrix.
+    """sum_{i, c != i + offset} softplus(scale * <q_i, k_c> + bias) without the B x G matrix:
+    the SigLIP terms of every negative pair (the positives are masked out: their term,
+    softplus(-x), is computed outside, see `_siglip_tiled`).
 
     Backward: dL/dlogits_ic = g * sigmoid(logits_ic); dq = scale * S @ k, dk = scale * S^T @ q,
     dL/dscale = sum_i <q_i, (S @ k)_i>, dL/dbias = sum S."""
 
     @staticmethod
-    def forward(ctx, q_BD, k_GD, scale, bias, tile_size: int):
+    def forward(ctx, q_BD, k_GD, scale, bias, tile_size: int, offset: int):
         # Tile sums (torch's pairwise reduction, accurate in float32) are accumulated in float64:
         # up to B * G terms, each O(1). Summing with dtype=float64 would copy the whole tile.
         total = torch.zeros((), dtype=torch.float64, device=q_BD.device)
@@ -241,16 +325,17 @@ class _TiledSoftplusSum(torch.autograd.Function):
             qs_TD = q_BD[r0:r1] * scale
             for c0, c1 in _tiles(k_GD.shape[0], tile_size):
                 logits_TC = (qs_TD @ k_GD[c0:c1].T).add_(bias)
+                _mask_positives_(logits_TC, r0, r1, c0, c1, offset)
                 total += F.softplus(logits_TC).sum().double()
         ctx.save_for_backward(q_BD, k_GD, scale, bias)
-        ctx.tile_size = tile_size
+        ctx.tile_size, ctx.offset = tile_size, offset
         return total.to(q_BD.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
         q_BD, k_GD, scale, bias = ctx.saved_tensors
-        need_q, need_k, need_scale, need_bias, _ = ctx.needs_input_grad
+        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         pk_BD = torch.zeros_like(q_BD) if (need_q or need_scale) else None
         pq_GD = torch.zeros_like(k_GD) if need_k else None
         grad_bias = torch.zeros((), dtype=torch.float64, device=q_BD.device)
@@ -259,7 +344,9 @@ class _TiledSoftplusSum(torch.autograd.Function):
             qs_TD = q_TD * scale
             for c0, c1 in _tiles(k_GD.shape[0], ctx.tile_size):
                 k_CD = k_GD[c0:c1]
-                s_TC = (qs_TD @ k_CD.T).add_(bias).sigmoid_().mul_(grad_total)
+                logits_TC = (qs_TD @ k_CD.T).add_(bias)
+                _mask_positives_(logits_TC, r0, r1, c0, c1, ctx.offset)
+                s_TC = logits_TC.sigmoid_().mul_(grad_total)
                 if need_bias:
                     grad_bias += s_TC.sum().double()
                 if pk_BD is not None:
@@ -271,49 +358,65 @@ class _TiledSoftplusSum(torch.autograd.Function):
         grad_q = pk_BD.mul_(scale) if need_q else None
         grad_k = pq_GD.mul_(scale) if need_k else None
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
-        return grad_q, grad_k, grad_scale, grad_bias, None
+        return grad_q, grad_k, grad_scale, grad_bias, None, None
 
 
 # ---------------------------------------------------------------------------------------------
-# The two implementations, on normalised float32 embeddings: local rows (_BD) vs global
-# columns (_GD). `offset` is the global index of this process's first row.
+# The two implementations, on normalised float32 embeddings: local rows (_BD) vs columns (_CD:
+# the global batch, then any extra keys). `offset` is the global index of this process's first
+# row, so row i's positive is column i + offset.
 
 
-def _clip_plain(img_BD, txt_BD, img_GD, txt_GD, scale, offset: int) -> torch.Tensor:
-    labels_B = torch.arange(img_BD.shape[0], device=img_BD.device) + offset
-    # Scaling the B x D queries rather than the B x G logits keeps autograd from saving the
-    # unscaled logits for the scale's gradient.
-    logits_i2t_BG = (img_BD * scale) @ txt_GD.T
-    if img_GD is img_BD and txt_GD is txt_BD:
-        # One process: text->image logits are the transpose, no second product.
-        logits_t2i_BG = logits_i2t_BG.T
-    else:
-        logits_t2i_BG = (txt_BD * scale) @ img_GD.T
-    return (F.cross_entropy(logits_i2t_BG, labels_B) + F.cross_entropy(logits_t2i_BG, labels_B)) / 2
-
-
-def _clip_tiled(img_BD, txt_BD, img_GD, txt_GD, scale, tile_size: int) -> torch.Tensor:
-    # CE_i = lse_i - positive_i, and the positive logit scale * <img_i, txt_i> is the same in
-    # both directions.
-    if img_GD is img_BD and txt_GD is txt_BD:
-        # One process: the text->image block is the transpose of the image->text block.
-        lse_i2t_B, lse_t2i_B = _TiledSymmetricLogSumExp.apply(img_BD, txt_BD, scale, tile_size)
-    else:
-        lse_i2t_B = _TiledLogSumExp.apply(img_BD, txt_GD, scale, tile_size)
-        lse_t2i_B = _TiledLogSumExp.apply(txt_BD, img_GD, scale, tile_size)
-    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
-    return (lse_i2t_B.mean() + lse_t2i_B.mean()) / 2 - positive_B.mean()
-
-
-def _negatives_lse(q_BD, k_CD, scale, offset: int, impl: str, tile_size: int) -> torch.Tensor:
-    """log sum_{c != i + offset} exp(scale * <q_i, k_c>): row i's log-sum-exp over its negatives."""
+def _negatives_lse(q_BD, k_CD, scale, shift_B, offset: int, impl: str, tile_size: int):
+    """r_B[i] = log sum_{c != i + offset} exp(scale * <q_i, k_c> - shift_i): row i's negatives,
+    relative to shift_i (see "Precision" above). Needs C >= 2."""
     if impl == "tiled":
-        return _TiledLogSumExp.apply(q_BD, k_CD, scale, tile_size, offset, True)
-    logits_BC = (q_BD * scale) @ k_CD.T
+        return _TiledLogSumExp.apply(q_BD, k_CD, scale, shift_B, tile_size, offset)
+    # In place on the product (its backward does not need it): one B x C block.
+    logits_BC = ((q_BD * scale) @ k_CD.T).sub_(shift_B[:, None])
     rows_B = torch.arange(q_BD.shape[0], device=q_BD.device)
-    positive_BC = torch.zeros_like(logits_BC, dtype=torch.bool)
-    positive_BC[rows_B, rows_B + offset] = True
-    return torch.logsumexp(logits_BC.masked_fill(positive_BC, float("-inf")), dim=1)
+    logits_BC[rows_B, rows_B + offset] = float("-inf")
+    return torch.logsumexp(logits_BC, dim=1)
+
+
+def _symmetric_negatives_lse(a_BD, b_BD, scale, shift_B, impl: str, tile_size: int):
+    """One process, no extra keys: (r_row_B, r_col_B) of `_TiledSymmetricLogSumExp`, both
+    directions from one B x B block of logits (the text->image block is its transpose)."""
+    if impl == "tiled":
+        return _TiledSymmetricLogSumExp.apply(a_BD, b_BD, scale, shift_B, tile_size)
+    logits_BB = (a_BD * scale) @ b_BD.T
+    diagonal_BB = torch.eye(a_BD.shape[0], dtype=torch.bool, device=a_BD.device)
+    col_BB = (logits_BB - shift_B[None, :]).masked_fill_(diagonal_BB, float("-inf"))
+    # In place (nothing saved the product): two B x B blocks rather than three.
+    row_BB = logits_BB.sub_(shift_B[:, None]).masked_fill_(diagonal_BB, float("-inf"))
+    return torch.logsumexp(row_BB, dim=1), torch.logsumexp(col_BB, dim=0)
+
+
+def _clip_infonce(img_BD, txt_BD, img_CD, txt_CD, scale, offset: int, impl: str, tile_size: int):
+    """CLIP's symmetric InfoNCE. Row i's cross entropy, -log(e^p / sum_c e^x_c) with p its
+    positive logit, is log(1 + sum_{c != pos} e^{x_c - p}) = softplus(r_i), r_i from
+    `_negatives_lse` with shift p (the same positive logit scale * <img_i, txt_i> in both
+    directions)."""
+    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
+    if img_CD.shape[0] == 1:
+        # One pair and nothing else: no negatives, the cross entropy is log 1 = 0.
+        return positive_B.sum() * 0.0
+    if img_CD is img_BD and txt_CD is txt_BD:
+        r_i2t_B, r_t2i_B = _symmetric_negatives_lse(
+            img_BD, txt_BD, scale, positive_B, impl, tile_size
+        )
+    else:
+        r_i2t_B = _negatives_lse(img_BD, txt_CD, scale, positive_B, offset, impl, tile_size)
+        r_t2i_B = _negatives_lse(txt_BD, img_CD, scale, positive_B, offset, impl, tile_size)
+    return (F.softplus(r_i2t_B).mean() + F.softplus(r_t2i_B).mean()) / 2
+
+
+def _clip_plain(img_BD, txt_BD, img_CD, txt_CD, scale, offset: int) -> torch.Tensor:
+    return _clip_infonce(img_BD, txt_BD, img_CD, txt_CD, scale, offset, "plain", 0)
+
+
+def _clip_tiled(img_BD, txt_BD, img_CD, txt_CD, scale, tile_size: int, offset: int = 0):
+    return _clip_infonce(img_BD, txt_BD, img_CD, txt_CD, scale, offset, "tiled", tile_size)
 
 
 def _clip_reweighted(
@@ -341,9 +444,11 @@ def _clip_reweighted(
     debiased estimate of the negatives' mass positive. At tau+ = 0, beta = 0, Ng is the plain sum
     over negatives (the clamp cannot bind then) and this is CLIP's InfoNCE.
 
-    Everything is computed in log space (scales of 100 overflow e^x in float32): the two sums are
-    log-sum-exps over the negatives at scales (1+beta) s and beta s, the plain or tiled kernels
-    alike. Columns: img_CD / txt_CD are the global images / texts followed by any extra keys."""
+    Everything is computed in log space (scales of 100 overflow e^x in float32) and relative to
+    the positive (see "Precision" above): with rel = log(Ng / e^p), the loss is softplus(rel),
+    and each sum is a `_negatives_lse` at scale a * s shifted by a * p (a = 1 + beta, beta),
+    whose difference then involves numbers of the size of a * (x_j - p), not of a * p.
+    Columns: img_CD / txt_CD are the global images / texts followed by any extra keys."""
     n_neg = img_CD.shape[0] - 1
     if n_neg < 1:
         raise ValueError(
@@ -351,29 +456,36 @@ def _clip_reweighted(
             "(a global batch of 2 or more, or a queue)"
         )
     log_n = math.log(n_neg)
-    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
+    cos_B = (img_BD * txt_BD).sum(dim=1)
+    positive_B = scale * cos_B
     directions = []
     for q_BD, k_CD in ((img_BD, txt_CD), (txt_BD, img_CD)):
         if beta == 0.0:
             # The weights are all 1: N * mean = the plain sum, one reduction.
-            log_neg_B = _negatives_lse(q_BD, k_CD, scale, offset, impl, tile_size)
+            rel_B = _negatives_lse(q_BD, k_CD, scale, positive_B, offset, impl, tile_size)
         else:
-            log_neg_B = (
+            hard, weight = 1.0 + beta, beta
+            rel_B = (
                 log_n
-                + _negatives_lse(q_BD, k_CD, (1.0 + beta) * scale, offset, impl, tile_size)
-                - _negatives_lse(q_BD, k_CD, beta * scale, offset, impl, tile_size)
+                + _negatives_lse(
+                    q_BD, k_CD, hard * scale, hard * positive_B, offset, impl, tile_size
+                )
+                - _negatives_lse(
+                    q_BD, k_CD, weight * scale, weight * positive_B, offset, impl, tile_size
+                )
             )
         if tau_plus > 0.0:
             # log(e^a - e^b) = a + log1p(-e^{b-a}), defined only where b < a; elsewhere the
             # estimate is <= 0 and the clamp below takes over. The placeholder -1 keeps the
             # unused branch (and so its gradient) finite.
-            diff_B = math.log(tau_plus) + log_n + positive_B - log_neg_B
+            diff_B = math.log(tau_plus) + log_n - rel_B
             below_B = diff_B < 0
             safe_B = torch.where(below_B, diff_B, torch.full_like(diff_B, -1.0))
-            debiased_B = log_neg_B + torch.log1p(-torch.exp(safe_B)) - math.log1p(-tau_plus)
-            log_neg_B = torch.where(below_B, debiased_B, torch.full_like(diff_B, float("-inf")))
-        log_ng_B = torch.maximum(log_neg_B, log_n - scale)
-        directions.append((torch.logaddexp(positive_B, log_ng_B) - positive_B).mean())
+            debiased_B = rel_B + torch.log1p(-torch.exp(safe_B)) - math.log1p(-tau_plus)
+            rel_B = torch.where(below_B, debiased_B, torch.full_like(diff_B, float("-inf")))
+        # The clamp N * e^{-s}, relative to e^p.
+        rel_B = torch.maximum(rel_B, log_n - scale * (1.0 + cos_B))
+        directions.append(F.softplus(rel_B).mean())
     return (directions[0] + directions[1]) / 2
 
 
@@ -385,12 +497,13 @@ def _siglip_plain(img_BD, txt_GD, scale, bias, offset: int) -> torch.Tensor:
     return -F.logsigmoid(labels_BG * logits_BG).sum() / b
 
 
-def _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size: int) -> torch.Tensor:
-    # -log sigmoid(y * x) = softplus(x) - [y = +1] * x: every pair is a negative, and each
-    # positive pair subtracts its logit.
-    negatives = _TiledSoftplusSum.apply(img_BD, txt_GD, scale, bias, tile_size)
-    positives = (scale * (img_BD * txt_BD).sum(dim=1) + bias).sum()
-    return (negatives - positives) / img_BD.shape[0]
+def _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size: int, offset: int = 0):
+    # -log sigmoid(y * x) = softplus(-y * x): softplus(x) for each negative pair (the kernel),
+    # softplus(-x) for each positive. (softplus(x) - x for the positives, summed with the
+    # negatives, would subtract numbers of the size of x, ~100 late in training.)
+    negatives = _TiledSoftplusSum.apply(img_BD, txt_GD, scale, bias, tile_size, offset)
+    positives = F.softplus(-(scale * (img_BD * txt_BD).sum(dim=1) + bias)).sum()
+    return (negatives + positives) / img_BD.shape[0]
 
 
 def _as_float32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
@@ -418,9 +531,10 @@ def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int)
 
     Below the switch tiling saves nothing (its one tile is the block) and the plain path, pure
     autograd, was the faster one (CPU, D=512: 0.15 vs 0.28 CPU-s at B=1024). At the default
-    switch, B*G = 4096^2, plain peaks at ~0.3 GiB (a 64 MiB block, a few copies) and the two
-    take about the same time; beyond it plain grows as ~4 blocks (4.1 GiB at 16384) while tiled
-    stays near 0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py."""
+    switch, B*G = 4096^2, plain peaks at ~0.4 GiB (a 64 MiB block, a few copies; 0.3 GiB before
+    the row losses were formed relative to the positive) and the two take about the same time;
+    beyond it plain grows as ~4-6 blocks (4.1 GiB at 16384 before) while tiled stays near
+    0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py."""
     if impl == "auto":
         return "plain" if local_batch * global_batch <= tile_size * tile_size else "tiled"
     if impl not in ("plain", "tiled"):
@@ -525,14 +639,12 @@ def contrastive_loss(
                     impl=impl,
                     tile_size=tile_size,
                 )
-            if impl == "plain":
-                return _clip_plain(img_BD, txt_BD, img_CD, txt_CD, scale, offset)
-            return _clip_tiled(img_BD, txt_BD, img_CD, txt_CD, scale, tile_size)
+            return _clip_infonce(img_BD, txt_BD, img_CD, txt_CD, scale, offset, impl, tile_size)
         impl = resolve_impl(impl, b, g, tile_size)
         bias = _as_float32(0.0 if logit_bias is None else logit_bias, device)
         if impl == "plain":
             return _siglip_plain(img_BD, txt_GD, scale, bias, offset)
-        return _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size)
+        return _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size, offset)
 
 
 def infonce_mi_lower_bound(loss: float, num_candidates: int) -> float:

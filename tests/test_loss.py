@@ -12,17 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from aligned_pairs import aligned_pairs, siglip_bias
 from conftest import launch
 from open_clip.loss import ClipLoss, SigLipLoss
 
+import clip_train.loss as loss_module
 from clip_train.config import ConfigError, LossConfig
 from clip_train.loss import (
     _clip_plain,
     _clip_tiled,
+    _device_backend,
     all_gather_with_grad,
     contrastive_loss,
     representation_health,
     resolve_impl,
+    uses_flat_collectives,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +103,100 @@ def test_matches_float64_reference(kind, impl, b, tile, logit_scale):
         assert rel_err(g, w) < TOL, name
     if kind == "clip":
         assert got_grads[3] is None  # the bias cancels in the softmax and is not used
+
+
+# Late training: well-aligned pairs at logit scales 50-100, where the loss per row is ~1e-3..1e-6
+# and a loss formed as logsumexp - positive logit (two float32 numbers of ~100) is all rounding.
+PRECISION_SCALES = [50.0, 90.0, 100.0]
+# margin ~ -log(row loss): loss ~3e-3 ("small") and ~4e-6 ("tiny") for CLIP; SigLIP, whose bias
+# sits halfway between positives and negatives, needs larger margins for ~1e-3 and ~1e-5.
+MARGINS = {"clip": {"small": 8.0, "tiny": 18.0}, "siglip": {"small": 24.0, "tiny": 40.0}}
+# Relative error of the loss: measured <= 6e-6 on every path (was 4e-4 plain, up to 1.6 tiled).
+LOSS_TOL = 2e-5
+
+
+def precision_tol(scale: float, beta: float = 0.0) -> float:
+    """Gradients (and the logit scale's / bias's gradient, relative to itself): TOL at CLIP's
+    initial scale 14, growing with the largest logit scale (1 + beta) * scale, because the
+    float32 normalisation and dot products leave logits with an absolute error ~scale * 1e-7
+    that no formulation can remove (measured: <= 3.4e-5 at scale 90 with beta 0.5)."""
+    return TOL * max(1.0, (1.0 + beta) * scale / 14.0)
+
+
+def scalar_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach().double()).abs() / want.detach().abs())
+
+
+def check_precision(loss_fn, reference_fn, leaves64, scale: float, beta: float = 0.0) -> dict:
+    """Run `loss_fn` in float32 and `reference_fn` in float64 on the same leaves (embeddings
+    first, then scalars); assert the loss and every gradient are within the stated tolerances.
+    Returns the errors, which the assertion messages show."""
+    want_leaves = [t.detach().clone().requires_grad_() for t in leaves64]
+    want = reference_fn(*want_leaves)
+    want_grads = torch.autograd.grad(want, want_leaves, allow_unused=True)
+    got_leaves = [t.detach().float().requires_grad_() for t in leaves64]
+    got = loss_fn(*got_leaves)
+    assert got.dtype == torch.float32
+    got_grads = torch.autograd.grad(got, got_leaves, allow_unused=True)
+    errors = {"ref_loss": float(want.detach()), "loss": scalar_rel_err(got, want)}
+    for n, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        if w is not None:
+            errors[n] = rel_err(g, w) if w.dim() else scalar_rel_err(g, w)
+    assert errors["loss"] < LOSS_TOL, errors
+    for n in range(len(leaves64)):
+        if n in errors:
+            assert errors[n] < precision_tol(scale, beta), (n, errors)
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["plain", "tiled"])
+@pytest.mark.parametrize("scale", PRECISION_SCALES)
+@pytest.mark.parametrize("regime", ["small", "tiny"])
+def test_well_aligned_pairs_match_float64_reference(kind, impl, scale, regime):
+    """Loss and gradients (embeddings, logit scale, SigLIP bias) vs the float64 full-matrix
+    reference, B = 150 over several tiles of 16."""
+    img, txt, _, _ = aligned_pairs(150, 64, scale, seed=int(scale), margin=MARGINS[kind][regime])
+    # Just below the scale: at float32(log 100) the clamp binds and the scale has no gradient.
+    log_scale = torch.tensor(float(torch.tensor(math.log(scale) - 1e-3)), dtype=torch.float64)
+    bias = torch.tensor(siglip_bias(img, txt, scale), dtype=torch.float64)
+    errors = check_precision(
+        lambda i, t, s, bb: contrastive_loss(i, t, s, bb, kind=kind, impl=impl, tile_size=16),
+        lambda i, t, s, bb: reference_loss(kind, i, t, s, bb),
+        [img, txt, log_scale, bias],
+        scale,
+    )
+    assert errors["ref_loss"] < {"small": 2e-2, "tiny": 1e-4}[regime], errors  # the regime
+    assert (3 in errors) == (kind == "siglip")  # the bias has a gradient for SigLIP only
+
+
+def test_one_row_without_negatives():
+    """A single pair on one process has no negative: loss 0 (log 1) and zero gradients, for
+    both implementations (the shifted log-sum-exp of no negatives is -inf)."""
+    img, txt, scale, _ = make_inputs(1)
+    for impl in ("plain", "tiled"):
+        leaves = [t.float().requires_grad_() for t in (img, txt, scale)]
+        loss = contrastive_loss(*leaves, impl=impl, tile_size=4)
+        assert float(loss.detach()) == 0.0
+        assert all(float(g.abs().max()) == 0.0 for g in torch.autograd.grad(loss, leaves))
+
+
+def test_flat_collectives_follow_the_backend(monkeypatch):
+    """The gather takes all_gather_into_tensor / reduce_scatter_tensor on NCCL and the list /
+    all_reduce branch on gloo (which emulates reduce-scatter with an all_reduce); a group with
+    one backend per device type is read for the tensor's device. Both branches run on gloo in
+    the 2-process test, with bitwise identical results."""
+    assert _device_backend("nccl", "cuda") == "nccl"
+    assert _device_backend("cpu:gloo,cuda:nccl", "cuda") == "nccl"
+    assert _device_backend("cpu:gloo,cuda:nccl", "cpu") == "gloo"
+    assert _device_backend("cpu:gloo", "cuda") == ""
+    for backend, device, flat in [("nccl", "cuda", True), ("gloo", "cpu", False),
+                                  ("cpu:gloo,cuda:nccl", "cuda", True),
+                                  ("cpu:gloo,cuda:nccl", "cpu", False)]:  # fmt: skip
+        monkeypatch.setattr(loss_module.dist, "get_backend", lambda backend=backend: backend)
+        assert uses_flat_collectives(torch.device(device)) is flat, (backend, device)
+    monkeypatch.setattr(loss_module, "FLAT_COLLECTIVE_BACKENDS", {"nccl", "gloo"})
+    assert uses_flat_collectives(torch.device("cpu"))  # how the 2-process test selects it
 
 
 @pytest.mark.parametrize("impl", [_clip_plain, _clip_tiled])
@@ -309,6 +407,21 @@ def test_two_processes_match_single_process(tmp_path):
         assert case["nograd_grad_rel_err"]["w_txt"] > 0.05, name
         if name.startswith("clip"):
             assert case["nograd_grad_rel_err"]["w_img"] > 0.05, name
+        # The gather's NCCL branch (flat collectives), selected on gloo: bitwise the same, and
+        # each branch called its own collectives (one gather forward, one reduction backward).
+        assert case["flat_identical"], name
+        assert case["collectives"] == {"all_gather": 1, "all_reduce": 1}, name
+        assert case["flat_collectives"] in (
+            {"all_gather_single": 1, "reduce_scatter_single": 1},  # torch >= 2.14
+            {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1},
+        ), name
+    # Well-aligned pairs at logit scale 90, 2 processes: the late-training regime.
+    assert set(result["aligned"]) == {"clip-plain", "clip-tiled"}
+    for name, case in result["aligned"].items():
+        assert case["ref_loss"] < 1e-4, (name, case)
+        assert case["loss_rel_err"] < LOSS_TOL, (name, case)
+        for param, err in case["grad_rel_err"].items():
+            assert err < precision_tol(90.0), (name, param, case)
 
 
 @pytest.mark.slow
@@ -323,3 +436,19 @@ def test_benchmark_smoke(tmp_path):
     assert [(r["impl"], r["global_batch"], r["local_batch"]) for r in rows] == [
         ("plain", 256, 256), ("tiled", 256, 256), ("tiled", 512, 64)]  # fmt: skip
     assert all(r["time_s"] > 0 and r["peak_extra_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_precision_benchmark_smoke(tmp_path):
+    """benchmarks/loss_precision.py runs (public API only) and reports errors within the tests'
+    tolerances at one scale, small batch."""
+    out = tmp_path / "precision.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/loss_precision.py"), "--scales", "90",
+           "--batch", "48", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert {r["path"] for r in rows} >= {"clip plain", "clip tiled", "queued tiled", "siglip tiled"}
+    for r in rows:
+        assert r["loss"] < LOSS_TOL, r
+        assert max(v for k, v in r.items() if k in ("img", "txt", "logit_scale")) < 2e-4, r
