@@ -37,11 +37,29 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 @dataclass
 class ModelConfig:
     name: str = "ViT-B-32"
-    # An open_clip model name (see `open_clip.list_models()`) or the path of a local open_clip
-    # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json).
+    # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
+    # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json),
+    # or `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo).
     pretrained: str | None = None
-    # Local file to initialise from: an open_clip state dict or a `clip-train export` file.
-    # Never downloaded: the path must exist.
+    # Weights to start from: a local file (an open_clip state dict or a `clip-train export`
+    # file), an open_clip pretrained tag of model.name (e.g. laion2b_s34b_b79k for ViT-B-32; see
+    # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
+    # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
+    # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
+    # interpolation, resize mode) comes with them unless set below.
+    pretrained_image_path: str | None = None
+    # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
+    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    pretrained_text_path: str | None = None
+    # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
+    # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    pretrained_image: bool = False
+    # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
+    # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
+    pretrained_text: bool = False
+    # Hugging Face text towers (`hf_model_name` in the model config): start from the HF model's
+    # weights (open_clip's pretrained_text; needs `pip install transformers`), unless a
+    # checkpoint sets that tower.
     lock_image: bool = False
     # Freeze the image tower (LiT). Its embeddings are then computed once, without graphs.
     lock_image_unlocked_groups: int = 0
@@ -60,6 +78,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
+        _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
+                 "must be null with model.name=hf-hub:... (the weights come from that repo)")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
 
@@ -373,8 +393,13 @@ def check_paths(cfg: Config, training: bool = True) -> None:
     for key, value in (("eval.classnames", cfg.eval.classnames), ("eval.templates", cfg.eval.templates)):
         if value is not None and value != "imagenet" and not os.path.isfile(value):
             raise ConfigError(f"{key}: no such file {value!r}")
-    if cfg.model.pretrained is not None and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} "
-                          "(weights are only loaded from a local file)")
+    for key in ("pretrained", "pretrained_image_path", "pretrained_text_path"):
+        value = getattr(cfg.model, key)
+        # A path-like value must exist; other values are open_clip tags or hf-hub: repos,
+        # checked when the model is built.
+        if value is not None and not value.startswith("hf-hub:") and not os.path.isfile(value) \
+                and (os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))):
+            raise ConfigError(f"model.{key}: no such file {value!r} (a local file, an open_clip "
+                              "tag such as laion2b_s34b_b79k, or hf-hub:org/repo)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")

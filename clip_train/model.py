@@ -7,7 +7,6 @@ one `forward` so that DistributedDataParallel sees every parameter, the logit sc
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,14 @@ import torch
 from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig
+from clip_train.pretrained import (
+    HF_HUB_PREFIX,
+    PretrainedError,
+    fetch_hub_model_config,
+    hub_offline,
+    load_tower,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,12 @@ class ModelBundle:
 
 
 def resolve_model_name(name: str) -> str:
-    """Return open_clip's name for `name`, registering a local model-config JSON first."""
+    """Return open_clip's name for `name`, registering a local model-config JSON first.
+
+    `hf-hub:org/repo` is kept as it is, once its config and weights are in the local cache."""
+    if name.startswith(HF_HUB_PREFIX):
+        fetch_hub_model_config(name)
+        return name
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -51,13 +63,33 @@ def resolve_model_name(name: str) -> str:
 def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model (on CPU, fp32), its transforms and tokenizer; apply locking."""
     name = resolve_model_name(cfg.name)
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-        raise ConfigError(f"model.pretrained: no such file {cfg.pretrained!r}")
-    # pretrained_text/image=False: never fetch tower weights from a hub at run time.
-    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=cfg.pretrained, pretrained_image=False, pretrained_text=False,
-        output_dict=False,
-    )
+    weights = resolve_weights(cfg.pretrained, name, "model.pretrained") if cfg.pretrained else None
+    towers = {tower: resolve_weights(spec, name, f"model.pretrained_{tower}_path")
+              for tower, spec in (("image", cfg.pretrained_image_path), ("text", cfg.pretrained_text_path))
+              if spec is not None}
+    preprocess = weights.preprocess if weights is not None else {}
+    if "image" in towers and weights is None:
+        preprocess = towers["image"].preprocess  # the image tower decides its preprocessing
+    try:
+        model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+            name, pretrained=weights.path if weights is not None else None,
+            # open_clip's base tower weights (timm / Hugging Face) only for towers that no
+            # checkpoint sets.
+            pretrained_image=cfg.pretrained_image and "image" not in towers,
+            pretrained_text=cfg.pretrained_text and "text" not in towers,
+            image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"),
+            image_resize_mode=preprocess.get("resize_mode"),
+            output_dict=False,
+        )
+    except OSError as err:  # timm / transformers base weights that could not be fetched
+        if not hub_offline():
+            raise
+        raise PretrainedError(f"model.pretrained_image/pretrained_text: base tower weights are not "
+                              f"cached and HF_HUB_OFFLINE=1 ({str(err).splitlines()[0]}); run the "
+                              f"same config once with internet access to fill HF_HOME") from None
+    for tower, tower_weights in towers.items():
+        load_tower(model, tower_weights.path, tower, f"model.pretrained_{tower}_path")
     tokenizer = open_clip.get_tokenizer(name)
     if cfg.lock_image:
         model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=False)
