@@ -35,6 +35,67 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
+class AugConfig:
+    """Training-time augmentation: open_clip's AugmentationCfg (its --aug-cfg), plus timm's
+    auto-augment. The defaults are open_clip's: RandomResizedCrop(scale 0.9-1), nothing else."""
+
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    # RandomResizedCrop area range, as a fraction of the image (CLIP/open_clip: 0.9-1.0;
+    # SLIP/EVA-CLIP-style stronger cropping: e.g. 0.5-1.0 or 0.08-1.0).
+    ratio: list[float] | None = None
+    # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
+    color_jitter: list[float] | None = None
+    # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    color_jitter_prob: float | None = None
+    # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
+    gray_scale_prob: float | None = None
+    # Probability of converting a sample to grayscale (open_clip's path only, not timm).
+    re_prob: float | None = None
+    # Random erasing probability (timm only: needs use_timm), e.g. 0.25.
+    re_count: int | None = None
+    # Random erasing: number of boxes per erased image (timm only).
+    use_timm: bool = False
+    # Build the training transform with timm's create_transform (as open_clip's use_timm).
+    auto_augment: str | None = None
+    # timm auto-augment policy (needs use_timm), e.g. rand-m9-mstd0.5-inc1 (RandAugment),
+    # augmix-m5-w4-d2, or original (AutoAugment).
+
+    def __post_init__(self) -> None:
+        _require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "model.aug.scale",
+                 f"must be [min, max] with 0 < min <= max <= 1, got {list(self.scale)}")
+        _require(self.ratio is None or (len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1]),
+                 "model.aug.ratio", "must be [min, max] aspect ratios with 0 < min <= max")
+        for key in ("color_jitter_prob", "gray_scale_prob", "re_prob"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value <= 1, f"model.aug.{key}", "must be in [0, 1]")
+        _require(self.re_count is None or self.re_count >= 1, "model.aug.re_count", "must be >= 1")
+        if self.use_timm:
+            for key in ("color_jitter_prob", "gray_scale_prob"):
+                _require(getattr(self, key) is None, f"model.aug.{key}",
+                         "is open_clip's own augmentation: unset it, or set model.aug.use_timm=false")
+            _require(self.color_jitter is None or len(self.color_jitter) in (1, 3, 4), "model.aug.color_jitter",
+                     "must hold 1, 3 or 4 values with use_timm")
+        else:
+            # open_clip ignores these without timm (it only warns): refuse instead.
+            for key in ("ratio", "re_prob", "re_count", "auto_augment"):
+                _require(getattr(self, key) is None, f"model.aug.{key}",
+                         "is a timm augmentation: set model.aug.use_timm=true too")
+            _require((self.color_jitter is None) == (self.color_jitter_prob is None), "model.aug.color_jitter",
+                     "and model.aug.color_jitter_prob go together without use_timm (e.g. [0.4, 0.4, 0.4, 0.1] "
+                     "and 0.8)")
+            _require(self.color_jitter is None or len(self.color_jitter) == 4, "model.aug.color_jitter",
+                     "must hold 4 values (brightness, contrast, saturation, hue) without use_timm")
+
+    def open_clip_cfg(self) -> dict:
+        """open_clip's aug_cfg: the AugmentationCfg fields that are set (auto_augment is ours)."""
+        keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
+                "re_count", "use_timm")
+        values = {k: getattr(self, k) for k in keys}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "ViT-B-32"
     # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
@@ -71,6 +132,20 @@ class ModelConfig:
     # With lock_text: leave the last N layer groups of the text tower trainable (open_clip's
     # lock_text_tower: 1 = the projection, 2 = + the last block and final norm, 3 = + the block
     # before, ...).
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    # Normalisation of the images (null: the pretrained weights' own, else open_clip's OpenAI
+    # mean/std).
+    image_interpolation: str | None = None
+    # bicubic | bilinear (null: the weights' own, else bicubic). timm augmentation also: random.
+    image_resize_mode: str | None = None
+    # Evaluation resize: shortest (resize the short side, centre crop) | longest (fit, pad) |
+    # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
+    force_image_size: int | None = None
+    # Train and evaluate at this image size instead of the model config's (open_clip's
+    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    aug: AugConfig = field(default_factory=AugConfig)
+    # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
     # Activation checkpointing in both towers: less memory, about one more forward of compute.
     torch_compile: bool = False
@@ -80,6 +155,18 @@ class ModelConfig:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
         _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
                  "must be null with model.name=hf-hub:... (the weights come from that repo)")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            _require(value is None or len(value) in (1, 3), f"model.{key}", "must hold 1 or 3 values (per channel)")
+        _require(self.image_std is None or all(v > 0 for v in self.image_std), "model.image_std", "must be > 0")
+        if self.image_interpolation is not None:
+            _one_of(self.image_interpolation, "model.image_interpolation", ("bicubic", "bilinear", "random"))
+            _require(self.image_interpolation != "random" or self.aug.use_timm, "model.image_interpolation",
+                     "random is a timm augmentation: set model.aug.use_timm=true too")
+        if self.image_resize_mode is not None:
+            _one_of(self.image_resize_mode, "model.image_resize_mode", ("shortest", "longest", "squash"))
+        _require(self.force_image_size is None or self.force_image_size > 0, "model.force_image_size",
+                 "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
 
