@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import braceexpand
 from omegaconf import OmegaConf
@@ -267,12 +268,33 @@ class LossConfig:
                      "is implemented for loss.kind=clip (InfoNCE) only")
 
 
+NO_DECAY_PRESETS = ("clip-train", "open_clip")
+
+
 @dataclass
 class OptimConfig:
+    opt: str = "adamw"
+    # Optimizer, by timm's name (timm.optim.list_optimizers(): adamw, lamb, lion, adafactor,
+    # adafactorbv, adopt, laprop, muon, sgd, ...; open_clip's `timm/lamb` spelling works too),
+    # created by timm's factory over our parameter groups. AdamW is torch's; on CUDA it runs
+    # fused (fused=True), unless optim.kwargs sets fused or foreach.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Extra keyword arguments of the optimizer, e.g. {decoupled_decay: true} for LAMB or
+    # {momentum: 0.9, nesterov: true} for SGD. beta1/beta2/eps below are passed where it takes them.
     lr: float = 5e-4
     # Peak learning rate (after warmup).
     weight_decay: float = 0.2
-    # AdamW decoupled weight decay; never applied to biases, norms, embeddings or the logit scale.
+    # Decoupled weight decay, on the parameters that `no_decay` and `no_decay_patterns` leave.
+    no_decay: str = "clip-train"
+    # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
+    # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
+    #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
+    #   *token_embedding*, *cls_emb*;
+    # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
+    #   does decay the token and positional embeddings.
+    no_decay_patterns: list[str] = field(default_factory=list)
+    # More parameter-name patterns (fnmatch, e.g. "visual.transformer.resblocks.0.*") without
+    # weight decay, added to the preset.
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -280,13 +302,21 @@ class OptimConfig:
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
     cooldown_steps: int = 0
-    # const-cooldown: linear decay to `min_lr` over the last N steps.
+    # const-cooldown: decay to `min_lr` over the last N steps.
+    cooldown_power: float = 1.0
+    # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
+    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
     min_lr: float = 0.0
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
     image_lr_scale: float = 1.0
     text_lr_scale: float = 1.0
     # Multipliers of the learning rate per tower, e.g. 0.1 to fine-tune a pretrained tower gently.
+    image_layer_decay: float = 1.0
+    text_layer_decay: float = 1.0
+    # Layer-wise learning-rate decay per tower (BEiT/EVA-CLIP): the output layer group keeps the
+    # tower's lr, each block below gets `decay` times the one above, the embeddings the least.
+    # Layers are open_clip's transformer.resblocks.N (or a timm trunk's own grouping). 1: off.
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be a positive number, got {self.lr}")
@@ -301,6 +331,14 @@ class OptimConfig:
                  "must be >= 0")
         _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optim.grad_clip_norm",
                  "must be > 0 (or null for no clipping)")
+        _require(bool(self.opt.strip()), "optim.opt", "must name an optimizer, e.g. adamw, lamb or lion")
+        _one_of(self.no_decay, "optim.no_decay", NO_DECAY_PRESETS)
+        _require(self.cooldown_power > 0, "optim.cooldown_power", "must be > 0 (1: linear)")
+        _require(0 < self.image_layer_decay <= 1 and 0 < self.text_layer_decay <= 1,
+                 "optim.image_layer_decay/text_layer_decay", "must be in (0, 1] (1: off; e.g. 0.75)")
+        for key in ("lr", "weight_decay", "params"):
+            _require(key not in self.kwargs, f"optim.kwargs.{key}", f"is set by the trainer: use optim.{key}"
+                     if key != "params" else "is set by the trainer")
 
 
 @dataclass

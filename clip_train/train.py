@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict[str, float]:
     if cfg.model.torch_compile:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
-    optimizer = build_optimizer(bundle.model, cfg.optim)
+    optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
     model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
