@@ -202,6 +202,18 @@ class DataConfig:
     # Image extensions tried in order (webdataset's `;` alternatives).
     text_key: str = "txt"
     # Caption extension.
+    caption_list_key: str | None = None
+    # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
+    # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
+    # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
+    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    caption_list_with_text: bool = True
+    # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
+    # false: only the list (the text_key caption is used when a sample has no list).
+    caption_probs: list[float] | None = None
+    # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
+    # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -213,6 +225,13 @@ class DataConfig:
         _require(bool(self.image_key.strip(" ;")), "data.image_key",
                  "must name at least one image extension, e.g. jpg;png;webp")
         _require(bool(self.text_key.strip()), "data.text_key", "must name the caption extension, e.g. txt")
+        _require(self.caption_list_key is None or bool(self.caption_list_key.strip()), "data.caption_list_key",
+                 "must name a key of the sample's json, e.g. captions (or be null)")
+        _require(self.caption_probs is None or self.caption_list_key is not None, "data.caption_probs",
+                 "needs data.caption_list_key (the captions to draw from)")
+        _require(self.caption_probs is None or (len(self.caption_probs) > 0 and all(p >= 0 for p in self.caption_probs)
+                                                and sum(self.caption_probs) > 0),
+                 "data.caption_probs", "must be non-negative weights with a positive sum, e.g. [0.5, 0.5]")
 
 
 @dataclass
