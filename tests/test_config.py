@@ -95,3 +95,19 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(str(path))
     assert cfg.train.steps > 0
     assert cfg.model.name.endswith(".json") is False or (REPO / cfg.model.name).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_name_real_models_tags_and_optimizers(path):
+    """What needs open_clip/timm (no network): the model, its pretrained tag, the optimizer."""
+    import open_clip
+    from timm.optim import list_optimizers
+
+    from clip_train.model import resolve_model_name
+
+    cfg = load_config(str(path))
+    name = resolve_model_name(str(REPO / cfg.model.name) if cfg.model.name.endswith(".json") else cfg.model.name)
+    for spec in (cfg.model.pretrained, cfg.model.pretrained_image_path, cfg.model.pretrained_text_path):
+        if spec and not spec.startswith(("/", "hf-hub:")):
+            assert open_clip.get_pretrained_cfg(name, spec), f"{spec} is not an open_clip tag of {name}"
+    assert cfg.optim.opt.removeprefix("timm/") in list_optimizers()
