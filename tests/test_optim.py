@@ -204,3 +204,14 @@ def test_optimizer_state_round_trip_with_layer_groups(opt):
     steps(resumed, resumed_opt, 2, 3)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_open_clip_preset_equals_open_clip_trains_rule(tiny):
+    """Reference: open_clip_train/main.py's `exclude` (no weight decay) rule, restated."""
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    groups = param_groups(tiny, OptimConfig(no_decay="open_clip"))
+    ours = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert ours == {n for n, p in tiny.named_parameters() if exclude(n, p)}
