@@ -317,6 +317,8 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    # Adam-style betas and epsilon, passed to optimizers that take them (not to Adafactor, whose
+    # eps and betas mean something else: set those in optim.kwargs).
     schedule: str = "cosine"
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0

@@ -66,6 +66,7 @@ def resolve_model_name(name: str) -> str:
 def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model (on CPU, fp32), its transforms and tokenizer; apply locking."""
     name = resolve_model_name(cfg.name)
+    hub_name = name.startswith(HF_HUB_PREFIX)
     weights = resolve_weights(cfg.pretrained, name, "model.pretrained") if cfg.pretrained else None
     towers = {tower: resolve_weights(spec, name, f"model.pretrained_{tower}_path")
               for tower, spec in (("image", cfg.pretrained_image_path), ("text", cfg.pretrained_text_path))
@@ -83,7 +84,9 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
             # path applies them; options it really ignores are refused by AugConfig's checks.
             warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
             model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-                name, pretrained=weights.path if weights is not None else None,
+                # open_clip ignores `pretrained` for hf-hub: names (it takes the repo's weights);
+                # a file given with one (`clip-train eval --checkpoint FILE`) is loaded below.
+                name, pretrained=weights.path if weights is not None and not hub_name else None,
                 # open_clip's base tower weights (timm / Hugging Face) only for towers that no
                 # checkpoint sets.
                 pretrained_image=cfg.pretrained_image and "image" not in towers,
@@ -100,6 +103,8 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
         raise PretrainedError(f"model.pretrained_image/pretrained_text: base tower weights are not "
                               f"cached and HF_HUB_OFFLINE=1 ({str(err).splitlines()[0]}); run the "
                               f"same config once with internet access to fill HF_HOME") from None
+    if hub_name and weights is not None:
+        open_clip.load_checkpoint(model, weights.path)
     if cfg.aug.auto_augment is not None:
         train_transform = timm_train_transform(model, cfg.aug)
     if cfg.aug.use_timm:

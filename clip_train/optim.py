@@ -111,6 +111,10 @@ def optimizer_kwargs(cfg: OptimConfig, device_type: str) -> dict[str, Any]:
     """Keyword arguments for timm's factory: betas/eps (timm drops them for optimizers without
     them), fused AdamW on CUDA (one kernel for all parameters), then the user's optim.kwargs."""
     kwargs: dict[str, Any] = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if _timm_name(cfg.opt).startswith("adafactor"):
+        # Adafactor's eps and betas mean something else (a 1e-30 regulariser, optional
+        # momentum): keep its own defaults unless optim.kwargs sets them.
+        kwargs = {}
     if _timm_name(cfg.opt) in ("adamw", "adam") and device_type == "cuda" \
             and not {"fused", "foreach"} & set(cfg.kwargs):
         kwargs["fused"] = True

@@ -215,3 +215,10 @@ def test_open_clip_preset_equals_open_clip_trains_rule(tiny):
     groups = param_groups(tiny, OptimConfig(no_decay="open_clip"))
     ours = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert ours == {n for n, p in tiny.named_parameters() if exclude(n, p)}
+
+
+def test_adafactor_keeps_its_own_eps_and_betas(tiny):
+    opt = build_optimizer(tiny, OptimConfig(opt="adafactor", lr=1e-3))
+    assert opt.defaults["eps"] == 1e-30 and opt.defaults["beta1"] is None
+    opt = build_optimizer(tiny, OptimConfig(opt="adafactor", lr=1e-3, kwargs={"eps": 1e-20}))
+    assert opt.defaults["eps"] == 1e-20

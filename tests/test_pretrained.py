@@ -83,6 +83,13 @@ def test_hf_hub_weights_and_model_load_offline(hub):
     hub_bundle = build_model(ModelConfig(name="hf-hub:test-org/tiny-clip"))
     assert_same(hub_bundle.model, weights)
     assert normalize_mean(hub_bundle.eval_transform) == MEAN
+    # With a weights file as well (`clip-train eval --checkpoint FILE`), the file wins.
+    other = tiny_weights(7)
+    save_file(other, str(hub / "other.safetensors"))
+    assert_same(build_model(ModelConfig(name="hf-hub:test-org/tiny-clip")).model, weights)
+    cfg = ModelConfig(name="hf-hub:test-org/tiny-clip")
+    cfg.pretrained = str(hub / "other.safetensors")  # what run_eval does after validation
+    assert_same(build_model(cfg).model, other)
 
 
 def test_open_clip_tag_resolves_through_the_hub(hub, monkeypatch):
