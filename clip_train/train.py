@@ -165,7 +165,8 @@ def train(cfg: Config) -> dict[str, float]:
         images, texts = images.to(accelerator.device), texts.to(accelerator.device)
         throughput.waited(time.perf_counter() - t0)
 
-        set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))
+        lr = lr_at(progress.step, cfg.optim, cfg.train.steps)  # groups get it x their lr_scale
+        set_lr(optimizer, lr)
         # Each row is scored against the global batch and, with a queue, its keys from past steps.
         step_loss_fn, candidates = loss_fn, global_batch
         if queue is not None:
@@ -201,7 +202,7 @@ def train(cfg: Config) -> dict[str, float]:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
                 "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
                 "grad_norm": grad_norm.item(),
