@@ -132,6 +132,7 @@ class RunSpec:
     threads: int | None = (
         None  # OMP_NUM_THREADS per process (None: cpus / processes, as launch/local.sh)
     )
+    overrides: tuple[str, ...] = ()  # clip_train only: extra key=value config overrides
 
     @property
     def local_batch(self) -> int:
@@ -192,6 +193,7 @@ def _clip_train_args(spec: RunSpec, out: Path) -> list[str]:
         "optim.beta2=0.98",
         "optim.eps=1e-6",
         "optim.schedule=cosine",
+        *spec.overrides,
     ]
 
 

@@ -37,13 +37,92 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
+class AugConfig:
+    """Training-time augmentation: open_clip's AugmentationCfg (its --aug-cfg), plus timm's
+    auto-augment. The defaults are open_clip's: RandomResizedCrop(scale 0.9-1), nothing else."""
+
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    # RandomResizedCrop area range, as a fraction of the image (CLIP/open_clip: 0.9-1.0;
+    # SLIP/EVA-CLIP-style stronger cropping: e.g. 0.5-1.0 or 0.08-1.0).
+    ratio: list[float] | None = None
+    # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
+    color_jitter: list[float] | None = None
+    # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    color_jitter_prob: float | None = None
+    # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
+    gray_scale_prob: float | None = None
+    # Probability of converting a sample to grayscale (open_clip's path only, not timm).
+    re_prob: float | None = None
+    # Random erasing probability (timm only: needs use_timm), e.g. 0.25.
+    re_count: int | None = None
+    # Random erasing: number of boxes per erased image (timm only).
+    use_timm: bool = False
+    # Build the training transform with timm's create_transform (as open_clip's use_timm).
+    auto_augment: str | None = None
+    # timm auto-augment policy (needs use_timm), e.g. rand-m9-mstd0.5-inc1 (RandAugment),
+    # augmix-m5-w4-d2, or original (AutoAugment).
+
+    def __post_init__(self) -> None:
+        _require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "model.aug.scale",
+                 f"must be [min, max] with 0 < min <= max <= 1, got {list(self.scale)}")
+        _require(self.ratio is None or (len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1]),
+                 "model.aug.ratio", "must be [min, max] aspect ratios with 0 < min <= max")
+        for key in ("color_jitter_prob", "gray_scale_prob", "re_prob"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value <= 1, f"model.aug.{key}", "must be in [0, 1]")
+        _require(self.re_count is None or self.re_count >= 1, "model.aug.re_count", "must be >= 1")
+        if self.use_timm:
+            for key in ("color_jitter_prob", "gray_scale_prob"):
+                _require(getattr(self, key) is None, f"model.aug.{key}",
+                         "is open_clip's own augmentation: unset it, or set model.aug.use_timm=false")
+            _require(self.color_jitter is None or len(self.color_jitter) in (1, 3, 4), "model.aug.color_jitter",
+                     "must hold 1, 3 or 4 values with use_timm")
+        else:
+            # open_clip ignores these without timm (it only warns): refuse instead.
+            for key in ("ratio", "re_prob", "re_count", "auto_augment"):
+                _require(getattr(self, key) is None, f"model.aug.{key}",
+                         "is a timm augmentation: set model.aug.use_timm=true too")
+            _require((self.color_jitter is None) == (self.color_jitter_prob is None), "model.aug.color_jitter",
+                     "and model.aug.color_jitter_prob go together without use_timm (e.g. [0.4, 0.4, 0.4, 0.1] "
+                     "and 0.8)")
+            _require(self.color_jitter is None or len(self.color_jitter) == 4, "model.aug.color_jitter",
+                     "must hold 4 values (brightness, contrast, saturation, hue) without use_timm")
+
+    def open_clip_cfg(self) -> dict:
+        """open_clip's aug_cfg: the AugmentationCfg fields that are set (auto_augment is ours)."""
+        keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
+                "re_count", "use_timm")
+        values = {k: getattr(self, k) for k in keys}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "ViT-B-32"
-    # An open_clip model name (see `open_clip.list_models()`) or the path of a local open_clip
-    # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json).
+    # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
+    # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json),
+    # or `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo).
     pretrained: str | None = None
-    # Local file to initialise from: an open_clip state dict or a `clip-train export` file.
-    # Never downloaded: the path must exist.
+    # Weights to start from: a local file (an open_clip state dict or a `clip-train export`
+    # file), an open_clip pretrained tag of model.name (e.g. laion2b_s34b_b79k for ViT-B-32; see
+    # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
+    # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
+    # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
+    # interpolation, resize mode) comes with them unless set below.
+    pretrained_image_path: str | None = None
+    # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
+    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    pretrained_text_path: str | None = None
+    # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
+    # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    pretrained_image: bool = False
+    # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
+    # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
+    pretrained_text: bool = False
+    # Hugging Face text towers (`hf_model_name` in the model config): start from the HF model's
+    # weights (open_clip's pretrained_text; needs `pip install transformers`), unless a
+    # checkpoint sets that tower.
     lock_image: bool = False
     # Freeze the image tower (LiT). Its embeddings are then computed once, without graphs.
     lock_image_unlocked_groups: int = 0
@@ -55,6 +134,20 @@ class ModelConfig:
     # With lock_text: leave the last N layer groups of the text tower trainable (open_clip's
     # lock_text_tower: 1 = the projection, 2 = + the last block and final norm, 3 = + the block
     # before, ...).
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    # Normalisation of the images (null: the pretrained weights' own, else open_clip's OpenAI
+    # mean/std).
+    image_interpolation: str | None = None
+    # bicubic | bilinear (null: the weights' own, else bicubic). timm augmentation also: random.
+    image_resize_mode: str | None = None
+    # Evaluation resize: shortest (resize the short side, centre crop) | longest (fit, pad) |
+    # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
+    force_image_size: int | None = None
+    # Train and evaluate at this image size instead of the model config's (open_clip's
+    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    aug: AugConfig = field(default_factory=AugConfig)
+    # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
     # Activation checkpointing in both towers: less memory, about one more forward of compute.
     torch_compile: bool = False
@@ -62,6 +155,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
+        _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
+                 "must be null with model.name=hf-hub:... (the weights come from that repo)")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            _require(value is None or len(value) in (1, 3), f"model.{key}", "must hold 1 or 3 values (per channel)")
+        _require(self.image_std is None or all(v > 0 for v in self.image_std), "model.image_std", "must be > 0")
+        if self.image_interpolation is not None:
+            _one_of(self.image_interpolation, "model.image_interpolation", ("bicubic", "bilinear", "random"))
+            _require(self.image_interpolation != "random" or self.aug.use_timm, "model.image_interpolation",
+                     "random is a timm augmentation: set model.aug.use_timm=true too")
+        if self.image_resize_mode is not None:
+            _one_of(self.image_resize_mode, "model.image_resize_mode", ("shortest", "longest", "squash"))
+        _require(self.force_image_size is None or self.force_image_size > 0, "model.force_image_size",
+                 "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
 
@@ -96,6 +203,18 @@ class DataConfig:
     # Image extensions tried in order (webdataset's `;` alternatives).
     text_key: str = "txt"
     # Caption extension.
+    caption_list_key: str | None = None
+    # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
+    # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
+    # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
+    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    caption_list_with_text: bool = True
+    # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
+    # false: only the list (the text_key caption is used when a sample has no list).
+    caption_probs: list[float] | None = None
+    # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
+    # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -107,6 +226,13 @@ class DataConfig:
         _require(bool(self.image_key.strip(" ;")), "data.image_key",
                  "must name at least one image extension, e.g. jpg;png;webp")
         _require(bool(self.text_key.strip()), "data.text_key", "must name the caption extension, e.g. txt")
+        _require(self.caption_list_key is None or bool(self.caption_list_key.strip()), "data.caption_list_key",
+                 "must name a key of the sample's json, e.g. captions (or be null)")
+        _require(self.caption_probs is None or self.caption_list_key is not None, "data.caption_probs",
+                 "needs data.caption_list_key (the captions to draw from)")
+        _require(self.caption_probs is None or (len(self.caption_probs) > 0 and all(p >= 0 for p in self.caption_probs)
+                                                and sum(self.caption_probs) > 0),
+                 "data.caption_probs", "must be non-negative weights with a positive sum, e.g. [0.5, 0.5]")
 
 
 @dataclass
@@ -162,26 +288,57 @@ class LossConfig:
                      "is implemented for loss.kind=clip (InfoNCE) only")
 
 
+NO_DECAY_PRESETS = ("clip-train", "open_clip")
+
+
 @dataclass
 class OptimConfig:
+    opt: str = "adamw"
+    # Optimizer, by timm's name (timm.optim.list_optimizers(): adamw, lamb, lion, adafactor,
+    # adafactorbv, adopt, laprop, muon, sgd, ...; open_clip's `timm/lamb` spelling works too),
+    # created by timm's factory over our parameter groups. AdamW is torch's; on CUDA it runs
+    # fused (fused=True), unless optim.kwargs sets fused or foreach.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Extra keyword arguments of the optimizer, e.g. {decoupled_decay: true} for LAMB or
+    # {momentum: 0.9, nesterov: true} for SGD. beta1/beta2/eps below are passed where it takes them.
     lr: float = 5e-4
     # Peak learning rate (after warmup).
     weight_decay: float = 0.2
-    # AdamW decoupled weight decay; never applied to biases, norms, embeddings or the logit scale.
+    # Decoupled weight decay, on the parameters that `no_decay` and `no_decay_patterns` leave.
+    no_decay: str = "clip-train"
+    # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
+    # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
+    #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
+    #   *token_embedding*, *cls_emb*;
+    # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
+    #   does decay the token and positional embeddings.
+    no_decay_patterns: list[str] = field(default_factory=list)
+    # More parameter-name patterns (fnmatch, e.g. "visual.transformer.resblocks.0.*") without
+    # weight decay, added to the preset.
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    # Adam-style betas and epsilon, passed to optimizers that take them (not to Adafactor, whose
+    # eps and betas mean something else: set those in optim.kwargs).
     schedule: str = "cosine"
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
     cooldown_steps: int = 0
-    # const-cooldown: linear decay to `min_lr` over the last N steps.
+    # const-cooldown: decay to `min_lr` over the last N steps.
+    cooldown_power: float = 1.0
+    # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
+    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
     min_lr: float = 0.0
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
     image_lr_scale: float = 1.0
     text_lr_scale: float = 1.0
     # Multipliers of the learning rate per tower, e.g. 0.1 to fine-tune a pretrained tower gently.
+    image_layer_decay: float = 1.0
+    text_layer_decay: float = 1.0
+    # Layer-wise learning-rate decay per tower (BEiT/EVA-CLIP): the output layer group keeps the
+    # tower's lr, each block below gets `decay` times the one above, the embeddings the least.
+    # Layers are open_clip's transformer.resblocks.N (or a timm trunk's own grouping). 1: off.
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be a positive number, got {self.lr}")
@@ -196,6 +353,14 @@ class OptimConfig:
                  "must be >= 0")
         _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optim.grad_clip_norm",
                  "must be > 0 (or null for no clipping)")
+        _require(bool(self.opt.strip()), "optim.opt", "must name an optimizer, e.g. adamw, lamb or lion")
+        _one_of(self.no_decay, "optim.no_decay", NO_DECAY_PRESETS)
+        _require(self.cooldown_power > 0, "optim.cooldown_power", "must be > 0 (1: linear)")
+        _require(0 < self.image_layer_decay <= 1 and 0 < self.text_layer_decay <= 1,
+                 "optim.image_layer_decay/text_layer_decay", "must be in (0, 1] (1: off; e.g. 0.75)")
+        for key in ("lr", "weight_decay", "params"):
+            _require(key not in self.kwargs, f"optim.kwargs.{key}", f"is set by the trainer: use optim.{key}"
+                     if key != "params" else "is set by the trainer")
 
 
 @dataclass
@@ -507,9 +672,14 @@ def check_paths(cfg: Config, training: bool = True) -> None:
         raise ConfigError("data.train: required for training, e.g. data.train='shards/train-{000000..000009}.tar'")
     check_shards(cfg.data.train, "data.train")
     check_eval_paths(cfg.eval)
-    if cfg.model.pretrained is not None and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} "
-                          "(weights are only loaded from a local file)")
+    for key in ("pretrained", "pretrained_image_path", "pretrained_text_path"):
+        value = getattr(cfg.model, key)
+        # A path-like value must exist; other values are open_clip tags or hf-hub: repos,
+        # checked when the model is built.
+        if value is not None and not value.startswith("hf-hub:") and not os.path.isfile(value) \
+                and (os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))):
+            raise ConfigError(f"model.{key}: no such file {value!r} (a local file, an open_clip "
+                              "tag such as laion2b_s34b_b79k, or hf-hub:org/repo)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")
 

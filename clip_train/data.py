@@ -197,6 +197,69 @@ def epoch_quota(epoch: int, worker: int, steps_per_epoch: int, num_workers: int)
 
 
 @dataclass(frozen=True)
+class CaptionSpec:
+    list_key: str  # key of the caption list (or one string) in the sample's json
+    probs: tuple[float, ...] | None  # weights by candidate position; the last shared by the rest
+    with_text: bool  # the txt caption is candidate 0
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def caption_weights(positions: list[int], probs: tuple[float, ...] | None) -> list[float]:
+    """Weights of the candidates at `positions`: probs[p], the last weight shared equally by the
+    candidates from its position on; uniform without probs or when all present weights are 0."""
+    if not probs:
+        return [1.0] * len(positions)
+    tail = len(probs) - 1
+    in_tail = sum(p >= tail for p in positions)
+    weights = [probs[p] if p < tail else probs[tail] / in_tail for p in positions]
+    return weights if sum(weights) > 0 else [1.0] * len(positions)
+
+
+def draw_caption(sample: dict, text_key: str, spec: CaptionSpec, seed: int,
+                 bad: Callable[[str, str], None]) -> str | None:
+    """One caption among the sample's txt caption (candidate 0, with spec.with_text) and the list
+    under `spec.list_key` in its json, drawn with `seed`; None (counted by `bad`) if there is none."""
+    candidates: list[tuple[int, str]] = []
+    text = None
+    if text_key in sample:
+        try:
+            text = sample[text_key].decode("utf-8")
+        except UnicodeDecodeError as exn:
+            bad("undecodable_text", str(exn))
+            return None
+    offset = 1 if spec.with_text else 0
+    if spec.with_text and text is not None and text.strip():
+        candidates.append((0, text))
+    found = False
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as exn:
+            bad("undecodable_text", f"json: {exn}")
+            return None
+        value = meta.get(spec.list_key) if isinstance(meta, dict) else None
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            found = found or bool(value)
+            candidates += [(offset + i, c) for i, c in enumerate(value) if isinstance(c, str) and c.strip()]
+    if not candidates and not spec.with_text and text is not None and text.strip():
+        candidates.append((0, text))  # no list: fall back on the txt caption
+    if not candidates:
+        if text is None and not found:
+            bad("missing_caption", f"no {text_key} file and no json {spec.list_key!r} list")
+        else:
+            bad("empty_caption", "every caption is empty")
+        return None
+    if len(candidates) == 1:
+        return candidates[0][1]
+    weights = caption_weights([p for p, _ in candidates], spec.probs)
+    return random.Random(seed).choices([c for _, c in candidates], weights)[0]
+
+
+@dataclass(frozen=True)
 class _StreamSpec:
     urls: tuple[str, ...]
     weights: tuple[float, ...] | None
@@ -216,6 +279,7 @@ class _StreamSpec:
     tokenizer: Callable
     resume: tuple[dict | None, ...]  # per logical worker
     worker_offset: int
+    captions: CaptionSpec | None = None  # several captions per sample (data.caption_list_key)
 
 
 def _fresh_worker_state() -> dict:
@@ -374,7 +438,7 @@ class _Pass:
         return {"next": list(self.next), "buffer": [list(p) for p, _ in self.buffer],
                 "rng": [version, list(internal), gauss]}
 
-    def _checked(self, sample: dict, url: str, count: bool) -> dict | None:
+    def _checked(self, sample: dict, url: str, count: bool, pos: tuple[int, int]) -> dict | None:
         """Cheap checks before the shuffle buffer: caption present, UTF-8, non-empty; image present."""
         def bad(kind: str, what: str) -> None:
             if count:
@@ -384,6 +448,16 @@ class _Pass:
         if image_key is None:
             bad("missing_image", f"no {'/'.join(self.spec.image_keys)} file (has {sorted(sample)})")
             return None
+        if self.spec.captions is not None:  # one of several captions, drawn reproducibly
+            # Epoch mode: a function of (seed, key, epoch), whatever the process/worker layout;
+            # resampled mode adds the stream position, since a sample is drawn again and again.
+            where = (self.pass_, self.spec.rank, self.worker, *pos) if self.spec.resampled else ()
+            seed = make_seed(self.spec.seed, _key_hash(sample["__key__"]), self.epoch, *where)
+            caption = draw_caption(sample, self.spec.text_key, self.spec.captions, seed, bad)
+            if caption is None:
+                return None
+            return {"key": sample["__key__"], "url": url, "image_key": image_key,
+                    "image": sample[image_key], "caption": caption}
         if self.spec.text_key not in sample:
             bad("missing_caption", f"no {self.spec.text_key} file")
             return None
@@ -425,7 +499,7 @@ class _Pass:
                     continue
                 if (k, off) < resume_at:
                     if (k, off) in want:
-                        checked = self._checked(sample, url, count=False)
+                        checked = self._checked(sample, url, count=False, pos=(k, off))
                         if checked is not None:
                             found[(k, off)] = checked
                     continue
@@ -433,7 +507,7 @@ class _Pass:
                     self._restore_buffer(found)
                     restoring = False
                 self.next = (k, off + 1)
-                checked = self._checked(sample, url, count=True)
+                checked = self._checked(sample, url, count=True, pos=(k, off))
                 if checked is not None:
                     yield (k, off), checked
             if k >= resume_at[0]:
@@ -793,7 +867,10 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
         image_keys=tuple(k.strip().lower() for k in cfg.image_key.split(";") if k.strip()),
         text_key=cfg.text_key.lower(), max_bad_fraction=cfg.max_bad_fraction,
         bad_fraction_min_samples=cfg.bad_fraction_min_samples, transform=transform,
-        tokenizer=tokenizer, resume=(None,) * num_workers, worker_offset=0)
+        tokenizer=tokenizer, resume=(None,) * num_workers, worker_offset=0,
+        captions=None if cfg.caption_list_key is None else CaptionSpec(
+            cfg.caption_list_key, None if cfg.caption_probs is None else tuple(cfg.caption_probs),
+            cfg.caption_list_with_text))
     digest = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
     return TrainLoader(spec, num_samples, digest, state, loader_workers=cfg.workers,
                        pin_memory=pin_memory, prefetch_factor=prefetch_factor,

@@ -7,16 +7,26 @@ one `forward` so that DistributedDataParallel sees every parameter, the logit sc
 from __future__ import annotations
 
 import logging
-import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from torch import nn
+from torchvision.transforms import Compose
 
-from clip_train.config import ConfigError, ModelConfig
+from clip_train.config import AugConfig, ConfigError, ModelConfig
+from clip_train.pretrained import (
+    HF_HUB_PREFIX,
+    PretrainedError,
+    fetch_hub_model_config,
+    hub_offline,
+    load_tower,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +41,12 @@ class ModelBundle:
 
 
 def resolve_model_name(name: str) -> str:
-    """Return open_clip's name for `name`, registering a local model-config JSON first."""
+    """Return open_clip's name for `name`, registering a local model-config JSON first.
+
+    `hf-hub:org/repo` is kept as it is, once its config and weights are in the local cache."""
+    if name.startswith(HF_HUB_PREFIX):
+        fetch_hub_model_config(name)
+        return name
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -51,13 +66,53 @@ def resolve_model_name(name: str) -> str:
 def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model (on CPU, fp32), its transforms and tokenizer; apply locking."""
     name = resolve_model_name(cfg.name)
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-        raise ConfigError(f"model.pretrained: no such file {cfg.pretrained!r}")
-    # pretrained_text/image=False: never fetch tower weights from a hub at run time.
-    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=cfg.pretrained, pretrained_image=False, pretrained_text=False,
-        output_dict=False,
-    )
+    hub_name = name.startswith(HF_HUB_PREFIX)
+    weights = resolve_weights(cfg.pretrained, name, "model.pretrained") if cfg.pretrained else None
+    towers = {tower: resolve_weights(spec, name, f"model.pretrained_{tower}_path")
+              for tower, spec in (("image", cfg.pretrained_image_path), ("text", cfg.pretrained_text_path))
+              if spec is not None}
+    preprocess = weights.preprocess if weights is not None else {}
+    if "image" in towers and weights is None:
+        preprocess = towers["image"].preprocess  # the image tower decides its preprocessing
+    # The config's preprocessing wins over the weights' own; unset everywhere: open_clip's.
+    preprocess = {**preprocess, **{k: v for k, v in (
+        ("mean", cfg.image_mean), ("std", cfg.image_std), ("interpolation", cfg.image_interpolation),
+        ("resize_mode", cfg.image_resize_mode)) if v is not None}}
+    try:
+        with warnings.catch_warnings():
+            # open_clip 3.3 warns that color_jitter/gray_scale_prob are unused although its non-timm
+            # path applies them; options it really ignores are refused by AugConfig's checks.
+            warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+            model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+                # open_clip ignores `pretrained` for hf-hub: names (it takes the repo's weights);
+                # a file given with one (`clip-train eval --checkpoint FILE`) is loaded below.
+                name, pretrained=weights.path if weights is not None and not hub_name else None,
+                # open_clip's base tower weights (timm / Hugging Face) only for towers that no
+                # checkpoint sets.
+                pretrained_image=cfg.pretrained_image and "image" not in towers,
+                pretrained_text=cfg.pretrained_text and "text" not in towers,
+                image_mean=_channels(preprocess.get("mean")), image_std=_channels(preprocess.get("std")),
+                image_interpolation=preprocess.get("interpolation"),
+                image_resize_mode=preprocess.get("resize_mode"),
+                force_image_size=cfg.force_image_size, aug_cfg=cfg.aug.open_clip_cfg(),
+                output_dict=False,
+            )
+    except OSError as err:  # timm / transformers base weights that could not be fetched
+        if not hub_offline():
+            raise
+        raise PretrainedError(f"model.pretrained_image/pretrained_text: base tower weights are not "
+                              f"cached and HF_HUB_OFFLINE=1 ({str(err).splitlines()[0]}); run the "
+                              f"same config once with internet access to fill HF_HOME") from None
+    if hub_name and weights is not None:
+        open_clip.load_checkpoint(model, weights.path)
+    if cfg.aug.auto_augment is not None:
+        train_transform = timm_train_transform(model, cfg.aug)
+    if cfg.aug.use_timm:
+        # timm's RandAugment/AugMix draw from numpy's global RNG, which the data pipeline does
+        # not seed per sample (it seeds `random` and torch): seed numpy from torch first.
+        train_transform = Compose([SeedNumpyFromTorch(), *train_transform.transforms])
+    for tower, tower_weights in towers.items():
+        load_tower(model, tower_weights.path, tower, f"model.pretrained_{tower}_path")
     tokenizer = open_clip.get_tokenizer(name)
     if cfg.lock_image:
         model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=False)
@@ -66,6 +121,37 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return ModelBundle(model, name, train_transform, eval_transform, tokenizer)
+
+
+def _channels(values: list[float] | tuple | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(values) * (3 if len(values) == 1 else 1)
+
+
+def timm_train_transform(model: nn.Module, aug: AugConfig) -> Compose:
+    """open_clip's use_timm training transform plus timm's auto-augment, which open_clip's
+    AugmentationCfg has no field for: the same create_transform call with `auto_augment` added."""
+    from timm.data import create_transform
+
+    pp = model.visual.preprocess_cfg
+    size = pp["size"]
+    input_size = (3, *size[-2:]) if isinstance(size, (tuple, list)) else (3, size, size)
+    kwargs = {k: v for k, v in aug.open_clip_cfg().items() if k != "use_timm"}
+    kwargs.setdefault("color_jitter", None)  # open_clip's default with timm: no jitter
+    return create_transform(input_size=input_size, is_training=True, hflip=0.0, mean=pp["mean"],
+                            std=pp["std"], re_mode="pixel", interpolation=pp["interpolation"],
+                            auto_augment=aug.auto_augment, **kwargs)
+
+
+class SeedNumpyFromTorch:
+    """Seeds numpy's global RNG from torch's (which the data pipeline seeds per sample), so that
+    timm augmentations drawing from numpy are reproducible on resume."""
+
+    def __call__(self, image):
+        np.random.seed(int(torch.randint(0, 2**32 - 1, ())))
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def tower_trainable(model: nn.Module) -> tuple[bool, bool]:

@@ -112,7 +112,7 @@ def train(cfg: Config) -> dict[str, float]:
     if cfg.model.torch_compile:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
-    optimizer = build_optimizer(bundle.model, cfg.optim)
+    optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
     accelerator.ddp_handler.broadcast_buffers = buffers_change_in_training(bundle.model)
     model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     clip = accelerator.unwrap_model(model).clip
@@ -171,7 +171,8 @@ def train(cfg: Config) -> dict[str, float]:
         images, texts = batch_to_device(images, texts, accelerator.device, loader.image_normalization)
         throughput.waited(time.perf_counter() - t0)
 
-        set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.train.steps))
+        lr = lr_at(progress.step, cfg.optim, cfg.train.steps)  # groups get it x their lr_scale
+        set_lr(optimizer, lr)
         # Each row is scored against the global batch and, with a queue, its keys from past steps.
         step_loss_fn, candidates = loss_fn, global_batch
         if queue is not None:
@@ -210,7 +211,7 @@ def train(cfg: Config) -> dict[str, float]:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
                 "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
                 "grad_norm": grad_norm.item(),

@@ -186,3 +186,25 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert len(trainers) == 2 and "clip_train / open_clip" in trainers[1]["value"]
     assert all(r["samples_per_s"] > 0 for r in speed + trainers)
     assert len(rows) == len(report["results"])  # every check named once
+
+
+def test_quality_pairs_seeds_and_checks_the_harder_prompts(tmp_path):
+    import quality
+
+    rows = [{"trainer": t, "seed": s, "zeroshot/top1": v} for t, s, v in [
+        ("clip_train", 0, 0.930), ("clip_train", 1, 0.939), ("clip_train", 2, 0.955),
+        ("open_clip", 0, 0.947), ("open_clip", 1, 0.950), ("open_clip", 2, 0.955), ("open_clip", 3, 0.9)]]
+    p = quality.paired_summary(rows, "zeroshot/top1")
+    assert p["seeds"] == [0, 1, 2]  # seed 3 has no pair
+    assert p["diffs"] == [pytest.approx(-0.017), pytest.approx(-0.011), pytest.approx(0.0)]
+    assert p["mean"] == pytest.approx(-0.009333, abs=1e-6) and p["sd"] == pytest.approx(0.008622, abs=1e-6)
+    assert p["ci95"][0] == pytest.approx(-0.009333 - 4.303 * 0.008622 / 3**0.5, abs=1e-5)
+    assert p["wins_or_ties"] == 1
+    (tmp_path / "templates.txt").write_text("x\n")
+    novel = Path(quality.write_novel_templates({"templates": str(tmp_path / "templates.txt")}))
+    assert novel.read_text().splitlines() == quality.NOVEL_TEMPLATES
+    assert quality.parse_args(["--seeds", "0,1,2,3,4", "--override", "optim.no_decay=open_clip"]).override \
+        == ["optim.no_decay=open_clip"]
+    spec = h.RunSpec("clip_train", "m.json", "d.tar", nproc=1, global_batch=8, steps=2,
+                     overrides=("optim.no_decay=open_clip",))
+    assert h.launch_command(spec, tmp_path)[-1] == "optim.no_decay=open_clip"

@@ -37,6 +37,7 @@ def test_yaml_then_overrides(tmp_path):
     (["optim.schedule=const-cooldown"], "optim.cooldown_steps"),
     (["eval.zeroshot=val.tar"], "eval.classnames"),
     (["nonsense"], "nonsense"),
+    (["model.name=hf-hub:org/repo", "model.pretrained=laion2b_s34b_b79k"], "model.pretrained"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -75,6 +76,12 @@ def test_missing_shards_and_files_are_named(tmp_path):
     cfg = load_config(None, [f"data.train={tmp_path}/train-000000.tar", "model.pretrained=/nope.pt"])
     with pytest.raises(ConfigError, match="model.pretrained"):
         check_paths(cfg)
+    # Tags and hub repos are resolved when the model is built; path-like values must exist.
+    check_paths(load_config(None, [f"data.train={tmp_path}/train-000000.tar", "model.pretrained=laion2b_s34b_b79k",
+                                   "model.pretrained_text_path=hf-hub:org/repo"]))
+    with pytest.raises(ConfigError, match="model.pretrained_image_path"):
+        check_paths(load_config(None, [f"data.train={tmp_path}/train-000000.tar",
+                                       "model.pretrained_image_path=weights/image.safetensors"]))
     # Remote sources are checked when read, not here.
     check_paths(load_config(None, ["data.train=pipe:cat a.tar::s3://bucket/b-{0..3}.tar"]))
 
@@ -88,3 +95,19 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(str(path))
     assert cfg.train.steps > 0
     assert cfg.model.name.endswith(".json") is False or (REPO / cfg.model.name).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_name_real_models_tags_and_optimizers(path):
+    """What needs open_clip/timm (no network): the model, its pretrained tag, the optimizer."""
+    import open_clip
+    from timm.optim import list_optimizers
+
+    from clip_train.model import resolve_model_name
+
+    cfg = load_config(str(path))
+    name = resolve_model_name(str(REPO / cfg.model.name) if cfg.model.name.endswith(".json") else cfg.model.name)
+    for spec in (cfg.model.pretrained, cfg.model.pretrained_image_path, cfg.model.pretrained_text_path):
+        if spec and not spec.startswith(("/", "hf-hub:")):
+            assert open_clip.get_pretrained_cfg(name, spec), f"{spec} is not an open_clip tag of {name}"
+    assert cfg.optim.opt.removeprefix("timm/") in list_optimizers()

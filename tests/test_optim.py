@@ -1,13 +1,14 @@
 """Weight-decay groups, per-tower learning rates, schedules, and LiT tower locking."""
 
+import copy
 import math
 
 import pytest
 import torch
 
-from clip_train.config import ModelConfig, OptimConfig
+from clip_train.config import ConfigError, ModelConfig, OptimConfig, load_config
 from clip_train.model import build_model, tower_trainable
-from clip_train.optim import build_optimizer, lr_at, param_groups, set_lr
+from clip_train.optim import build_optimizer, lr_at, optimizer_kwargs, param_groups, set_lr
 
 TINY = "configs/models/tiny-vit.json"
 
@@ -85,3 +86,139 @@ def test_both_towers_locked_is_an_error():
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
     assert torch.is_tensor(model.logit_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers through timm, weight-decay rules, layer-wise decay, cooldown power, fused AdamW
+
+
+@pytest.mark.parametrize("opt, cls", [("adamw", "AdamW"), ("lion", "Lion"), ("lamb", "Lamb"),
+                                      ("timm/adafactor", "Adafactor"), ("sgd", "SGD")])
+def test_optimizer_by_name_through_timm(tiny, opt, cls):
+    optimizer = build_optimizer(tiny, OptimConfig(opt=opt, lr=1e-3))
+    assert type(optimizer).__name__ == cls
+    # Our groups (weight decay, lr scale) reach the optimizer unchanged.
+    assert {g["name"] for g in optimizer.param_groups} == {g["name"] for g in param_groups(tiny, OptimConfig())}
+    assert all(g["weight_decay"] in (0.0, 0.2) for g in optimizer.param_groups)
+
+
+def test_optimizer_kwargs_and_errors(tiny):
+    lamb = build_optimizer(tiny, OptimConfig(opt="lamb", kwargs={"trust_clip": True, "max_grad_norm": 2.0}))
+    assert lamb.defaults["trust_clip"] is True and lamb.defaults["max_grad_norm"] == 2.0
+    assert lamb.defaults["betas"] == (0.9, 0.98)
+    with pytest.raises(ConfigError, match="optim.opt: timm has no optimizer 'lamp'"):
+        build_optimizer(tiny, OptimConfig(opt="lamp"))
+    with pytest.raises(ConfigError, match="optim.kwargs"):
+        build_optimizer(tiny, OptimConfig(opt="lion", kwargs={"no_such_arg": 1}))
+    with pytest.raises(ConfigError, match="optim.kwargs.lr"):
+        load_config(None, ["optim.kwargs.lr=0.1"])
+    cfg = load_config(None, ["optim.opt=lamb", "optim.kwargs.decoupled_decay=true"])
+    assert cfg.optim.kwargs == {"decoupled_decay": True}
+
+
+def test_fused_adamw_on_cuda_only():
+    assert optimizer_kwargs(OptimConfig(), "cuda")["fused"] is True
+    assert "fused" not in optimizer_kwargs(OptimConfig(), "cpu")
+    assert "fused" not in optimizer_kwargs(OptimConfig(opt="lion"), "cuda")
+    assert optimizer_kwargs(OptimConfig(kwargs={"fused": False}), "cuda")["fused"] is False
+    assert "fused" not in optimizer_kwargs(OptimConfig(kwargs={"foreach": True}), "cuda")
+    # On the CPU the default AdamW is the plain (unfused) one, as before.
+    assert not build_optimizer(build_model(ModelConfig(name=TINY)).model, OptimConfig()).defaults["fused"]
+
+
+def test_no_decay_presets_and_patterns(tiny):
+    def decayed(cfg):
+        names = {id(p): n for n, p in tiny.named_parameters()}
+        return {names[id(p)] for g in param_groups(tiny, cfg) if g["weight_decay"] > 0 for p in g["params"]}
+
+    ours = decayed(OptimConfig())
+    theirs = decayed(OptimConfig(no_decay="open_clip"))
+    # open_clip_train decays the token and positional embeddings; we do not.
+    assert theirs - ours == {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"}
+    assert ours <= theirs
+    extra = decayed(OptimConfig(no_decay_patterns=["visual.transformer.resblocks.0.*", "text_projection"]))
+    assert extra == {n for n in ours if not n.startswith("visual.transformer.resblocks.0.") and n != "text_projection"}
+
+
+def test_layer_wise_lr_decay(tiny):
+    cfg = OptimConfig(lr=1.0, image_layer_decay=0.5, text_layer_decay=0.8, image_lr_scale=0.1)
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in param_groups(tiny, cfg) for p in g["params"]}
+    # Tiny towers: embeddings (layer 0), 2 blocks, the output group (norm + projection).
+    assert scale["visual.proj"] == scale["visual.ln_post.weight"] == pytest.approx(0.1)
+    assert scale["visual.transformer.resblocks.1.mlp.c_fc.weight"] == pytest.approx(0.1 * 0.5)
+    assert scale["visual.transformer.resblocks.0.attn.in_proj_weight"] == pytest.approx(0.1 * 0.25)
+    assert scale["visual.conv1.weight"] == scale["visual.class_embedding"] == pytest.approx(0.1 * 0.125)
+    assert scale["text_projection"] == scale["ln_final.bias"] == pytest.approx(1.0)
+    assert scale["transformer.resblocks.1.ln_1.weight"] == pytest.approx(0.8)
+    assert scale["token_embedding.weight"] == scale["positional_embedding"] == pytest.approx(0.8 ** 3)
+    assert scale["logit_scale"] == 1.0
+    opt = build_optimizer(tiny, cfg)
+    set_lr(opt, 2e-3)
+    got = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert got["visual.conv1.weight"] == pytest.approx(2e-3 * 0.1 * 0.125)
+
+
+def test_cooldown_power_matches_open_clip():
+    from open_clip_train.scheduler import const_lr_cooldown
+
+    cfg = OptimConfig(lr=1.0, schedule="const-cooldown", warmup_steps=2, cooldown_steps=8, cooldown_power=2.0,
+                      min_lr=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = const_lr_cooldown(opt, 1.0, 2, 20, 8, cooldown_power=2.0, cooldown_end_lr=0.1)
+    # Ours gives step s the rate open_clip gives step s + 1 in the cooldown: it reaches min_lr
+    # on the last step instead of one step after the run.
+    for step in range(12, 20):
+        assert lr_at(step, cfg, 20) == pytest.approx(reference(step + 1))
+    assert lr_at(19, cfg, 20) == pytest.approx(0.1) and lr_at(12, cfg, 20) == pytest.approx(0.1 + 0.9 * (7 / 8) ** 2)
+
+
+@pytest.mark.parametrize("opt", ["lion", "lamb"])
+def test_optimizer_state_round_trip_with_layer_groups(opt):
+    """Resuming from (model, optimizer) state dicts continues exactly, with layer-wise groups."""
+    cfg = OptimConfig(opt=opt, lr=1e-2, image_layer_decay=0.7, text_layer_decay=0.7, weight_decay=0.1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=TINY)).model
+        return model, build_optimizer(model, cfg)
+
+    def steps(model, optimizer, first, n):
+        for k in range(first, first + n):
+            gen = torch.Generator().manual_seed(k)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            set_lr(optimizer, lr_at(k, cfg, 10))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    model, optimizer = fresh()
+    steps(model, optimizer, 0, 2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    steps(model, optimizer, 2, 3)
+    resumed, resumed_opt = fresh()
+    resumed.load_state_dict(saved)
+    resumed_opt.load_state_dict(saved_opt)
+    assert [g["lr_scale"] for g in resumed_opt.param_groups] == [g["lr_scale"] for g in optimizer.param_groups]
+    steps(resumed, resumed_opt, 2, 3)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_open_clip_preset_equals_open_clip_trains_rule(tiny):
+    """Reference: open_clip_train/main.py's `exclude` (no weight decay) rule, restated."""
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    groups = param_groups(tiny, OptimConfig(no_decay="open_clip"))
+    ours = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert ours == {n for n, p in tiny.named_parameters() if exclude(n, p)}
+
+
+def test_adafactor_keeps_its_own_eps_and_betas(tiny):
+    opt = build_optimizer(tiny, OptimConfig(opt="adafactor", lr=1e-3))
+    assert opt.defaults["eps"] == 1e-30 and opt.defaults["beta1"] is None
+    opt = build_optimizer(tiny, OptimConfig(opt="adafactor", lr=1e-3, kwargs={"eps": 1e-20}))
+    assert opt.defaults["eps"] == 1e-20
