@@ -30,6 +30,14 @@ from clip_train.negatives import (
     refresh_after_step,
 )
 from clip_train.optim import build_optimizer, lr_at, set_lr
+from clip_train.sharding import (
+    check_supported,
+    enable_fsdp2,
+    open_clip_state_dict,
+    prepare_model,
+    reduce_replicated_grads,
+    unsharded_model,
+)
 
 log = logging.getLogger("clip_train")
 
@@ -72,12 +80,12 @@ def check_world_size(accelerator: Accelerator) -> None:
     to use the CPU: N independent runs, no gradient sync, no error.
     """
     mode = str(getattr(accelerator, "distributed_type", ""))
-    if "FSDP" in mode or "DEEPSPEED" in mode:
-        # FSDP shards open_clip's scalar logit_scale badly and the unwrapped model no longer runs
-        # outside FSDP's forward; DeepSpeed steps only inside accelerator.backward and ignores
-        # no_sync. See README "Running on a cluster".
-        raise LaunchError(f"distributed mode {mode} is not supported: launch with plain DDP "
-                          "(launch/accelerate/single-node.yaml or multi-node.yaml)")
+    if "DEEPSPEED" in mode or ("FSDP" in mode and not getattr(accelerator, "is_fsdp2", False)):
+        # DeepSpeed steps only inside accelerator.backward and ignores no_sync; FSDP1's
+        # parameters outside its forward are views of a flat shard. FSDP2 is supported
+        # (clip_train/sharding.py). See README "Accelerate configurations and the gradient cache".
+        raise LaunchError(f"distributed mode {mode} is not supported: launch with DDP "
+                          "(launch/accelerate/single-node.yaml or multi-node.yaml) or FSDP2 (fsdp2.yaml)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -103,6 +111,9 @@ def train(cfg: Config) -> dict[str, float]:
     stop = StopRequest()  # first: a pre-emption signal during set-up must not kill the process
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
+    sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
+    if sharded:
+        check_supported(cfg)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
     # Negatives beyond the batch (loss.queue_size, loss.momentum): the queue and the momentum copy
@@ -112,7 +123,10 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim)
-    model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
+    model = DualEncoder(bundle.model)
+    if sharded:
+        prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
+    model, optimizer = accelerator.prepare(model, optimizer)
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
 
@@ -173,7 +187,9 @@ def train(cfg: Config) -> dict[str, float]:
             step_loss_fn = functools.partial(loss_fn, queue_img_KD=queue_img_KD, queue_txt_KD=queue_txt_KD)
             candidates += queue.filled
         out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
-                         accelerator=accelerator, train_image=train_image, train_text=train_text)
+                         accelerator=accelerator, train_image=train_image, train_text=train_text,
+                         grad_reduce=cfg.train.sharded_grad_reduce)
+        reduce_replicated_grads(model)  # FSDP2: the replicated temperature/bias (no-op otherwise)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
         # One small collective decides for every process: skip the step? stop for a signal?
         flags = torch.tensor([float(not torch.isfinite(out.loss)), float(stop.requested)], device=accelerator.device)
@@ -217,7 +233,8 @@ def train(cfg: Config) -> dict[str, float]:
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
-            metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle), progress.step)
+            metrics_log.log(run_evaluation(accelerator, unsharded_model(model, clip, bundle.name, accelerator.device),
+                                           cfg, bundle), progress.step)
         if (cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last:
             checkpoint()
         if bool(flags[1]) and not last:
@@ -227,10 +244,12 @@ def train(cfg: Config) -> dict[str, float]:
 
     display.close()
     if progress.step == cfg.train.steps:
-        results = run_evaluation(accelerator, clip, cfg, bundle)
+        results = run_evaluation(accelerator, unsharded_model(model, clip, bundle.name, accelerator.device),
+                                 cfg, bundle)
         metrics_log.log(results, progress.step)
+        final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
-            export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
+            export_open_clip(final_state, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
     # Release the DDP wrapper before the process group goes: a reducer outliving its group can
