@@ -70,6 +70,9 @@ def enable_fsdp2(accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         raise ShardingError(f"FSDP2 needs several processes; accelerate runs {accelerator.distributed_type}")
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise ShardingError("fsdp_offload_params: true needs GPUs (on CPU processes the parameters are in "
+                            "CPU memory already): set it to false in the accelerate config")
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     state = AcceleratorState()

@@ -101,3 +101,25 @@ def test_fsdp1_and_single_process_fsdp_are_refused(monkeypatch):
         enable_fsdp2(cpu)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert enable_fsdp2(cpu) is False  # a DDP launch stays DDP
+
+
+def test_fsdp2_mixed_precision_is_bf16_compute_float32_reduction():
+    """Accelerate maps mixed_precision=bf16 to bf16 reduction; prepare_model makes it float32, and
+    keeps the temperature out of the sharding."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from clip_train.model import DualEncoder
+    from clip_train.sharding import prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's default
+    acc = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
+                                distributed_type=DistributedType.FSDP)
+    model = DualEncoder(open_clip.create_model(open_clip_name()))
+    prepare_model(acc, model)
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    (ignored,) = plugin.ignored_modules
+    assert list(ignored.parameters()) == [model.clip.logit_scale]
+    assert plugin.transformer_cls_names_to_wrap == ["ResidualAttentionBlock"]
