@@ -23,15 +23,13 @@ What this module adds around Accelerate's path:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from clip_train.config import ClipTrainError
-
-log = logging.getLogger(__name__)
 
 # open_clip's transformer block, in both towers: one FSDP unit each.
 BLOCK_CLASS = "ResidualAttentionBlock"
@@ -103,6 +101,8 @@ def prepare_model(accelerator, model: nn.Module) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
+    if accelerator.distributed_type != DistributedType.FSDP:
+        raise ShardingError("prepare_model: accelerate is not running FSDP2 (call enable_fsdp2 first)")
     plugin = accelerator.state.fsdp_plugin
     # open_clip's model class is the unit: the same on every tower, whatever the config file says.
     plugin.auto_wrap_policy = transformer_auto_wrap_policy
@@ -121,7 +121,6 @@ def prepare_model(accelerator, model: nn.Module) -> None:
                                                              reduce_dtype=torch.float32,
                                                              output_dtype=mp.output_dtype,
                                                              cast_forward_inputs=mp.cast_forward_inputs)
-    assert accelerator.distributed_type == DistributedType.FSDP
 
 
 def is_sharded(model: nn.Module) -> bool:
