@@ -7,9 +7,11 @@ present); every process runs the trainer's own step (clip_train.grad_cache.train
 gradient cache, replicated-temperature reduction, gradient clipping, AdamW) and reports:
 - params/grads/optim MiB: bytes this process holds of parameters, gradients and AdamW state
   (local shards under FSDP2), counted from the tensors after a step's backward;
-- step peak MiB: the peak growth of the process's memory during one step over the memory before
-  it: on CPU the resident set size sampled every 2 ms (/proc/self/statm), on CUDA
-  torch.cuda.max_memory_allocated; it includes activations, all-gathered units, DDP's buckets;
+- step peak MiB: the process's peak memory during one step: on CPU the resident set size sampled
+  every 2 ms (/proc/self/statm; after malloc_trim, so it follows live memory; it includes the
+  Python/torch baseline of a few hundred MiB, the same in both modes), on CUDA
+  torch.cuda.max_memory_allocated; growth MiB: the same peak minus the memory just before the
+  step (activations, gradients, all-gathered units, DDP's buckets);
 - step s: median wall time of the measured steps.
 
     python benchmarks/fsdp_memory.py                      # 2 processes, DDP and FSDP2
@@ -30,6 +32,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+try:
+    import ctypes
+
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
 
 
 def mib(n_bytes: float) -> float:
@@ -53,6 +63,10 @@ class RssPeak:
             time.sleep(self.period_s)
 
     def __enter__(self) -> RssPeak:
+        # Hand freed heap pages back to the OS first, so that RSS follows the live tensors instead
+        # of what glibc kept from earlier steps (or from the full model built before sharding).
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
         self.before = self.peak = self.rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -103,7 +117,7 @@ def child(args: argparse.Namespace) -> None:
     images = torch.randn(args.local_batch, 3, args.image_size, args.image_size, generator=gen).to(acc.device)
     texts = torch.randint(1, 49000, (args.local_batch, ctx), generator=gen).to(acc.device)
 
-    times, peaks, held = [], [], {}
+    times, peaks, growths, held = [], [], [], {}
     for step in range(args.steps + 1):  # step 0 allocates AdamW state: not measured
         acc.wait_for_everyone()
         if cuda:
@@ -123,11 +137,13 @@ def child(args: argparse.Namespace) -> None:
         dt = time.perf_counter() - t0
         if step > 0:
             times.append(dt)
-            peaks.append(torch.cuda.max_memory_allocated() - before if cuda else rss.peak - rss.before)
+            peaks.append(torch.cuda.max_memory_allocated() if cuda else rss.peak)
+            growths.append(torch.cuda.max_memory_allocated() - before if cuda else rss.peak - rss.before)
     held["optim"] = local_bytes(t for s in opt.state.values() for t in s.values()
                                 if torch.is_tensor(t) and t.dim() > 0)
     mine = {"rank": acc.process_index, **{f"{k}_mib": mib(v) for k, v in held.items()},
             "held_mib": mib(sum(held.values())), "step_peak_mib": mib(max(peaks)),
+            "step_growth_mib": mib(max(growths)),
             "step_s": statistics.median(times)}
     everyone = gather_object([mine])
     if acc.is_main_process:
@@ -135,6 +151,7 @@ def child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"mode": "fsdp2" if sharded else "ddp", "nproc": acc.num_processes,
                                       "params": n_params, **worst,
                                       "step_peak_mib": max(r["step_peak_mib"] for r in everyone),
+                                      "step_growth_mib": max(r["step_growth_mib"] for r in everyone),
                                       "step_s": max(r["step_s"] for r in everyone)}), flush=True)
     acc.wait_for_everyone()
     del model, opt
@@ -184,14 +201,17 @@ def main() -> None:
     rows = [run(mode, n, args) for n in args.nproc for mode in args.modes]
     print(f"{args.model} at {args.image_size}px, {args.local_batch} samples/process, chunk {args.chunk_size}, "
           f"FSDP2 grad reduce {args.grad_reduce}; per process (max over processes):\n")
-    print("| mode | processes | params MiB | grads MiB | AdamW MiB | held MiB | x DDP | step peak MiB | step s | x DDP |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| mode | processes | params MiB | grads MiB | AdamW MiB | held MiB | x DDP | step peak MiB | x DDP "
+          "| growth MiB | step s | x DDP |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ddp = next((d for d in rows if d["mode"] == "ddp" and d["nproc"] == r["nproc"]), None)
         ratio = f"{r['held_mib'] / ddp['held_mib']:.2f}" if ddp else "-"
         time_ratio = f"{r['step_s'] / ddp['step_s']:.2f}" if ddp else "-"
+        peak_ratio = f"{r['step_peak_mib'] / ddp['step_peak_mib']:.2f}" if ddp else "-"
         print(f"| {r['mode']} | {r['nproc']} | {r['params_mib']:.0f} | {r['grads_mib']:.0f} | {r['optim_mib']:.0f} "
-              f"| {r['held_mib']:.0f} | {ratio} | {r['step_peak_mib']:.0f} | {r['step_s']:.2f} | {time_ratio} |")
+              f"| {r['held_mib']:.0f} | {ratio} | {r['step_peak_mib']:.0f} | {peak_ratio} | {r['step_growth_mib']:.0f} "
+              f"| {r['step_s']:.2f} | {time_ratio} |")
     print("\n" + json.dumps(rows))
 
 
