@@ -180,14 +180,16 @@ def open_clip_state_dict(model: nn.Module, *, to_all: bool = False) -> dict[str,
     return {k.removeprefix("clip."): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def unsharded_model(model: nn.Module, clip: nn.Module, name: str, device: torch.device) -> nn.Module:
+def unsharded_model(model: nn.Module, clip: nn.Module, name: str, device: torch.device,
+                    needed: bool = True) -> nn.Module:
     """A plain open_clip model with the current weights on every process (for evaluation).
 
-    Unsharded runs: `clip` itself. Sharded: a fresh open_clip model `name` (its
+    Unsharded runs, or not `needed` (no evaluation configured): `clip` itself, nothing gathered.
+    Sharded: a fresh open_clip model `name` (its
     non-persistent buffers such as the text attention mask come with it) that receives the full
     weights, gathered once; it holds one copy of the parameters, without gradients or optimizer
     state. Collective when sharded."""
-    if not is_sharded(model):
+    if not (needed and is_sharded(model)):
         return clip
     state = open_clip_state_dict(model, to_all=True)
     import open_clip

@@ -233,8 +233,7 @@ def train(cfg: Config) -> dict[str, float]:
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0 and not last:
-            metrics_log.log(run_evaluation(accelerator, unsharded_model(model, clip, bundle.name, accelerator.device),
-                                           cfg, bundle), progress.step)
+            metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle), progress.step)
         if (cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last:
             checkpoint()
         if bool(flags[1]) and not last:
@@ -244,8 +243,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     display.close()
     if progress.step == cfg.train.steps:
-        results = run_evaluation(accelerator, unsharded_model(model, clip, bundle.name, accelerator.device),
-                                 cfg, bundle)
+        results = run_evaluation(accelerator, model, clip, cfg, bundle)
         metrics_log.log(results, progress.step)
         final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
@@ -273,7 +271,10 @@ def count_nonfinite_step(progress: RunState, cfg: Config, checkpoint) -> None:
                             f"{cfg.train.output_dir}/checkpoints")
 
 
-def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle) -> dict[str, float]:
+def run_evaluation(accelerator: Accelerator, model, clip, cfg: Config, bundle) -> dict[str, float]:
+    # FSDP2: a plain copy of the weights, gathered once, only if there is anything to evaluate.
+    has_eval = cfg.eval.zeroshot is not None or cfg.eval.retrieval is not None
+    clip = unsharded_model(model, clip, bundle.name, accelerator.device, needed=has_eval)
     with accelerator.autocast():  # embeddings are cast to float32 before any evaluation maths
         results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
                            device=accelerator.device, rank=accelerator.process_index,

@@ -1,6 +1,7 @@
 """Sharded training (FSDP2 through Accelerate, launch/accelerate/fsdp2.yaml) on 2 CPU processes:
 exact gradient-cache steps, equality with DDP, export, sharded checkpoints, SIGKILL + resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import open_clip
 import pytest
 import torch
 from conftest import REPO
-from test_train import TINY, read_metrics
+from test_train import TINY, eval_args, read_metrics
 
 from clip_train.config import Config, LossConfig, ModelConfig
 from clip_train.sharding import ShardingError, check_supported, enable_fsdp2
@@ -31,8 +32,6 @@ def launch_fsdp2(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
 
 
 def result_of(proc: subprocess.CompletedProcess) -> dict:
-    import json
-
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
@@ -53,8 +52,11 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
     common = [*TINY, f"data.train={color_shards}", "train.steps=8", "train.local_batch_size=8",
               "train.chunk_size=3", "train.checkpoint_every_steps=4", "loss.queue_size=16"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={straight}"])
+    proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={straight}",
+                         *eval_args(tmp_path, color_shards)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((straight / "eval.json").read_text())  # evaluation on the gathered weights
+    assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
     proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"])
     assert proc.returncode != 0
     assert (killed / "checkpoints" / "step_00000004" / "pytorch_model_fsdp_0").is_dir()
