@@ -21,12 +21,12 @@ FSDP2_CONFIG = "launch/accelerate/fsdp2.yaml"
 FAULTS = "tests/helpers/train_with_faults.py"
 
 
-def launch_fsdp2(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file launch/accelerate/fsdp2.yaml` with 2 CPU processes: the
-    command users run, with ACCELERATE_USE_CPU=true (gloo)."""
+def launch_fsdp2(args: list[str], timeout: int = 300, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/accelerate/fsdp2.yaml [options]` with 2 CPU
+    processes: the command users run, with ACCELERATE_USE_CPU=true (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
            "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CONFIG,
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CONFIG, *options,
            "--num_processes", "2", "--main_process_port", "0", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -49,18 +49,24 @@ def test_fsdp2_gradient_cache_is_exact_and_state_round_trips():
 
 @pytest.mark.slow
 def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shards):
+    """Every option on: bf16 mixed precision, Accelerate's activation checkpointing, a queue,
+    evaluation; 3 launches."""
     common = [*TINY, f"data.train={color_shards}", "train.steps=8", "train.local_batch_size=8",
-              "train.chunk_size=3", "train.checkpoint_every_steps=4", "loss.queue_size=16"]
+              "train.chunk_size=3", "train.checkpoint_every_steps=4", "loss.queue_size=16",
+              "train.precision=bf16"]
+    ac = ("--fsdp_activation_checkpointing", "true")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={straight}",
-                         *eval_args(tmp_path, color_shards)])
+                         *eval_args(tmp_path, color_shards)], options=ac)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ", bf16, " in proc.stderr  # the run's start line
     results = json.loads((straight / "eval.json").read_text())  # evaluation on the gathered weights
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
-    proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"])
+    proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"], options=ac)
     assert proc.returncode != 0
     assert (killed / "checkpoints" / "step_00000004" / "pytorch_model_fsdp_0").is_dir()
-    proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest"])
+    proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={killed}", "train.resume=latest"],
+                        options=ac)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
     got = {m["step"]: m["loss"] for m in read_metrics(killed) if "loss" in m}
