@@ -8,8 +8,9 @@ gradient cache, replicated-temperature reduction, gradient clipping, AdamW) and 
 - params/grads/optim MiB: bytes this process holds of parameters, gradients and AdamW state
   (local shards under FSDP2), counted from the tensors after a step's backward;
 - step peak MiB: the process's peak memory during one step: on CPU the resident set size sampled
-  every 2 ms (/proc/self/statm; after malloc_trim, so it follows live memory; it includes the
-  Python/torch baseline of a few hundred MiB, the same in both modes), on CUDA
+  every 2 ms (/proc/self/statm; with glibc's MALLOC_MMAP_THRESHOLD_=64 KiB and malloc_trim, so
+  that it follows live memory; it includes the Python/torch baseline of a few hundred MiB, the
+  same in both modes), on CUDA
   torch.cuda.max_memory_allocated; growth MiB: the same peak minus the memory just before the
   step (activations, gradients, all-gathered units, DDP's buckets);
 - step s: median wall time of the measured steps.
@@ -170,6 +171,9 @@ def run(mode: str, nproc: int, args: argparse.Namespace) -> dict:
         pass
     if gpus < nproc:
         env["ACCELERATE_USE_CPU"] = "true"
+        # glibc: tensors >= 64 KiB get their own mmap, returned to the OS when freed, so that the
+        # sampled RSS follows live memory instead of heap pages kept after earlier allocations.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     launch = (["--config_file", str(REPO / "launch/accelerate/fsdp2.yaml")] if mode == "fsdp2"
               else ["--multi_gpu"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(nproc),
