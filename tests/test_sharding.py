@@ -131,3 +131,13 @@ def test_fsdp2_mixed_precision_is_bf16_compute_float32_reduction():
     (ignored,) = plugin.ignored_modules
     assert list(ignored.parameters()) == [model.clip.logit_scale]
     assert plugin.transformer_cls_names_to_wrap == ["ResidualAttentionBlock"]
+
+
+def test_check_world_size_admits_fsdp2_only(monkeypatch):
+    from clip_train.train import LaunchError, check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for mode, fsdp2 in (("DistributedType.FSDP", False), ("DistributedType.DEEPSPEED", False)):
+        with pytest.raises(LaunchError, match="not supported"):
+            check_world_size(types.SimpleNamespace(num_processes=2, distributed_type=mode, is_fsdp2=fsdp2))
+    check_world_size(types.SimpleNamespace(num_processes=2, distributed_type="DistributedType.FSDP", is_fsdp2=True))
