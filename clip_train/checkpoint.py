@@ -93,6 +93,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> Path:
 
 
 def _model_state_from_dir(path: Path) -> dict[str, torch.Tensor]:
+    from clip_train.sharding import sharded_checkpoint_state
+
+    sharded = sharded_checkpoint_state(str(path))  # an FSDP2 run's torch.distributed.checkpoint
+    if sharded is not None:
+        return sharded
     safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
     if safetensors_file.is_file():
         from safetensors.torch import load_file
@@ -116,9 +121,13 @@ def load_model_weights(model: nn.Module, path: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def export_open_clip(model: nn.Module, path: str) -> None:
-    """Write a plain open_clip state dict: `create_model_and_transforms(name, pretrained=path)` loads it."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def export_open_clip(model: nn.Module | dict[str, torch.Tensor], path: str) -> None:
+    """Write a plain open_clip state dict: `create_model_and_transforms(name, pretrained=path)` loads it.
+
+    `model`: an open_clip model, or its full state dict (sharded runs gather it first:
+    clip_train.sharding.open_clip_state_dict)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(state, tmp)

@@ -371,6 +371,10 @@ class TrainConfig:
     # Samples per process per optimizer step; the global batch is this times the process count.
     chunk_size: int | None = None
     # Gradient caching: samples per encoder forward. None (or local_batch_size): no chunking.
+    sharded_grad_reduce: str = "every_chunk"
+    # FSDP2 runs with chunking (launch/accelerate/fsdp2.yaml): every_chunk reduce-scatters each
+    # chunk's gradients (they stay sharded: 1/N memory) | last_chunk keeps full gradients until
+    # the last chunk, then reduces once (less communication, a full gradient copy per process).
     precision: str = "auto"
     # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
     # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
@@ -404,6 +408,7 @@ class TrainConfig:
         _require(self.chunk_size is None or 0 < self.chunk_size <= self.local_batch_size,
                  "train.chunk_size", f"must be in [1, train.local_batch_size={self.local_batch_size}] or null")
         _one_of(self.precision, "train.precision", ("auto", "no", "fp16", "bf16"))
+        _one_of(self.sharded_grad_reduce, "train.sharded_grad_reduce", ("every_chunk", "last_chunk"))
         _require(self.log_every_steps > 0, "train.log_every_steps", "must be > 0")
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")

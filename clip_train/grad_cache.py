@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clip_train.sharding import gradient_sync_context
+
 # loss_fn(img_emb_BD, txt_emb_BD, logit_scale, logit_bias) -> scalar local loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -65,12 +67,14 @@ def _scale_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tensor, *,
                loss_fn: LossFn, chunk_size: int | None, accelerator,
-               train_image: bool = True, train_text: bool = True) -> StepOutput:
+               train_image: bool = True, train_text: bool = True,
+               grad_reduce: str = "every_chunk") -> StepOutput:
     """Forward and backward of one step; gradients are left in `.grad`, reduced across processes.
 
     `model` is the (possibly DDP-wrapped) `DualEncoder`. With chunk_size None or >= B this is a
     plain forward/backward. Otherwise the two-pass gradient cache runs, with exactly one gradient
-    all-reduce: every chunk but the last back-propagates under `no_sync`.
+    all-reduce: every chunk but the last back-propagates under `no_sync`. Under FSDP2,
+    `grad_reduce` picks how chunks reduce gradients (clip_train.sharding.gradient_sync_context).
     """
     batch_size = images_BCHW.shape[0]
     if chunk_size is None or chunk_size >= batch_size:
@@ -114,7 +118,7 @@ def train_step(model: nn.Module, images_BCHW: torch.Tensor, texts_BL: torch.Tens
     # Pass 3: re-embed each chunk with graphs and back-propagate its slice of the cache.
     for i, sl in enumerate(slices):
         last = i == len(slices) - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        sync = gradient_sync_context(model, last, accelerator, grad_reduce)
         state = img_states[i] if train_image else txt_states[i]
         with sync:
             with state.replay(), accelerator.autocast():

@@ -41,6 +41,14 @@ from clip_train.runtime import (
     own_cuda_device,
     resolve_precision,
 )
+from clip_train.sharding import (
+    check_supported,
+    enable_fsdp2,
+    open_clip_state_dict,
+    prepare_model,
+    reduce_replicated_grads,
+    unsharded_model,
+)
 
 log = logging.getLogger("clip_train")
 
@@ -70,12 +78,12 @@ def check_world_size(accelerator: Accelerator) -> None:
     to use the CPU: N independent runs, no gradient sync, no error.
     """
     mode = str(getattr(accelerator, "distributed_type", ""))
-    if "FSDP" in mode or "DEEPSPEED" in mode:
-        # FSDP shards open_clip's scalar logit_scale badly and the unwrapped model no longer runs
-        # outside FSDP's forward; DeepSpeed steps only inside accelerator.backward and ignores
-        # no_sync. See README "Running on a cluster".
-        raise LaunchError(f"distributed mode {mode} is not supported: launch with plain DDP "
-                          "(launch/accelerate/single-node.yaml or multi-node.yaml)")
+    if "DEEPSPEED" in mode or ("FSDP" in mode and not getattr(accelerator, "is_fsdp2", False)):
+        # DeepSpeed steps only inside accelerator.backward and ignores no_sync; FSDP1's
+        # parameters outside its forward are views of a flat shard. FSDP2 is supported
+        # (clip_train/sharding.py). See README "Accelerate configurations and the gradient cache".
+        raise LaunchError(f"distributed mode {mode} is not supported: launch with DDP "
+                          "(launch/accelerate/single-node.yaml or multi-node.yaml) or FSDP2 (fsdp2.yaml)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -101,6 +109,9 @@ def train(cfg: Config) -> dict[str, float]:
     stop = StopRequest()  # first: a pre-emption signal during set-up must not kill the process
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
+    sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
+    if sharded:
+        check_supported(cfg)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
     if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
@@ -114,7 +125,10 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
     accelerator.ddp_handler.broadcast_buffers = buffers_change_in_training(bundle.model)
-    model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
+    model = DualEncoder(bundle.model)
+    if sharded:
+        prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
+    model, optimizer = accelerator.prepare(model, optimizer)
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
 
@@ -180,7 +194,9 @@ def train(cfg: Config) -> dict[str, float]:
             step_loss_fn = functools.partial(loss_fn, queue_img_KD=queue_img_KD, queue_txt_KD=queue_txt_KD)
             candidates += queue.filled
         out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
-                         accelerator=accelerator, train_image=train_image, train_text=train_text)
+                         accelerator=accelerator, train_image=train_image, train_text=train_text,
+                         grad_reduce=cfg.train.sharded_grad_reduce)
+        reduce_replicated_grads(model)  # FSDP2: the replicated temperature/bias (no-op otherwise)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
         # The norm of the all-reduced gradients: the same on every process, and non-finite when
         # any process's loss or gradient was (NaN/inf propagate through backward and all-reduce).
@@ -227,7 +243,7 @@ def train(cfg: Config) -> dict[str, float]:
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
         if not last and cfg.eval.due(progress.step):  # only the entries due at this step
-            metrics_log.log(run_evaluation(accelerator, clip, cfg, bundle, eval_cache, progress.step), progress.step)
+            metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step), progress.step)
         if save_now or stop_now:
             checkpoint()
         if stop_now and not last:
@@ -236,10 +252,11 @@ def train(cfg: Config) -> dict[str, float]:
 
     display.close()
     if progress.step == cfg.train.steps:
-        results = run_evaluation(accelerator, clip, cfg, bundle, eval_cache)
+        results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache)
         metrics_log.log(results, progress.step)
+        final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
-            export_open_clip(clip, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
+            export_open_clip(final_state, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
             write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
@@ -265,10 +282,13 @@ def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest
     return stop_now
 
 
-def run_evaluation(accelerator: Accelerator, clip, cfg: Config, bundle, cache: ClassifierCache | None = None,
-                   step: int | None = None) -> dict[str, float]:
+def run_evaluation(accelerator: Accelerator, model, clip, cfg: Config, bundle,
+                   cache: ClassifierCache | None = None, step: int | None = None) -> dict[str, float]:
     """Every evaluation (step None: the end of training) or those due at `step`. Only the encoders
     run in the training precision: under autocast the similarities would be bf16 too."""
+    # FSDP2: a plain copy of the weights, gathered once, only if there is anything to evaluate.
+    has_eval = bool(cfg.eval.zeroshot_sets() or cfg.eval.retrieval_sets() or cfg.eval.validation_sets())
+    clip = unsharded_model(model, clip, bundle.name, accelerator.device, needed=has_eval)
     results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
                        device=accelerator.device, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, show_progress=accelerator.is_main_process,

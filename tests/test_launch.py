@@ -289,23 +289,45 @@ def test_accelerate_configs_as_accelerate_reads_them(path):
 
     cfg = load_config_from_file(str(path))  # rejects unknown keys
     assert isinstance(cfg, ClusterConfig)
-    # Only DDP: the gradient cache's no_sync + cached-gradient backward is built for it (see
-    # launch/README-cluster.md for FSDP and DeepSpeed).
-    assert cfg.distributed_type == "MULTI_GPU" and not cfg.fsdp_config and not cfg.deepspeed_config
+    # DDP, or FSDP2 with open_clip's blocks as units (README "Sharded training (FSDP2)"); never
+    # FSDP1 or DeepSpeed, which the gradient cache does not support.
+    fsdp = cfg.distributed_type == "FSDP"
+    if fsdp:
+        assert cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "ResidualAttentionBlock"
+    else:
+        assert cfg.distributed_type == "MULTI_GPU" and not cfg.fsdp_config
+    assert not cfg.deepspeed_config
     assert cfg.mixed_precision == "no"  # train.precision decides, not the launcher
     base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
     if cfg.num_machines == 1 and cfg.num_processes > 0:  # single node: runs as is
         view = accelerate_view([*base, "-m", "clip_train", "train"])
-        assert view.multi_gpu and view.num_processes == cfg.num_processes and view.num_machines == 1
+        assert (view.use_fsdp if fsdp else view.multi_gpu)
+        assert view.num_processes == cfg.num_processes and view.num_machines == 1
     else:  # multi-node: the per-node values must come from the command line
         view = accelerate_view([*base, "--num_processes", "32", "--num_machines", "4",
                                 "--machine_rank", "3", "--main_process_ip", "head",
                                 "--main_process_port", "29500", "-m", "clip_train", "train"])
-        assert view.multi_gpu and (view.num_processes, view.num_machines, view.machine_rank) == (32, 4, 3)
+        assert (view.use_fsdp if fsdp else view.multi_gpu)
+        assert (view.num_processes, view.num_machines, view.machine_rank) == (32, 4, 3)
         with pytest.raises(ValueError, match="num_processes"):
             accelerate_view([*base, "-m", "clip_train", "train"])
 
 
 def test_expected_accelerate_configs_are_shipped():
-    assert {p.name for p in ACCELERATE_CONFIGS} >= {"single-node.yaml", "multi-node.yaml"}
-    assert "multi-node.yaml" in SBATCH.read_text()
+    assert {p.name for p in ACCELERATE_CONFIGS} >= {"single-node.yaml", "multi-node.yaml", "fsdp2.yaml",
+                                                    "fsdp2-multi-node.yaml"}
+    assert "multi-node.yaml" in SBATCH.read_text() and "fsdp2-multi-node.yaml" in SBATCH.read_text()
+
+
+def test_sbatch_dry_run_selects_the_fsdp2_config(tmp_path):
+    env = fake_slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", ACCELERATE_CONFIG="launch/accelerate/fsdp2-multi-node.yaml")
+    proc = subprocess.run(["bash", str(SBATCH), "--dry-run", "configs/tiny-cpu.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank, argv in node_commands(proc.stdout).items():
+        cmd = split_env(argv)[1]
+        assert option(cmd, "--config_file") == "launch/accelerate/fsdp2-multi-node.yaml"
+        view = accelerate_view(cmd)
+        assert view.use_fsdp and str(view.fsdp_version) == "2" and not view.multi_gpu
+        assert (view.num_processes, view.num_machines, view.machine_rank) == (16, 2, rank)
