@@ -24,7 +24,6 @@ from accelerate.utils import gather_object
 
 import clip_train.train as trainer
 from clip_train.__main__ import main
-from clip_train.optim import param_groups
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--nan-step", type=int, default=0)
@@ -107,17 +106,10 @@ def save(accelerator, output_dir, step_no, keep):
     return real_save(accelerator, output_dir, step_no, keep)
 
 
-def fused_adamw(model, cfg):
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=True)
-
-
 trainer.train_step, trainer.contrastive_loss, trainer.save_checkpoint = step, loss, save
 trainer.build_train_loader = lambda *a, **k: TimedLoader(real_loader(*a, **k))
-if args.fused:
-    trainer.build_optimizer = fused_adamw
-
-code = main(["train", *rest])
+# A fused AdamW through the config (the default only on CUDA): torch's CPU kernel exists too.
+code = main(["train", *rest, *(["optim.kwargs={fused: true}"] if args.fused else [])])
 state["step"] = 0  # stop counting
 if rank == 0:
     print("RESULT " + json.dumps({"syncs": state["syncs"], "collectives": state["collectives"], "exit": code,
