@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
-from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
+from clip_train.checkpoint import RunState, export_open_clip, save_checkpoint
 from clip_train.config import ClipTrainError, Config
 from clip_train.data import BAD_KINDS, build_train_loader
 from clip_train.evaluate import evaluate
@@ -30,6 +30,7 @@ from clip_train.negatives import (
     refresh_after_step,
 )
 from clip_train.optim import build_optimizer, lr_at, set_lr
+from clip_train.remote import RemoteSync
 
 log = logging.getLogger("clip_train")
 
@@ -123,7 +124,8 @@ def train(cfg: Config) -> dict[str, float]:
     extra_states = [x for x in (queue, key_encoder) if x is not None]
     for state in extra_states:
         accelerator.register_for_checkpointing(state)
-    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    syncer = RemoteSync(cfg.train, accelerator)  # train.remote_dir: a bucket mirrors output_dir
+    resume_from = syncer.resolve_resume()  # downloads from the bucket when a disk lacks it
     if resume_from is not None:
         check_resume_matches(resume_from, registered=1 + len(extra_states))
         accelerator.load_state(str(resume_from))  # also restores every process's RNG states
@@ -154,7 +156,9 @@ def train(cfg: Config) -> dict[str, float]:
 
     def checkpoint() -> None:
         progress.data_states = gather_object([loader.state_dict()])
-        save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints)
+        saved = save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints,
+                                keep_also=syncer.unsynced_steps())
+        syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
 
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
@@ -175,9 +179,13 @@ def train(cfg: Config) -> dict[str, float]:
         out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
                          accelerator=accelerator, train_image=train_image, train_text=train_text)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
-        # One small collective decides for every process: skip the step? stop for a signal?
-        flags = torch.tensor([float(not torch.isfinite(out.loss)), float(stop.requested)], device=accelerator.device)
+        # One small collective decides for every process: skip the step? stop for a signal? stop
+        # because the bucket has had no safe copy for too long?
+        flags = torch.tensor([float(not torch.isfinite(out.loss)), float(stop.requested), float(syncer.overdue())],
+                             device=accelerator.device)
         flags = accelerator.reduce(flags, "max")
+        if bool(flags[2]):
+            raise syncer.overdue_error()
         nonfinite = bool(flags[0]) or (accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm))
         if accelerator.mixed_precision == "fp16" or not nonfinite:
             optimizer.step()  # under fp16, GradScaler itself skips steps with inf/NaN gradients
@@ -238,6 +246,7 @@ def train(cfg: Config) -> dict[str, float]:
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
+    syncer.finish(stopped=progress.step < cfg.train.steps)  # no collectives: after end_training
     return results
 
 

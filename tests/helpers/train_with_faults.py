@@ -1,19 +1,27 @@
-"""`python -m clip_train train` with injected faults, for test_checkpoint.py:
+"""`python -m clip_train train` with injected faults, for test_checkpoint.py and test_remote.py:
   --nan-steps 3,4   the loss of these steps (1-based) is NaN
   --kill-at-step 7  rank 0 SIGKILLs itself when step 7 starts (no cleanup, as a node loss would)
+  --kill-in-upload 2  the main process SIGKILLs itself once the first file of its 2nd checkpoint
+                      upload (train.remote_dir) is in the bucket: a half-uploaded checkpoint
+  --upload-delay-s 1  every file upload to train.remote_dir first sleeps this long (a slow network)
 Everything after the options goes to `clip-train train`."""
 
 import argparse
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
+import clip_train.remote as remote
 import clip_train.train as trainer
 from clip_train.__main__ import main
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--nan-steps", default="")
 parser.add_argument("--kill-at-step", type=int, default=0)
+parser.add_argument("--kill-in-upload", type=int, default=0)
+parser.add_argument("--upload-delay-s", type=float, default=0.0)
 args, rest = parser.parse_known_args()
 nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
 calls = {"n": 0}
@@ -32,5 +40,20 @@ def step(*a, **k):
     return real_step(*a, **k)
 
 
+uploaded_steps: list[str] = []
+real_put = remote.put_file
+
+
+def put(fs, local, rpath):
+    time.sleep(args.upload_delay_s)
+    real_put(fs, local, rpath)
+    step_dir = Path(local).parent.name  # step_NNNNNNNN for the files of a checkpoint
+    if step_dir.startswith("step_") and step_dir not in uploaded_steps:
+        uploaded_steps.append(step_dir)
+        if len(uploaded_steps) == args.kill_in_upload:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 trainer.contrastive_loss, trainer.train_step = loss, step
+remote.put_file = put
 sys.exit(main(["train", *rest]))
