@@ -35,11 +35,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate.utils import broadcast_object_list, gather_object
 
 from clip_train.checkpoint import checkpoint_dir, list_checkpoints, resolve_resume, step_name
 from clip_train.config import ClipTrainError, ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 log = logging.getLogger("clip_train")
 
@@ -60,7 +64,7 @@ def first_line(err: BaseException | str) -> str:
     return text.splitlines()[0]
 
 
-def open_remote(url: str, key: str = "train.remote_dir"):
+def open_remote(url: str, key: str = "train.remote_dir") -> tuple[AbstractFileSystem, str]:
     """(fsspec filesystem, root path) of a URL; a missing backend is one line naming the extra."""
     import fsspec
 
@@ -76,24 +80,24 @@ def open_remote(url: str, key: str = "train.remote_dir"):
     return fs, root.rstrip("/")
 
 
-def _is_local(fs) -> bool:
+def _is_local(fs: AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols
 
 
-def _rm(fs, path: str, recursive: bool = False) -> None:
+def _rm(fs: AbstractFileSystem, path: str, recursive: bool = False) -> None:
     try:
         fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
 
 
-def put_file(fs, local: Path, remote: str) -> None:
+def put_file(fs: AbstractFileSystem, local: Path, remote: str) -> None:
     """Upload one file (module level, so that tests can interpose a kill or a slow network)."""
     fs.put_file(str(local), remote)
 
 
-def list_remote(fs, ckpt_root: str) -> tuple[list[int], list[int]]:
+def list_remote(fs: AbstractFileSystem, ckpt_root: str) -> tuple[list[int], list[int]]:
     """(steps of complete checkpoints, steps that have files) under `<remote_dir>/checkpoints`."""
     fs.invalidate_cache(ckpt_root)  # another process (a killed run) may have written since
     try:
@@ -105,7 +109,7 @@ def list_remote(fs, ckpt_root: str) -> tuple[list[int], list[int]]:
     return complete, with_files
 
 
-def upload_checkpoint(fs, ckpt_root: str, local: Path, step: int) -> int:
+def upload_checkpoint(fs: AbstractFileSystem, ckpt_root: str, local: Path, step: int) -> int:
     """Upload one checkpoint directory, then publish it with its marker; returns the bytes sent."""
     remote = f"{ckpt_root}/{step_name(step)}"
     _rm(fs, remote + MARKER_SUFFIX)  # a re-upload of a step unpublishes the old copy first
@@ -119,7 +123,7 @@ def upload_checkpoint(fs, ckpt_root: str, local: Path, step: int) -> int:
     return sum(files.values())
 
 
-def prune_remote(fs, ckpt_root: str, keep: int, newest: int) -> None:
+def prune_remote(fs: AbstractFileSystem, ckpt_root: str, keep: int, newest: int) -> None:
     """Keep the last `keep` complete checkpoints, and drop unpublished leftovers older than `newest`."""
     complete, with_files = list_remote(fs, ckpt_root)
     for step in complete[:-keep]:
@@ -130,7 +134,7 @@ def prune_remote(fs, ckpt_root: str, keep: int, newest: int) -> None:
             _rm(fs, f"{ckpt_root}/{step_name(step)}", recursive=True)
 
 
-def download_checkpoint(fs, ckpt_root: str, step: int, dest: Path) -> Path:
+def download_checkpoint(fs: AbstractFileSystem, ckpt_root: str, step: int, dest: Path) -> Path:
     """Fetch a complete checkpoint into `dest` (through a temporary directory renamed into place)."""
     remote = f"{ckpt_root}/{step_name(step)}"
     marker = json.loads(fs.cat_file(remote + MARKER_SUFFIX))
@@ -180,7 +184,7 @@ class _Work:
 class Uploader:
     """The main process's upload thread: one job at a time, retried with back-off until it succeeds."""
 
-    def __init__(self, fs, root: str, url: str, keep: int, max_backoff_s: float):
+    def __init__(self, fs: AbstractFileSystem, root: str, url: str, keep: int, max_backoff_s: float):
         self.fs, self.root, self.url, self.keep = fs, root, url, keep
         self.max_backoff_s = max_backoff_s
         self.last_error: str | None = None
@@ -361,7 +365,7 @@ class RemoteSync:
         self._fetch_everywhere(leader, fs, parent, int(match.group(1)), target, url.rsplit("/", 1)[0])
         return target
 
-    def _fetch_everywhere(self, fetch_here: bool, fs, ckpt_root: str, step: int, target: Path,
+    def _fetch_everywhere(self, fetch_here: bool, fs: AbstractFileSystem, ckpt_root: str, step: int, target: Path,
                           shown: str) -> None:
         """Download on the processes that need it; any failure stops every process (a collective)."""
         error = None

@@ -174,10 +174,15 @@ def test_stop_signal_waits_for_the_pending_upload(tmp_path, color_shards, s3):
     assert s3.fs.cat(f"{bucket}/run/metrics.jsonl") == (out / "metrics.jsonl").read_bytes()
 
 
-def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path, s3, monkeypatch):
+@pytest.mark.parametrize("where", ["s3", "path"])
+def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path, s3, monkeypatch, where):
+    """The same on S3 and on a plain path (a mounted filesystem as remote_dir)."""
     import clip_train.remote as remote
 
-    bucket = new_bucket(s3, "queue")
+    if where == "s3":
+        fs, bucket = s3.fs, new_bucket(s3, "queue")
+    else:
+        fs, bucket = open_remote(str(tmp_path / "mounted"))
     local = {}
     for step in (1, 2, 3, 4):
         d = tmp_path / f"step_{step:08d}"
@@ -196,7 +201,7 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
         in_flight[0] -= 1
 
     monkeypatch.setattr(remote, "put_file", gated_put)
-    up = Uploader(s3.fs, f"{bucket}/run", f"s3://{bucket}/run", keep=1, max_backoff_s=1.0)
+    up = Uploader(fs, f"{bucket}/run", f"s3://{bucket}/run", keep=1, max_backoff_s=1.0)
     up.submit(checkpoint=(1, local[1]))
     time.sleep(0.3)  # step 1 is in flight (held at the gate)
     up.submit(checkpoint=(2, local[2]))
@@ -207,19 +212,20 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
     assert up.wait_idle(60)
     assert up.uploaded == [1, 3] and most[0] == 1  # never two uploads at once
     assert up.unsynced_steps() == set() and up.unsynced_since() is None
-    assert list_remote(s3.fs, f"{bucket}/run/checkpoints") == ([3], [3])  # keep=1
+    assert list_remote(fs, f"{bucket}/run/checkpoints") == ([3], [3])  # keep=1
     # A half upload (no marker) is never a candidate and is cleaned up by the next upload.
-    s3.fs.pipe(f"{bucket}/run/checkpoints/step_00000002/weights.bin", b"partial")
-    assert list_remote(s3.fs, f"{bucket}/run/checkpoints") == ([3], [2, 3])
+    fs.makedirs(f"{bucket}/run/checkpoints/step_00000002", exist_ok=True)  # a no-op on S3
+    fs.pipe(f"{bucket}/run/checkpoints/step_00000002/weights.bin", b"partial")
+    assert list_remote(fs, f"{bucket}/run/checkpoints") == ([3], [2, 3])
     up.submit(checkpoint=(4, local[4]))
     assert up.wait_idle(60)
-    assert list_remote(s3.fs, f"{bucket}/run/checkpoints") == ([4], [4])
+    assert list_remote(fs, f"{bucket}/run/checkpoints") == ([4], [4])
     # Downloads check the sizes the marker lists.
-    got = download_checkpoint(s3.fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl" / "step_00000004")
+    got = download_checkpoint(fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl" / "step_00000004")
     assert (got / "weights.bin").read_bytes() == bytes([4]) * 1000
-    s3.fs.pipe(f"{bucket}/run/checkpoints/step_00000004/weights.bin", b"truncated")
+    fs.pipe(f"{bucket}/run/checkpoints/step_00000004/weights.bin", b"truncated")
     with pytest.raises(OSError, match="its marker says 1000"):
-        download_checkpoint(s3.fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl2" / "step_00000004")
+        download_checkpoint(fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl2" / "step_00000004")
     assert not (tmp_path / "dl2" / "step_00000004").exists()
 
 
