@@ -160,7 +160,7 @@ def test_bucket_that_disappears_warns_retries_then_stops(tmp_path, color_shards,
 def test_stop_signal_waits_for_the_pending_upload(tmp_path, color_shards, s3):
     bucket = new_bucket(s3, "slow-network")
     out, log = tmp_path / "run", tmp_path / "stderr.log"
-    proc = start_cli([FAULTS, "--upload-delay-s", "1", *TINY, f"data.train={color_shards}", "train.steps=100000",
+    proc = start_cli([FAULTS, "--upload-delay-s", "0.3", *TINY, f"data.train={color_shards}", "train.steps=100000",
                       f"train.output_dir={out}", f"train.remote_dir=s3://{bucket}/run"], s3.env, log)
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
@@ -190,10 +190,11 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
         (d / "weights.bin").write_bytes(bytes([step]) * 1000)
         (d / "custom_checkpoint_0.pkl").write_bytes(b"state")
         local[step] = d
-    gate, in_flight, most = threading.Event(), [0], [0]
+    gate, entered, in_flight, most = threading.Event(), threading.Event(), [0], [0]
     real_put = remote.put_file
 
     def gated_put(fs, path, rpath):
+        entered.set()
         in_flight[0] += 1
         most[0] = max(most[0], in_flight[0])
         gate.wait(30)
@@ -203,7 +204,7 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
     monkeypatch.setattr(remote, "put_file", gated_put)
     up = Uploader(fs, f"{bucket}/run", f"s3://{bucket}/run", keep=1, max_backoff_s=1.0)
     up.submit(checkpoint=(1, local[1]))
-    time.sleep(0.3)  # step 1 is in flight (held at the gate)
+    assert entered.wait(30)  # step 1 is in flight, held at the gate
     up.submit(checkpoint=(2, local[2]))
     up.submit(checkpoint=(3, local[3]))  # replaces 2 in the single waiting slot
     assert up.unsynced_steps() == {1, 3}  # what local pruning must spare
