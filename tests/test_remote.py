@@ -94,12 +94,13 @@ def test_sigkill_mid_upload_then_resume_on_empty_disks_is_exact(tmp_path, color_
               "train.chunk_size=3", "train.checkpoint_every_steps=4", f"train.remote_dir=s3://{bucket}/run",
               "train.remote_keep_checkpoints=2"]
     first, second = tmp_path / "first", tmp_path / "second"
-    # Rank 0 dies (SIGKILL) after the first file of its second upload (step 8) reached the bucket.
+    # Rank 0 dies (SIGKILL) after the first file of its second upload reached the bucket: step 8,
+    # or step 10 if that replaced 8 in the queue while step 4 was still uploading.
     proc = launch([FAULTS, "--kill-in-upload", "2", *common, node_local(first)], env=s3.env)
     assert proc.returncode != 0, proc.stderr[-3000:]
     ckpts = f"{bucket}/run/checkpoints"
     complete, with_files = list_remote(s3.fs, ckpts)
-    assert complete == [4] and with_files == [4, 8]  # step 8 is half there and not published
+    assert complete == [4] and with_files in ([4, 8], [4, 10])  # half there, not published
     assert sorted(Path(p).name for p in s3.fs.ls(f"{ckpts}/step_00000004")) == [
         "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
     # Rank 1's own disk never held a checkpoint: its part (RNG states) is in rank 0's copy.
@@ -107,7 +108,7 @@ def test_sigkill_mid_upload_then_resume_on_empty_disks_is_exact(tmp_path, color_
     before = losses_by_step(first / "node0")
     assert max(before) >= 8
 
-    # Every node lost: new, empty disks resume from the bucket and skip the half-uploaded step 8.
+    # Every node lost: new, empty disks resume from the bucket and skip the half-uploaded step.
     import shutil
 
     shutil.rmtree(first)
@@ -116,7 +117,7 @@ def test_sigkill_mid_upload_then_resume_on_empty_disks_is_exact(tmp_path, color_
     assert proc.stderr.count(f"downloaded s3://{ckpts}/step_00000004") == 2  # one per disk
     after = losses_by_step(second / "node0")
     assert sorted(after) == list(range(5, 11))
-    for step in range(5, 9):  # the same losses as the run before its kill, which was not resumed
+    for step in range(5, max(before) + 1):  # the same losses as the killed run, which was not resumed
         assert after[step] == pytest.approx(before[step], rel=1e-5), (step, after[step], before[step])
     assert after[10] != pytest.approx(after[5], rel=1e-3)  # the losses move, so equality means something
 
@@ -136,7 +137,7 @@ def test_bucket_that_disappears_warns_retries_then_stops(tmp_path, color_shards,
     out, log = tmp_path / "run", tmp_path / "stderr.log"
     proc = start_cli(["-m", "clip_train", "train", *TINY, f"data.train={color_shards}", "train.steps=100000",
                       "train.checkpoint_every_steps=2", f"train.output_dir={out}",
-                      f"train.remote_dir=s3://{bucket}/run", "train.remote_max_unsynced_s=4"], s3.env, log)
+                      f"train.remote_dir=s3://{bucket}/run", "train.remote_max_unsynced_s=10"], s3.env, log)
     try:
         wait_for(lambda: list_remote(s3.fs, f"{bucket}/run/checkpoints")[0], proc)
         deadline = time.time() + 60
@@ -152,7 +153,7 @@ def test_bucket_that_disappears_warns_retries_then_stops(tmp_path, color_shards,
     assert "failed (attempt 1:" in stderr and "retrying in" in stderr and "the local copy is kept" in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("clip-train: error: train.remote_dir: no upload to s3://vanishing/run succeeded "
-                           "for more than 4 s (train.remote_max_unsynced_s)"), last
+                           "for more than 10 s (train.remote_max_unsynced_s; last error: "), last
     assert "Traceback" not in stderr
     assert list_checkpoints(str(out))  # the checkpoints that never reached the bucket are kept
 
@@ -202,7 +203,7 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
         in_flight[0] -= 1
 
     monkeypatch.setattr(remote, "put_file", gated_put)
-    up = Uploader(fs, f"{bucket}/run", f"s3://{bucket}/run", keep=1, max_backoff_s=1.0)
+    up = Uploader(fs, f"{bucket}/run", f"s3://{bucket}/run", keep=1, max_backoff_s=1.0, in_child=False)
     up.submit(checkpoint=(1, local[1]))
     assert entered.wait(30)  # step 1 is in flight, held at the gate
     up.submit(checkpoint=(2, local[2]))
@@ -234,8 +235,8 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
     import clip_train.remote as remote
 
     bucket = new_bucket(s3, "stuck")
-    gate, real_put = threading.Event(), remote.put_file
-    monkeypatch.setattr(remote, "put_file", lambda *a: gate.wait(30) and real_put(*a))
+    real_command = remote.UPLOAD_COMMAND
+    monkeypatch.setattr(remote, "UPLOAD_COMMAND", [sys.executable, "-c", "import time; time.sleep(60)"])
     cfg = load_config(None, [f"train.output_dir={tmp_path}", f"train.remote_dir=s3://{bucket}/run",
                              "train.remote_stop_wait_s=0.5"]).train
     accelerator = type("OneProcess", (), {"is_main_process": True, "num_processes": 1, "process_index": 0})()
@@ -248,8 +249,10 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
         syncer.finish(stopped=True)
     assert time.time() - t0 < 5
     assert syncer.unsynced_steps() == {7} and not syncer.overdue()
-    gate.set()  # let the thread finish while the server is up
-    assert syncer.uploader.wait_idle(30)
+    # The stuck upload process was killed; the retry (a working one now) publishes step 7.
+    monkeypatch.setattr(remote, "UPLOAD_COMMAND", real_command)
+    assert syncer.uploader.wait_idle(60)
+    assert list_remote(s3.fs, f"{bucket}/run/checkpoints")[0] == [7]
 
 
 def test_remote_config_is_validated():

@@ -1,17 +1,17 @@
 """`python -m clip_train train` with injected faults, for test_checkpoint.py and test_remote.py:
   --nan-steps 3,4   the loss of these steps (1-based) is NaN
   --kill-at-step 7  rank 0 SIGKILLs itself when step 7 starts (no cleanup, as a node loss would)
-  --kill-in-upload 2  the main process SIGKILLs itself once the first file of its 2nd checkpoint
+  --kill-in-upload 2  the main process is SIGKILLed once the first file of its 2nd checkpoint
                       upload (train.remote_dir) is in the bucket: a half-uploaded checkpoint
   --upload-delay-s 1  every file upload to train.remote_dir first sleeps this long (a slow network)
+(the last two through upload_with_faults.py, the upload process)
 Everything after the options goes to `clip-train train`."""
 
 import argparse
 import os
 import signal
 import sys
-import time
-from pathlib import Path
+import tempfile
 
 import clip_train.remote as remote
 import clip_train.train as trainer
@@ -40,20 +40,10 @@ def step(*a, **k):
     return real_step(*a, **k)
 
 
-uploaded_steps: list[str] = []
-real_put = remote.put_file
-
-
-def put(fs, local, rpath):
-    time.sleep(args.upload_delay_s)
-    real_put(fs, local, rpath)
-    step_dir = Path(local).parent.name  # step_NNNNNNNN for the files of a checkpoint
-    if step_dir.startswith("step_") and step_dir not in uploaded_steps:
-        uploaded_steps.append(step_dir)
-        if len(uploaded_steps) == args.kill_in_upload:
-            os.kill(os.getpid(), signal.SIGKILL)
-
 
 trainer.contrastive_loss, trainer.train_step = loss, step
-remote.put_file = put
+if args.kill_in_upload or args.upload_delay_s:
+    counter = tempfile.mkstemp(prefix="uploads-")[1]
+    remote.UPLOAD_COMMAND = [sys.executable, "tests/helpers/upload_with_faults.py", "--counter", counter,
+                             "--kill-in-upload", str(args.kill_in_upload), "--upload-delay-s", str(args.upload_delay_s)]
 sys.exit(main(["train", *rest]))
