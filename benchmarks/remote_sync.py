@@ -8,8 +8,9 @@ priority, or with `--pin` on the last CPU while the trainer (and its data worker
 others. Logged every step. Reports the checkpoint size, each
 upload's duration, the synchronous local save, and the median step time of the steps during which
 an upload was in flight versus the other steps (the step right after a save is left out of both:
-it carries the local save, which is not the upload). Then it uploads the last checkpoint again
-with training stopped and reports the wall and CPU time this process (the client) spent on it.
+it carries the local save, which is not the upload). An upload is in flight from the hand-over
+to the upload process until that process ends. Then it uploads the last checkpoint again with
+training stopped and reports the wall time and the upload process's CPU time.
 
 A local server measures our side (threads, CPU, the trainer's stalls), not a real network: an
 upload to S3 or GCS takes size / bandwidth instead.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -93,13 +95,13 @@ def run(args, tmp: Path, port: int) -> None:
         "eval.zeroshot=null", "eval.classnames=null", "eval.templates=null", "eval.retrieval=null"])
 
     uploads, saves = [], []
-    real_upload, real_save = remote.upload_checkpoint, trainer.save_checkpoint
+    real_upload, real_save = remote.Uploader._upload, trainer.save_checkpoint
 
-    def timed_upload(*a, **k):
+    def timed_upload(self, work):
         t0 = time.time()
-        size = real_upload(*a, **k)
+        size = sum(p.stat().st_size for p in work.checkpoint[1].rglob("*")) if work.checkpoint else 0
+        real_upload(self, work)
         uploads.append((t0, time.time(), size))
-        return size
 
     def timed_save(*a, **k):
         t0 = time.time()
@@ -107,12 +109,17 @@ def run(args, tmp: Path, port: int) -> None:
         saves.append((t0, time.time()))
         return out
 
-    remote.upload_checkpoint, trainer.save_checkpoint = timed_upload, timed_save
+    remote.Uploader._upload, trainer.save_checkpoint = timed_upload, timed_save
     trainer.train(cfg)
+    remote.Uploader._upload = real_upload
     last = sorted((tmp / "run" / "checkpoints").glob("step_*"))[-1]
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    real_upload(fs, "bench/alone/checkpoints", last, 0)
-    alone = {"upload_alone_s": time.perf_counter() - wall0, "upload_alone_client_cpu_s": time.process_time() - cpu0}
+    up = remote.Uploader(fs, "bench/alone", "s3://bench/alone", keep=1, max_backoff_s=1)
+    children0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    up.submit(checkpoint=(0, last))
+    up.wait_idle(600)
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    alone = {"upload_alone_s": time.perf_counter() - wall0,
+             "upload_alone_cpu_s": children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime}
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [(r["step"], r["time"] - cfg.train.local_batch_size / r["samples_per_s_per_process"], r["time"])
              for r in rows if "samples_per_s" in r]
@@ -124,7 +131,7 @@ def run(args, tmp: Path, port: int) -> None:
         overlap = sum(max(0.0, min(end, u1) - max(start, u0)) for u0, u1, _ in uploads)
         (during if overlap > 0.5 * (end - start) else other).append(end - start)
     result = {
-        "checkpoint_mb": uploads[0][2] / 1e6 if uploads else None,
+        "checkpoint_mb": max(u[2] for u in uploads) / 1e6 if uploads else None,
         "upload_s": [round(u1 - u0, 2) for u0, u1, _ in uploads],
         "local_save_s": [round(s1 - s0, 2) for s0, s1 in saves],
         "median_step_s_upload_in_flight": statistics.median(during) if during else None,
