@@ -16,7 +16,7 @@ A local server measures our side (threads, CPU, the trainer's stalls), not a rea
 upload to S3 or GCS takes size / bandwidth instead.
 
     pip install 'moto[server]' s3fs      # in the dev extra
-    python benchmarks/remote_sync.py --steps 80 --every 10 --pin
+    python benchmarks/remote_sync.py --steps 80 --every 20 [--pin] [--in-thread]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
+    parser.add_argument("--in-thread", action="store_true",
+                        help="upload from the trainer's thread instead of a child process (the first design)")
     parser.add_argument("--pin", action="store_true",
                         help="server on the last CPU, this process on the others (instead of nice 19)")
     args = parser.parse_args()
@@ -94,6 +96,9 @@ def run(args, tmp: Path, port: int) -> None:
         "train.remote_dir=s3://bench/run", "train.keep_checkpoints=2", "optim.warmup_steps=5",
         "eval.zeroshot=null", "eval.classnames=null", "eval.templates=null", "eval.retrieval=null"])
 
+    if args.in_thread:
+        init = remote.Uploader.__init__
+        remote.Uploader.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "in_child": False})
     uploads, saves = [], []
     real_upload, real_save = remote.Uploader._upload, trainer.save_checkpoint
 
