@@ -239,7 +239,8 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
     monkeypatch.setattr(remote, "UPLOAD_COMMAND", [sys.executable, "-c", "import time; time.sleep(60)"])
     cfg = load_config(None, [f"train.output_dir={tmp_path}", f"train.remote_dir=s3://{bucket}/run",
                              "train.remote_stop_wait_s=0.5"]).train
-    accelerator = type("OneProcess", (), {"is_main_process": True, "num_processes": 1, "process_index": 0})()
+    accelerator = type("OneProcess", (), {"is_main_process": True, "num_processes": 1, "process_index": 0,
+                                          "wait_for_everyone": lambda self: None})()
     syncer = RemoteSync(cfg, accelerator)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"x")
@@ -253,6 +254,12 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
     monkeypatch.setattr(remote, "UPLOAD_COMMAND", real_command)
     assert syncer.uploader.wait_idle(60)
     assert list_remote(s3.fs, f"{bucket}/run/checkpoints")[0] == [7]
+    # train.resume=<URL of a checkpoint>: downloaded into output_dir/downloaded
+    url = f"s3://{bucket}/run/checkpoints/step_00000007"
+    other = load_config(None, [f"train.output_dir={tmp_path}/other", f"train.resume={url}"]).train
+    got = RemoteSync(other, accelerator).resolve_resume()
+    assert got == tmp_path / "other" / "downloaded" / "step_00000007"
+    assert (got / "model.safetensors").read_bytes() == b"x"
 
 
 def test_remote_config_is_validated():
