@@ -2,7 +2,8 @@
 
 A checkpoint is `accelerator.save_state` (model, optimizer, grad scaler, every process's RNG
 states, and registered objects such as the run progress) written to a temporary directory and
-renamed into place, so a crash while saving leaves the previous checkpoint intact.
+renamed into place, so a crash while saving leaves the previous checkpoint intact. The main
+process's copy holds every process's part, so it alone can be uploaded (clip_train.remote).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from accelerate.utils.constants import RNG_STATE_NAME
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -71,25 +75,52 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> Path:
-    """Save atomically on every process (each writes its own RNG state), then prune to `keep`."""
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int,
+                    keep_also: Collection[int] = ()) -> Path:
+    """Save atomically on every process (each writes its own RNG state), then prune to `keep`
+    (never the steps in `keep_also`: checkpoints still waiting for their upload)."""
     root = checkpoint_dir(output_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    _gather_rng_states(accelerator, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if int(_STEP_DIR.match(old.name).group(1)) not in keep_also:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)  # a disk the main process does not see: its part is in `final`
     return final
+
+
+def _gather_rng_states(accelerator, tmp: Path) -> None:
+    """Make the main process's copy complete on its own: every process's RNG-state file.
+
+    Without a shared filesystem (node-local output_dir) each process writes its
+    random_states_{rank}.pkl to its own disk; the main process's directory is the one that is
+    kept and uploaded, and a resume on new nodes needs every rank's file in it.
+    """
+    if getattr(accelerator, "num_processes", 1) == 1:
+        return
+    name = f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    everyone = gather_object([(name, (tmp / name).read_bytes())])
+    if accelerator.is_main_process:
+        for other, data in everyone:
+            if not (tmp / other).is_file():
+                (tmp / other).write_bytes(data)
 
 
 def _model_state_from_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -390,7 +390,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Keep the last K checkpoints.
     resume: str | None = None
-    # latest (the newest checkpoint in output_dir, or start fresh if none) or a checkpoint path.
+    # latest (the newest checkpoint in output_dir or remote_dir, or start fresh if none), a
+    # checkpoint path, or the URL of a checkpoint in a bucket (downloaded into output_dir).
     max_nonfinite_steps: int = 5
     # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
     # the next stop check, below).
@@ -401,6 +402,20 @@ class TrainConfig:
     process_group_timeout_s: float = 1800.0
     # Seconds a collective may wait before the run fails: every process waits while the main
     # process writes a checkpoint, so this must outlast a save to a slow shared filesystem.
+    remote_dir: str | None = None
+    # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
+    # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the
+    # main process in the background, published by a marker object written last; resume=latest
+    # also looks there. output_dir may then be node-local (see README "Checkpoints in a bucket").
+    remote_keep_checkpoints: int | None = None
+    # Keep the last K complete checkpoints in remote_dir (None: train.keep_checkpoints).
+    remote_max_unsynced_s: float = 3600.0
+    # Stop the run with an error when a checkpoint (or a final file) has waited this long without
+    # reaching remote_dir: failed uploads are retried with back-off until then. Must exceed the
+    # time one checkpoint takes to upload.
+    remote_stop_wait_s: float = 60.0
+    # After SIGTERM/SIGUSR1, wait this long for the pending upload before exiting; keep it below
+    # the launcher's grace time minus the checkpoint's save time (launch/slurm.sbatch STOP_GRACE_S).
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", "must be > 0")
@@ -417,6 +432,15 @@ class TrainConfig:
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",
                  "must be > 0 seconds (e.g. 1800: long enough to write a checkpoint)")
+        if self.remote_dir is not None:
+            _require(bool(self.remote_dir.strip().rstrip("/")), "train.remote_dir",
+                     "must be an fsspec URL such as s3://bucket/prefix (or null: no mirror)")
+            _require(os.path.abspath(self.remote_dir.rstrip("/")) != os.path.abspath(self.output_dir.rstrip("/")),
+                     "train.remote_dir", "must differ from train.output_dir (it mirrors it)")
+        _require(self.remote_keep_checkpoints is None or self.remote_keep_checkpoints > 0,
+                 "train.remote_keep_checkpoints", "must be > 0 (or null: train.keep_checkpoints)")
+        _require(self.remote_max_unsynced_s > 0, "train.remote_max_unsynced_s", "must be > 0 seconds")
+        _require(self.remote_stop_wait_s >= 0, "train.remote_stop_wait_s", "must be >= 0 seconds")
 
 
 @dataclass

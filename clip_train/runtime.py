@@ -128,6 +128,7 @@ class StepHealth:
         self.skipped, self.in_a_row = counter(skipped_steps), counter(in_a_row)
         self.worst_in_a_row, self.last_bad_step = counter(in_a_row), counter(0)
         self.skipped_at_last_check = skipped_steps
+        self.upload_overdue = False
 
     def record(self, bad: torch.Tensor, step: int) -> None:
         self.skipped += bad
@@ -135,14 +136,19 @@ class StepHealth:
         self.worst_in_a_row = torch.maximum(self.worst_in_a_row, self.in_a_row)
         self.last_bad_step = torch.where(bad, step, self.last_bad_step)
 
-    def check(self, accelerator, stop_requested: bool) -> tuple[bool, int, int, int]:
+    def check(self, accelerator, stop_requested: bool, upload_overdue: bool = False) -> tuple[bool, int, int, int]:
         """(stop, skipped_steps, worst run of non-finite steps since the last check, now in a
-        row), agreed by every process. Call it at the same steps on every process."""
+        row), agreed by every process. Call it at the same steps on every process.
+
+        `upload_overdue` (the main process's bucket mirror has had no safe copy for too long) is
+        agreed in the same collective and left in `self.upload_overdue`."""
         flags = torch.stack([torch.tensor(int(stop_requested), device=self.device), self.skipped,
-                             self.worst_in_a_row, self.in_a_row, self.last_bad_step])
+                             self.worst_in_a_row, self.in_a_row, self.last_bad_step,
+                             torch.tensor(int(upload_overdue), device=self.device)])
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "max")
-        stop, skipped, worst, in_a_row, last_bad = flags.tolist()
+        stop, skipped, worst, in_a_row, last_bad, overdue = flags.tolist()
+        self.upload_overdue = bool(overdue)
         if skipped > self.skipped_at_last_check:
             log.warning("step %d: non-finite loss or gradient, step skipped (%d skipped since the last "
                         "check, %d in a row)", last_bad, skipped - self.skipped_at_last_check, in_a_row)

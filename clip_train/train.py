@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from clip_train.checkpoint import RunState, export_open_clip, resolve_resume, save_checkpoint
+from clip_train.checkpoint import RunState, export_open_clip, save_checkpoint
 from clip_train.config import ClipTrainError, Config
 from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
 from clip_train.evaluate import ClassifierCache, evaluate
@@ -29,6 +29,7 @@ from clip_train.negatives import (
     refresh_after_step,
 )
 from clip_train.optim import build_optimizer, lr_at, set_lr
+from clip_train.remote import RemoteSync
 from clip_train.report import write_report_safely
 from clip_train.runtime import (
     StepHealth,
@@ -139,7 +140,8 @@ def train(cfg: Config) -> dict[str, float]:
     extra_states = [x for x in (queue, key_encoder) if x is not None]
     for state in extra_states:
         accelerator.register_for_checkpointing(state)
-    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    syncer = RemoteSync(cfg.train, accelerator)  # train.remote_dir: a bucket mirrors output_dir
+    resume_from = syncer.resolve_resume()  # downloads from the bucket when a disk lacks it
     if resume_from is not None:
         check_resume_matches(resume_from, registered=1 + len(extra_states))
         accelerator.load_state(str(resume_from))  # also restores every process's RNG states
@@ -171,7 +173,9 @@ def train(cfg: Config) -> dict[str, float]:
 
     def checkpoint() -> None:
         progress.data_states = gather_object([loader.state_dict()])
-        save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints)
+        saved = save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints,
+                                keep_also=syncer.unsynced_steps())
+        syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
 
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
@@ -222,7 +226,7 @@ def train(cfg: Config) -> dict[str, float]:
         save_now = bool(cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0) or last
         stop_now = False
         if log_now or save_now or progress.step % cfg.train.stop_check_every_steps == 0:
-            stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint)
+            stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint, syncer)
         if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
@@ -265,16 +269,20 @@ def train(cfg: Config) -> dict[str, float]:
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
+    syncer.finish(stopped=progress.step < cfg.train.steps)  # no collectives: after end_training
     return results
 
 
 def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest, progress: RunState,
-                 cfg: Config, checkpoint) -> bool:
+                 cfg: Config, checkpoint, syncer: RemoteSync) -> bool:
     """The periodic check (one small collective, every process at the same step): skipped-step
     counts into the run state; too many non-finite steps in a row stop the run with a checkpoint
-    (skipped steps change nothing, so it holds the last good weights). True: a stop signal came."""
+    (skipped steps change nothing, so it holds the last good weights); a bucket mirror without a
+    safe copy for too long stops it too. True: a stop signal came."""
     stop_now, progress.skipped_steps, worst, progress.nonfinite_in_a_row = health.check(
-        accelerator, stop.requested)
+        accelerator, stop.requested, syncer.overdue())
+    if health.upload_overdue:
+        raise syncer.overdue_error()
     if worst >= cfg.train.max_nonfinite_steps:
         checkpoint()
         raise TrainingError(f"{worst} non-finite steps in a row (train.max_nonfinite_steps); last good "
