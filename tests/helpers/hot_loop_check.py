@@ -91,7 +91,7 @@ class TimedLoader:
             yield batch
 
 
-def save(accelerator, output_dir, step_no, keep):
+def save(accelerator, output_dir, step_no, keep, **kwargs):
     """Compare every process's parameters and optimizer step counts (while the group is up)."""
     model, optimizer = accelerator._models[0], accelerator._optimizers[0].optimizer
     params = {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
@@ -103,7 +103,7 @@ def save(accelerator, output_dir, step_no, keep):
         "frozen": sorted(n.removeprefix("module.") for n, p in model.named_parameters() if not p.requires_grad),
         "params": {n: p.flatten()[:64].tolist() for n, p in params.items()},
     }
-    return real_save(accelerator, output_dir, step_no, keep)
+    return real_save(accelerator, output_dir, step_no, keep, **kwargs)
 
 
 trainer.train_step, trainer.contrastive_loss, trainer.save_checkpoint = step, loss, save
