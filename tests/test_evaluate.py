@@ -594,7 +594,8 @@ def test_training_evaluation_under_bf16_equals_standalone(bundle, data, monkeypa
         autocast=_autocast_bf16, device=torch.device("cpu"), process_index=0, num_processes=1,
         is_main_process=True,
     )
-    in_training = run_evaluation(accelerator, bundle.model, cfg, bundle)
+    # The training model is the open_clip model itself here (unsharded: nothing to gather).
+    in_training = run_evaluation(accelerator, bundle.model, bundle.model, cfg, bundle)
     fp32 = _eval(bundle, cfg.eval)
 
     model = bundle.model
