@@ -82,6 +82,15 @@ def buffers_change_in_training(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
 
 
+def sync_buffers_every_forward(model: nn.Module, enabled: bool) -> None:
+    """Set whether a DDP-wrapped model broadcasts rank 0's buffers before every forward (the
+    initial broadcast happens either way). torch >= 2.14 names this `forward_sync_buffers` and
+    warns about its `broadcast_buffers` argument, older versions read `broadcast_buffers`: the
+    attribute is set after wrapping, so neither warns. Not DDP (one process, FSDP2): nothing."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.forward_sync_buffers = model.broadcast_buffers = enabled
+
+
 def freeze_unused_logit_bias(clip: nn.Module, loss_kind: str) -> bool:
     """The CLIP (InfoNCE) loss never uses a logit bias (SigLIP models have one): left trainable,
     it gets no gradient and DDP fails at step 2 ("Expected to have finished reduction").

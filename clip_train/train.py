@@ -41,6 +41,7 @@ from clip_train.runtime import (
     optimizer_step,
     own_cuda_device,
     resolve_precision,
+    sync_buffers_every_forward,
 )
 from clip_train.sharding import (
     check_supported,
@@ -66,7 +67,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
     configure_matmul_precision(cfg.train.tf32, cuda)
-    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg),
+    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
                        project_dir=cfg.train.output_dir,
                        kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
 
@@ -125,11 +126,11 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
-    accelerator.ddp_handler.broadcast_buffers = buffers_change_in_training(bundle.model)
     model = DualEncoder(bundle.model)
     if sharded:
         prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
     model, optimizer = accelerator.prepare(model, optimizer)
+    sync_buffers_every_forward(model, buffers_change_in_training(bundle.model))
     clip = accelerator.unwrap_model(model).clip
     train_image, train_text = tower_trainable(clip)
 
