@@ -370,6 +370,13 @@ def is_disk_leader(accelerator, output_dir: str) -> bool:
     return leader
 
 
+def one_disk_for_all(accelerator, output_dir: str) -> bool:
+    """Whether every process sees the same output_dir disk (a collective)."""
+    from accelerate.utils import gather_object
+
+    return sum(gather_object([is_disk_leader(accelerator, output_dir)])) == 1
+
+
 class RemoteSync:
     """What train.py calls: resume from the newest checkpoint of the disks and the bucket, then
     upload after each checkpoint, at a stop and at the end. Without train.remote_dir (and a URL in

@@ -91,6 +91,18 @@ def check_supported(cfg) -> None:
                             "set model.torch_compile=false")
 
 
+def check_mirror_disk(accelerator, cfg) -> None:
+    """FSDP2 with train.remote_dir needs one output_dir disk for every process: each process
+    writes its own shards of a checkpoint, and only the main process uploads its directory."""
+    from clip_train.remote import one_disk_for_all
+
+    if cfg.train.remote_dir and accelerator.num_processes > 1 \
+            and not one_disk_for_all(accelerator, cfg.train.output_dir):
+        raise ShardingError("train.remote_dir with FSDP2 needs train.output_dir on a filesystem every "
+                            "process shares (each process writes its own shards; the main process "
+                            "uploads them): use a shared output_dir, or a DDP config on node-local disks")
+
+
 def prepare_model(accelerator, model: nn.Module) -> None:
     """Before `accelerator.prepare`: tell Accelerate's FSDP2 plugin how to shard a DualEncoder.
 

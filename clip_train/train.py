@@ -44,6 +44,7 @@ from clip_train.runtime import (
     sync_buffers_every_forward,
 )
 from clip_train.sharding import (
+    check_mirror_disk,
     check_supported,
     enable_fsdp2,
     open_clip_state_dict,
@@ -114,6 +115,7 @@ def train(cfg: Config) -> dict[str, float]:
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
     if sharded:
         check_supported(cfg)
+        check_mirror_disk(accelerator, cfg)  # a bucket mirror needs every shard on one disk
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
     if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
