@@ -79,6 +79,18 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def check_resume_world_size(checkpoint: str | Path, num_processes: int) -> None:
+    """A checkpoint holds one RNG state and one data-stream position per process: resuming it on
+    another number of processes would silently restart or drop streams. Refuse in one line."""
+    from clip_train.config import ConfigError
+
+    saved = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    if saved and saved != num_processes:
+        raise ConfigError(f"train.resume: {checkpoint} was written by {saved} processes, this run has "
+                          f"{num_processes}: resume with --num_processes {saved} (every process's RNG "
+                          "state and data-stream position are part of the checkpoint)")
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, keep: int,
                     keep_also: Collection[int] = ()) -> Path:
     """Save atomically on every process (each writes its own RNG state), then prune to `keep`

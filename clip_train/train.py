@@ -14,7 +14,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from clip_train.checkpoint import RunState, export_open_clip, save_checkpoint
+from clip_train.checkpoint import (
+    RunState,
+    check_resume_world_size,
+    export_open_clip,
+    save_checkpoint,
+)
 from clip_train.config import ClipTrainError, Config
 from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
 from clip_train.evaluate import ClassifierCache, evaluate
@@ -147,6 +152,7 @@ def train(cfg: Config) -> dict[str, float]:
     resume_from = syncer.resolve_resume()  # downloads from the bucket when a disk lacks it
     if resume_from is not None:
         check_resume_matches(resume_from, registered=1 + len(extra_states))
+        check_resume_world_size(resume_from, accelerator.num_processes)
         accelerator.load_state(str(resume_from))  # also restores every process's RNG states
         log.info("resumed from %s at step %d", resume_from, progress.step)
     else:

@@ -62,6 +62,13 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shard
     # The report keeps the resumed run's values too (metrics.jsonl holds steps 5-6 twice).
     assert read_series(killed / "metrics.jsonl")[0]["loss"] == pytest.approx(got, rel=1e-12)
     assert (killed / "report.png").is_file()
+    # A 2-process checkpoint resumed by 1 process: one line that says how to resume it, no training.
+    proc = subprocess.run([sys.executable, "-m", "clip_train", "train", *common, f"train.output_dir={killed}",
+                           "train.resume=latest"], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "written by 2 processes, this run has 1: resume with --num_processes 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, color_shards):
