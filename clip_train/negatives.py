@@ -193,10 +193,14 @@ class MomentumEncoder:
         self.model.load_state_dict(state["model"], strict=True)
 
 
-def embed_dim(model_name: str) -> int:
-    """The joint embedding dimension of an open_clip model (a name open_clip knows, local JSON
-    configs included once `clip_train.model.resolve_model_name` has registered them)."""
-    cfg = open_clip.get_model_config(model_name)
+def embed_dim(model_name: str, clip: nn.Module | None = None) -> int:
+    """The joint embedding dimension of an open_clip model: the built model's image tower says it;
+    without a model, open_clip's registry (local JSON configs included once
+    `clip_train.model.resolve_model_name` has registered them)."""
+    output_dim = getattr(getattr(clip, "visual", None), "output_dim", None)
+    if output_dim is not None:
+        return int(output_dim)
+    cfg = None if model_name.startswith("hf-hub:") else open_clip.get_model_config(model_name)
     if cfg is None or "embed_dim" not in cfg:
         raise ConfigError(
             f"model.name: cannot read the embedding dim of {model_name!r} for loss.queue_size"
@@ -215,7 +219,7 @@ def build_negatives(
     anything patches the model (torch.compile) and before resuming overwrites them."""
     if cfg.queue_size == 0:
         return None, None
-    queue = KeyQueue(cfg.queue_size, embed_dim(model_name), device)
+    queue = KeyQueue(cfg.queue_size, embed_dim(model_name, clip), device)
     encoder = MomentumEncoder(clip, cfg.momentum, device) if cfg.momentum > 0 else None
     return queue, encoder
 

@@ -443,6 +443,13 @@ def test_build_negatives_follows_the_config():
     assert build_negatives(LossConfig(), clip, name, "cpu") == (None, None)
     queue, encoder = build_negatives(LossConfig(queue_size=12), clip, name, "cpu")
     assert queue.img_KD.shape == (12, 64) and encoder is None
+    # A model open_clip's registry does not know (hf-hub:...): the dim comes from the built model.
+    import open_clip
+
+    built = open_clip.create_model(name)
+    assert embed_dim("hf-hub:org/not-in-the-registry", built) == built.visual.output_dim == 64
+    with pytest.raises(ConfigError, match="cannot read the embedding dim"):
+        embed_dim("hf-hub:org/not-in-the-registry")
     queue, encoder = build_negatives(LossConfig(queue_size=12, momentum=0.995), clip, name, "cpu")
     assert encoder.momentum == 0.995 and encoder.model is not clip
 
