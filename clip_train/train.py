@@ -273,6 +273,8 @@ def train(cfg: Config) -> dict[str, float]:
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
             write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
+    elif accelerator.is_main_process:
+        write_report_safely(cfg.train.output_dir)  # stopped by a signal: the curves so far
     # Release the DDP wrapper before the process group goes: a reducer outliving its group can
     # abort the interpreter at exit ("terminate called without an active exception").
     del model, optimizer

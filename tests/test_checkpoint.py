@@ -87,6 +87,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, color_shards):
     assert "stop signal received" in stderr
     saved = list_checkpoints(str(out))
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) == max(losses_by_step(out))
+    assert (out / "report.png").is_file() and (out / "report.html").is_file()  # the curves so far
 
 
 def test_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, color_shards):
