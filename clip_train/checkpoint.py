@@ -56,7 +56,7 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
@@ -79,12 +79,17 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(checkpoint: Path) -> int:
+    """The step of a complete checkpoint directory (named by step_name)."""
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
+
+
 def check_resume_world_size(checkpoint: str | Path, num_processes: int) -> None:
     """A checkpoint holds one RNG state and one data-stream position per process: resuming it on
     another number of processes would silently restart or drop streams. Refuse in one line."""
     from clip_train.config import ConfigError
 
-    saved = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    saved = len(list(Path(checkpoint).glob(f"{RNG_STATE_NAME}_*.pkl")))
     if saved and saved != num_processes:
         raise ConfigError(f"train.resume: {checkpoint} was written by {saved} processes, this run has "
                           f"{num_processes}: resume with --num_processes {saved} (every process's RNG "
@@ -110,7 +115,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int,
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
-            if int(_STEP_DIR.match(old.name).group(1)) not in keep_also:
+            if step_of(old) not in keep_also:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process and tmp.exists():

@@ -399,7 +399,7 @@ class RemoteSync:
         """The local checkpoint directory to load on this process (downloaded where needed)."""
         from accelerate.utils import broadcast_object_list, gather_object
 
-        from clip_train.checkpoint import checkpoint_dir, list_checkpoints, resolve_resume
+        from clip_train.checkpoint import checkpoint_dir, list_checkpoints, resolve_resume, step_of
 
         resume, out = self.cfg.resume, self.cfg.output_dir
         if resume is not None and "://" in resume:
@@ -407,7 +407,7 @@ class RemoteSync:
         if resume != "latest" or self.url is None:
             return resolve_resume(resume, out)
         leader = is_disk_leader(self.accelerator, out)
-        mine = [int(p.name.split("_")[1]) for p in list_checkpoints(out)] if leader else None
+        mine = [step_of(p) for p in list_checkpoints(out)] if leader else None
         per_disk = [steps for steps in gather_object([mine]) if steps is not None]
         decision: dict = {"step": None, "error": None}
         if self.accelerator.is_main_process:
