@@ -179,17 +179,19 @@ def gradient_sync_context(model: nn.Module, last: bool, accelerator, reduce: str
 
 
 def open_clip_state_dict(model: nn.Module, *, to_all: bool = False) -> dict[str, torch.Tensor]:
-    """The full open_clip state dict (plain keys, CPU tensors) of a prepared DualEncoder.
+    """The full open_clip state dict (plain keys) of a prepared DualEncoder.
 
-    Sharded: collective, call on every process; the main process gets the tensors (to_all:
-    every process does), the others {}. Unsharded (DDP or one process): the model's own."""
+    Sharded: collective, call on every process; the main process gets the tensors on the CPU
+    (to_all: every process gets them, on the device), the others {}. Unsharded (DDP or one
+    process): the model's own tensors, not copied (export_open_clip moves what it writes to the
+    CPU, so the other processes copy nothing)."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not to_all))
     else:
         state = getattr(model, "module", model).state_dict()  # DDP wraps the DualEncoder
-    return {k.removeprefix("clip."): v.detach().cpu().contiguous() for k, v in state.items()}
+    return {k.removeprefix("clip."): v for k, v in state.items()}
 
 
 def unsharded_model(model: nn.Module, clip: nn.Module, name: str, device: torch.device,
