@@ -388,10 +388,17 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # Save a resumable checkpoint every N steps (0: only at the end).
     keep_checkpoints: int = 2
-    # Keep the last K checkpoints.
+    # Keep this run's last K checkpoints (at least 2: the one before the newest is the fallback
+    # when the newest is damaged). Another run's checkpoints are never pruned (docs/checkpoints.md).
     resume: str | None = None
-    # latest (the newest checkpoint in output_dir or remote_dir, or start fresh if none), a
-    # checkpoint path, or the URL of a checkpoint in a bucket (downloaded into output_dir).
+    # latest (the newest checkpoint in output_dir or remote_dir whose manifest verifies; none:
+    # start fresh), a checkpoint path, or the URL of a checkpoint in a bucket (downloaded into
+    # output_dir). A damaged checkpoint named explicitly stops the run in one line.
+    overwrite: str | None = None
+    # A fresh run into an output_dir (or remote_dir) that holds another run's checkpoints is
+    # refused unless this says what to do with them: archive (moved, with that run's metrics and
+    # outputs, to <output_dir>/archive/<their run id>/; in the bucket <remote_dir>/archive/) |
+    # remove (deleted). null: refuse.
     max_nonfinite_steps: int = 5
     # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
     # the next stop check, below).
@@ -426,7 +433,10 @@ class TrainConfig:
         _one_of(self.sharded_grad_reduce, "train.sharded_grad_reduce", ("every_chunk", "last_chunk"))
         _require(self.log_every_steps > 0, "train.log_every_steps", "must be > 0")
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
-        _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+        _require(self.keep_checkpoints >= 2, "train.keep_checkpoints",
+                 "must be >= 2 (the checkpoint before the newest is the fallback when the newest is damaged)")
+        if self.overwrite is not None:
+            _one_of(self.overwrite, "train.overwrite", ("archive", "remove"))
         _require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
         _require(self.stop_check_every_steps > 0, "train.stop_check_every_steps",
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")

@@ -105,8 +105,9 @@ def init_trackers(accelerator, cfg: Config, run_id: str | None, step: int = 0) -
 class MetricsLog:
     """Writes metrics to `<output_dir>/metrics.jsonl` and the trackers; main process only."""
 
-    def __init__(self, accelerator, cfg: Config):
+    def __init__(self, accelerator, cfg: Config, run_id: str | None = None):
         self.accelerator = accelerator
+        self.run_id = run_id  # on every line: which run wrote it (docs/checkpoints.md)
         self.enabled = accelerator.is_main_process
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
         if self.enabled:
@@ -118,7 +119,8 @@ class MetricsLog:
             return
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+            run = {"run_id": self.run_id} if self.run_id else {}
+            f.write(json.dumps({"step": step, "time": time.time(), **run, **clean}) + "\n")
         self.accelerator.log({**metrics, STEP_KEY: step})
 
 

@@ -3,17 +3,22 @@
 Layout of remote_dir (that of output_dir):
     checkpoints/step_NNNNNNNN/           the files of one checkpoint, every process's part
                                          (checkpoint.save_checkpoint gathers them on the main process)
-    checkpoints/step_NNNNNNNN.complete   its marker, written last: {"step": N, "files": {name: bytes}}
+    checkpoints/step_NNNNNNNN.complete   its marker, written last: the checkpoint's manifest.json
+                                         (step, run id, every file's size and CRC32)
     config.yaml, metrics.jsonl           after every checkpoint and at the end
     open_clip_model.pt, eval.json, report.png, report.html   at the end, those that exist
 
 Object stores have no rename, so a checkpoint's prefix is the temporary one until its marker
 exists: readers trust marked checkpoints only, a re-upload of a step deletes its marker first, and
-pruning deletes the marker before the files. A reader never sees half a checkpoint.
+pruning deletes the marker before the files. A reader never sees half a checkpoint, and a download
+is verified against the marker (sizes and CRC32) before it is renamed into place. A local
+directory that is missing, empty or without its manifest is never published; pruning removes only
+this run's checkpoints and never the newest complete one.
 
 Writer: `Uploader`, a thread of the main process doing one job at a time (never two uploads of a
-run at once), each in a child process (`python -m clip_train.remote JOB`, at a lower CPU priority
-and killed with the trainer): s3fs's event loop and HTTP client inside the trainer would share its
+run at once), each in a child process (`python -m clip_train.remote JOB`, at a lower CPU priority,
+in its own session and deaf to the stop signals a cluster sends every process of a job, so that
+the stop can wait for it; killed with the trainer): s3fs's event loop and HTTP client inside the trainer would share its
 GIL with the training loop (measured on the demo model, 2 CPU cores: median step +10% while an
 upload ran in a thread of the trainer, +2% with the child process; README "Checkpoints in a bucket"). A checkpoint saved while another uploads waits in a single slot, where a newer one
 replaces it: the bucket needs the newest, not each one. Failures are warned about and retried with
@@ -21,9 +26,9 @@ back-off; local pruning spares checkpoints not yet uploaded; when something has 
 `train.remote_max_unsynced_s` for its upload, `overdue()` turns true and train.py stops the run in
 the collective that already decides about stop signals.
 
-Reader: `RemoteSync.resolve_resume` picks the newest checkpoint that every process can get (on its
-disk or in the bucket) and one process per disk downloads it. Disks are told apart by a probe file,
-so node-local disks, one shared filesystem, or per-rank directories in a test all work.
+Reader: `RemoteSync.decide` hands clip_train.checkpoint.decide_resume a `BucketSource`: the main
+process picks the newest checkpoint every process can load (from its disk or the bucket), one
+process per disk verifies or downloads it, and a damaged one is skipped for the one before.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ from typing import TYPE_CHECKING
 
 # Light imports only: the upload child imports this module (accelerate and torch are imported
 # where the trainer side needs them).
+from clip_train.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    Disks,
+    ResumeDecision,
+    claim_output_dir,
+    decide_resume,
+    is_disk_leader,  # noqa: F401 (importable from here as before)
+    one_disk_for_all,  # noqa: F401
+    step_name,
+    verify_checkpoint,
+)
 from clip_train.config import ClipTrainError, ConfigError, TrainConfig
 
 if TYPE_CHECKING:
@@ -60,14 +77,16 @@ FINAL_FILES = ("open_clip_model.pt", "eval.json", "report.png", "report.html")  
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 # How the Uploader starts an upload process; a list, so that tests can start one with faults.
 UPLOAD_COMMAND = [sys.executable, "-m", "clip_train.remote"]
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"  # as clip_train.checkpoint names them (not imported: it imports torch)
+REFUSED_RC = 3  # the upload process's exit code for a checkpoint it will not publish
 
 
 class RemoteSyncError(ClipTrainError):
     """The bucket did not get a safe copy in time, or a checkpoint could not be fetched from it."""
+
+
+class NothingToPublish(ClipTrainError):
+    """A local checkpoint directory that is missing, empty or without its manifest: never
+    published (a retry cannot help; publishing it would replace good copies by nothing)."""
 
 
 def first_line(err: BaseException | str) -> str:
@@ -121,43 +140,86 @@ def list_remote(fs: AbstractFileSystem, ckpt_root: str) -> tuple[list[int], list
 
 
 def upload_checkpoint(fs: AbstractFileSystem, ckpt_root: str, local: Path, step: int) -> int:
-    """Upload one checkpoint directory, then publish it with its marker; returns the bytes sent."""
+    """Upload one checkpoint directory, then publish it with its marker (its manifest); returns
+    the bytes sent. NothingToPublish for a directory that is missing, empty or not whole."""
+    if not local.is_dir():
+        raise NothingToPublish(f"{local}: missing")
+    try:
+        manifest = verify_checkpoint(local, checksums=False)  # sizes: the CRC32s travel in the marker
+    except CheckpointError as err:
+        raise NothingToPublish(str(err)) from None
+    if int(manifest.get("step", step)) != step:
+        raise NothingToPublish(f"{local / MANIFEST}: step {manifest.get('step')}, not {step}")
     remote = f"{ckpt_root}/{step_name(step)}"
     _rm(fs, remote + MARKER_SUFFIX)  # a re-upload of a step unpublishes the old copy first
     _rm(fs, remote, recursive=True)
-    files = {p.relative_to(local).as_posix(): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
     if _is_local(fs):  # object stores have no directories (and s3fs's makedirs would create buckets)
         fs.makedirs(remote, exist_ok=True)
-    for name in files:
+    for name in manifest["files"]:
         put_file(fs, local / name, f"{remote}/{name}")
-    fs.pipe_file(remote + MARKER_SUFFIX, json.dumps({"step": step, "files": files}).encode())
-    return sum(files.values())
+    fs.pipe_file(remote + MARKER_SUFFIX, json.dumps(manifest).encode())
+    return sum(e if isinstance(e, int) else e["bytes"] for e in manifest["files"].values())
 
 
-def prune_remote(fs: AbstractFileSystem, ckpt_root: str, keep: int, newest: int) -> None:
-    """Keep the last `keep` complete checkpoints, and drop unpublished leftovers older than `newest`."""
+def read_marker(fs: AbstractFileSystem, ckpt_root: str, step: int) -> dict:
+    return json.loads(fs.cat_file(f"{ckpt_root}/{step_name(step)}{MARKER_SUFFIX}"))
+
+
+def marker_run_ids(fs: AbstractFileSystem, ckpt_root: str, steps) -> dict[int, str | None]:
+    """The run id in each complete checkpoint's marker (None: a marker without one)."""
+    out = {}
+    for step in steps:
+        try:
+            out[step] = read_marker(fs, ckpt_root, step).get("run_id")
+        except (ValueError, FileNotFoundError):
+            out[step] = None
+    return out
+
+
+def prune_remote(fs: AbstractFileSystem, ckpt_root: str, keep: int, newest: int, run_id: str | None = None) -> None:
+    """Keep this run's last `keep` complete checkpoints, by identity (another run's are never
+    removed, nor the newest complete one, nor `newest`, the one just published), and drop
+    unpublished leftovers older than `newest`."""
     complete, with_files = list_remote(fs, ckpt_root)
-    for step in complete[:-keep]:
-        _rm(fs, f"{ckpt_root}/{step_name(step)}{MARKER_SUFFIX}")  # unpublish before deleting
-        _rm(fs, f"{ckpt_root}/{step_name(step)}", recursive=True)
+    owners = marker_run_ids(fs, ckpt_root, complete)
+    ours = [s for s in complete if owners[s] == run_id]
+    protect = {newest, max(complete, default=newest)}
+    for step in ours[:-keep]:
+        if step not in protect:
+            _rm(fs, f"{ckpt_root}/{step_name(step)}{MARKER_SUFFIX}")  # unpublish before deleting
+            _rm(fs, f"{ckpt_root}/{step_name(step)}", recursive=True)
     for step in with_files:  # partial uploads of a killed run
         if step < newest and step not in complete:
             _rm(fs, f"{ckpt_root}/{step_name(step)}", recursive=True)
 
 
 def download_checkpoint(fs: AbstractFileSystem, ckpt_root: str, step: int, dest: Path) -> Path:
-    """Fetch a complete checkpoint into `dest` (through a temporary directory renamed into place)."""
+    """Fetch a complete checkpoint into `dest` through a temporary directory that is verified
+    against the marker (sizes and CRC32; CheckpointError naming the bad file) and then renamed
+    into place. A damaged copy already at `dest` is set aside (.damaged-*), not deleted."""
     remote = f"{ckpt_root}/{step_name(step)}"
-    marker = json.loads(fs.cat_file(remote + MARKER_SUFFIX))
+    marker_bytes = fs.cat_file(remote + MARKER_SUFFIX)
+    marker = json.loads(marker_bytes)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-download-{dest.name}-{uuid.uuid4().hex[:8]}"
     try:
-        for name, size in marker["files"].items():
+        for name in marker["files"]:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{remote}/{name}", str(tmp / name))
-            got = (tmp / name).stat().st_size
-            if got != size:
-                raise OSError(f"{remote}/{name}: {got} bytes, its marker says {size}")
+            try:
+                fs.get_file(f"{remote}/{name}", str(tmp / name))
+            except FileNotFoundError:
+                raise CheckpointError(f"{remote}/{name}: missing (listed in its marker)") from None
+        (tmp / MANIFEST).write_bytes(marker_bytes)
+        try:
+            verify_checkpoint(tmp)
+        except CheckpointError as err:  # name the object, not the temporary file
+            raise CheckpointError(str(err).replace(str(tmp), remote)) from None
+        if dest.is_dir():
+            try:
+                verify_checkpoint(dest)
+                return dest  # another process on this disk was first
+            except CheckpointError:
+                os.replace(dest, dest.parent / f".damaged-{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -173,6 +235,8 @@ def with_retries(fn, what: str, tries: int = 4, first_delay_s: float = 1.0):
     for attempt in range(1, tries + 1):
         try:
             return fn()
+        except ClipTrainError:
+            raise  # a damaged or refused checkpoint: trying again cannot help
         except Exception as err:
             if attempt == tries:
                 raise
@@ -196,8 +260,9 @@ class Uploader:
     """The main process's upload thread: one job at a time, retried with back-off until it succeeds."""
 
     def __init__(self, fs: AbstractFileSystem, root: str, url: str, keep: int, max_backoff_s: float,
-                 in_child: bool = True):
+                 in_child: bool = True, run_id: str | None = None):
         self.fs, self.root, self.url, self.keep = fs, root, url, keep
+        self.run_id = run_id  # remote pruning removes this run's checkpoints only
         self.max_backoff_s = max_backoff_s
         self.in_child = in_child  # False: the I/O in this thread (tests interpose on put_file)
         self._child: subprocess.Popen | None = None
@@ -247,6 +312,11 @@ class Uploader:
                 try:
                     self._upload(self._active)
                     break
+                except NothingToPublish as err:
+                    log.error("not publishing step %d to %s: %s", self._active.checkpoint[0], self.url,
+                              first_line(err))
+                    with self._cond:
+                        self._active.checkpoint = None  # the run's files are still uploaded
                 except Exception as err:
                     attempt += 1
                     self.last_error = first_line(err)
@@ -282,16 +352,21 @@ class Uploader:
                 self.uploaded.append(info["published"])
 
         if not self.in_child:
-            upload_job(self.fs, self.root, checkpoint, files, self.keep, published)
+            upload_job(self.fs, self.root, checkpoint, files, self.keep, published, self.run_id)
         else:
             job = {"url": self.url, "checkpoint": checkpoint, "files": files, "keep": self.keep,
-                   "parent": os.getpid()}
+                   "parent": os.getpid(), "run_id": self.run_id}
+            # Its own session: a stop signal sent to the job's process group does not reach it (and
+            # it ignores SIGTERM/SIGUSR1 besides, for signals sent to every process of a job).
             self._child = subprocess.Popen([*UPLOAD_COMMAND, json.dumps(job)], stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
+                                           stderr=subprocess.PIPE, text=True, start_new_session=True)
             out, err = self._child.communicate()
             for line in out.splitlines():
                 if line.startswith("{"):
                     published(json.loads(line))
+            if self._child.returncode == REFUSED_RC:
+                lines = err.strip().splitlines()
+                raise NothingToPublish(lines[-1] if lines else "refused")
             if self._child.returncode != 0:
                 lines = err.strip().splitlines()
                 raise OSError(lines[-1] if lines else f"upload process ended with {self._child.returncode}")
@@ -300,14 +375,15 @@ class Uploader:
 
 
 def upload_job(fs: AbstractFileSystem, root: str, checkpoint: tuple[int, str] | None, files: list[str],
-               keep: int, published) -> None:
-    """One upload job: the checkpoint and its marker (then `published({...})`), pruning, the files."""
+               keep: int, published, run_id: str | None = None) -> None:
+    """One upload job: the run's files, the checkpoint and its marker (then `published({...})`),
+    pruning. A checkpoint it refuses (NothingToPublish) leaves the bucket as it was."""
     if checkpoint is not None:
         step, local = checkpoint
         t0 = time.perf_counter()
         size = upload_checkpoint(fs, f"{root}/checkpoints", Path(local), step)
         published({"published": step, "bytes": size, "seconds": time.perf_counter() - t0})
-        prune_remote(fs, f"{root}/checkpoints", keep, newest=step)
+        prune_remote(fs, f"{root}/checkpoints", keep, newest=step, run_id=run_id)
     for path in map(Path, files):
         if path.is_file():
             put_file(fs, path, f"{root}/{path.name}")
@@ -316,12 +392,19 @@ def upload_job(fs: AbstractFileSystem, root: str, checkpoint: tuple[int, str] | 
 def main(argv: list[str] | None = None) -> int:
     """The upload process: `python -m clip_train.remote JOB_JSON` (started by Uploader)."""
     job = json.loads((sys.argv[1:] if argv is None else argv)[-1])
+    # A cluster's stop signal goes to every process of the job: the trainer saves and waits for
+    # this upload (train.remote_stop_wait_s), so this process must not die of it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with(job["parent"])
     os.nice(10)  # the training loop comes first on a busy CPU
     try:
         fs, root = open_remote(job["url"])
         upload_job(fs, root, job["checkpoint"], job["files"], job["keep"],
-                   lambda info: print(json.dumps(info), flush=True))
+                   lambda info: print(json.dumps(info), flush=True), job.get("run_id"))
+    except NothingToPublish as err:
+        print(first_line(err), file=sys.stderr)
+        return REFUSED_RC
     except Exception as err:
         print(first_line(err), file=sys.stderr)
         return 1
@@ -346,35 +429,46 @@ def _merge(old: _Work, new: _Work) -> _Work:
                  since=min(times, default=None))
 
 
-def is_disk_leader(accelerator, output_dir: str) -> bool:
-    """Whether this process is the lowest rank that sees its output_dir's disk (a collective).
-
-    Each process drops a file named after its rank in a probe directory; the processes that see
-    each other's files share a disk. Should a shared filesystem's caching hide a file, two
-    processes download the same checkpoint, and the rename in download_checkpoint keeps one.
-    """
+def _gather(accelerator, value) -> list:
     if accelerator.num_processes == 1:
-        return True
-    from accelerate.utils import broadcast_object_list
-
-    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
-    probe = Path(output_dir) / f".disk-probe-{token}"
-    probe.mkdir(parents=True, exist_ok=True)
-    (probe / f"rank_{accelerator.process_index}").touch()
-    accelerator.wait_for_everyone()
-    ranks = sorted(int(p.name.removeprefix("rank_")) for p in probe.iterdir())
-    accelerator.wait_for_everyone()
-    leader = ranks[0] == accelerator.process_index
-    if leader:
-        shutil.rmtree(probe, ignore_errors=True)
-    return leader
-
-
-def one_disk_for_all(accelerator, output_dir: str) -> bool:
-    """Whether every process sees the same output_dir disk (a collective)."""
+        return [value]
     from accelerate.utils import gather_object
 
-    return sum(gather_object([is_disk_leader(accelerator, output_dir)])) == 1
+    return gather_object([value])
+
+
+class BucketSource:
+    """The bucket as clip_train.checkpoint.decide_resume and claim_output_dir see it (every
+    method but fetch runs on the main process)."""
+
+    def __init__(self, fs: AbstractFileSystem, ckpt_root: str, shown: str):
+        self.fs, self.ckpt_root, self.shown = fs, ckpt_root, shown
+
+    def complete_steps(self) -> list[int]:
+        return with_retries(lambda: list_remote(self.fs, self.ckpt_root)[0], f"listing {self.shown}")
+
+    def run_ids(self) -> dict[int, str | None]:
+        return marker_run_ids(self.fs, self.ckpt_root, self.complete_steps())
+
+    def fetch(self, step: int, target: Path) -> None:
+        what = f"download of {self.shown}/{step_name(step)}"
+        t0 = time.perf_counter()
+        with_retries(lambda: download_checkpoint(self.fs, self.ckpt_root, step, target), what)
+        log.warning("downloaded %s/%s to %s in %.1f s", self.shown, step_name(step), target, time.perf_counter() - t0)
+
+    def set_aside(self, runs: dict[int, str | None], how: str) -> None:
+        """archive: move each checkpoint (marker first) under <remote_dir>/archive/<run id>/; remove: delete."""
+        archive = self.ckpt_root.rsplit("/", 1)[0] + "/archive"
+        for step, run_id in sorted(runs.items()):
+            src = f"{self.ckpt_root}/{step_name(step)}"
+            marker = self.fs.cat_file(src + MARKER_SUFFIX)
+            _rm(self.fs, src + MARKER_SUFFIX)  # unpublished first: never half a checkpoint
+            if how == "archive":
+                dest = f"{archive}/{run_id or 'unknown'}/checkpoints/{step_name(step)}"
+                for name in json.loads(marker)["files"]:
+                    self.fs.copy(f"{src}/{name}", f"{dest}/{name}")
+                self.fs.pipe_file(dest + MARKER_SUFFIX, marker)
+            _rm(self.fs, src, recursive=True)
 
 
 class RemoteSync:
@@ -394,47 +488,22 @@ class RemoteSync:
                                      keep=cfg.remote_keep_checkpoints or cfg.keep_checkpoints,
                                      max_backoff_s=min(60.0, max(0.5, cfg.remote_max_unsynced_s / 4)))
 
-    # ---- resume ---------------------------------------------------------------------------
-    def resolve_resume(self) -> Path | None:
-        """The local checkpoint directory to load on this process (downloaded where needed)."""
-        from accelerate.utils import broadcast_object_list, gather_object
+    # ---- resume ----------------------------------------------------------------------------
+    def decide(self, disks: Disks) -> ResumeDecision:
+        """The one resume decision (clip_train.checkpoint.decide_resume) with this run's bucket,
+        then the claim of output_dir (and the bucket) for the run it names. Collective."""
+        cfg, accelerator = self.cfg, self.accelerator
+        bucket = BucketSource(self.fs, f"{self.root}/checkpoints", f"{self.url}/checkpoints") if self.url else None
+        explicit = None
+        if cfg.resume is not None and "://" in cfg.resume:
+            explicit = self._download_url(cfg.resume, disks.leader)
+        decision = decide_resume(accelerator, cfg.resume, cfg.output_dir, disks.leader, bucket, explicit)
+        claim_output_dir(accelerator, cfg.output_dir, decision, cfg.overwrite, bucket)
+        if self.uploader is not None:
+            self.uploader.run_id = decision.run_id
+        return decision
 
-        from clip_train.checkpoint import checkpoint_dir, list_checkpoints, resolve_resume, step_of
-
-        resume, out = self.cfg.resume, self.cfg.output_dir
-        if resume is not None and "://" in resume:
-            return self._resume_from_url(resume)
-        if resume != "latest" or self.url is None:
-            return resolve_resume(resume, out)
-        leader = is_disk_leader(self.accelerator, out)
-        mine = [step_of(p) for p in list_checkpoints(out)] if leader else None
-        per_disk = [steps for steps in gather_object([mine]) if steps is not None]
-        decision: dict = {"step": None, "error": None}
-        if self.accelerator.is_main_process:
-            try:
-                remote = with_retries(lambda: list_remote(self.fs, f"{self.root}/checkpoints")[0],
-                                      f"listing {self.url}/checkpoints")
-                on_every_disk = set.intersection(*(set(steps) for steps in per_disk))
-                decision["step"] = max(on_every_disk | set(remote), default=None)
-                log.info("resume=latest: complete checkpoints on every disk %s, in %s %s",
-                         sorted(on_every_disk), self.url, remote)
-                newest_here = max(per_disk[0], default=None)
-                if newest_here is not None and newest_here > (decision["step"] or 0):
-                    log.warning("step %d is on this disk but neither on every node's disk nor in %s: "
-                                "resuming from step %d", newest_here, self.url, decision["step"])
-            except Exception as err:
-                decision["error"] = f"train.remote_dir: cannot list {self.url}/checkpoints: {first_line(err)}"
-        decision = broadcast_object_list([decision])[0]
-        if decision["error"]:
-            raise RemoteSyncError(decision["error"])
-        if decision["step"] is None:
-            return None
-        target = checkpoint_dir(out) / step_name(decision["step"])
-        self._fetch_everywhere(leader and not target.is_dir(), self.fs, f"{self.root}/checkpoints",
-                               decision["step"], target, f"{self.url}/checkpoints")
-        return target
-
-    def _resume_from_url(self, url: str) -> Path:
+    def _download_url(self, url: str, leader: bool) -> Path:
         """train.resume=s3://.../checkpoints/step_N: download it (every disk) into output_dir/downloaded."""
         fs, path = open_remote(url, "train.resume")
         parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
@@ -442,31 +511,20 @@ class RemoteSync:
         if match is None:
             raise ConfigError(f"train.resume: {url!r} is not a checkpoint URL (it ends in step_NNNNNNNN)")
         target = Path(self.cfg.output_dir) / "downloaded" / name
-        leader = is_disk_leader(self.accelerator, self.cfg.output_dir)
+        error = None
         if leader:
             shutil.rmtree(target, ignore_errors=True)  # the URL may name another run's step N
-        self.accelerator.wait_for_everyone()
-        self._fetch_everywhere(leader, fs, parent, int(match.group(1)), target, url.rsplit("/", 1)[0])
-        return target
-
-    def _fetch_everywhere(self, fetch_here: bool, fs: AbstractFileSystem, ckpt_root: str, step: int, target: Path,
-                          shown: str) -> None:
-        """Download on the processes that need it; any failure stops every process (a collective)."""
-        from accelerate.utils import gather_object
-
-        error = None
-        if fetch_here:
-            what = f"download of {shown}/{step_name(step)}"
-            t0 = time.perf_counter()
+            what = f"download of {url}"
             try:
-                with_retries(lambda: download_checkpoint(fs, ckpt_root, step, target), what)
-                log.warning("downloaded %s/%s to %s in %.1f s", shown, step_name(step), target,
-                            time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                with_retries(lambda: download_checkpoint(fs, parent, int(match.group(1)), target), what)
+                log.warning("downloaded %s to %s in %.1f s", url, target, time.perf_counter() - t0)
             except Exception as err:
                 error = f"train.resume: {what} failed: {first_line(err)}"
-        errors = [e for e in gather_object([error]) if e]
+        errors = [e for e in _gather(self.accelerator, error) if e]
         if errors:
             raise RemoteSyncError(errors[0])
+        return target
 
     # ---- upload -----------------------------------------------------------------------------
     def checkpoint_saved(self, path: Path, step: int) -> None:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# Checkpoint I/O sits below this module: the reader of sharded checkpoints lives there.
+from clip_train.checkpoint import sharded_checkpoint_state  # noqa: F401 (importable from here as before)
 from clip_train.config import ClipTrainError
 
 # open_clip's transformer block, in both towers: one FSDP unit each.
@@ -91,16 +93,19 @@ def check_supported(cfg) -> None:
                             "set model.torch_compile=false")
 
 
-def check_mirror_disk(accelerator, cfg) -> None:
+def check_mirror_disk(accelerator, cfg, shared: bool | None = None) -> None:
     """FSDP2 with train.remote_dir needs one output_dir disk for every process: each process
-    writes its own shards of a checkpoint, and only the main process uploads its directory."""
-    from clip_train.remote import one_disk_for_all
+    writes its own shards of a checkpoint, and only the main process uploads its directory.
+    `shared`: the start-up probe's answer (clip_train.checkpoint.probe_disks), else probed here."""
+    from clip_train.checkpoint import one_disk_for_all
 
-    if cfg.train.remote_dir and accelerator.num_processes > 1 \
-            and not one_disk_for_all(accelerator, cfg.train.output_dir):
-        raise ShardingError("train.remote_dir with FSDP2 needs train.output_dir on a filesystem every "
-                            "process shares (each process writes its own shards; the main process "
-                            "uploads them): use a shared output_dir, or a DDP config on node-local disks")
+    if cfg.train.remote_dir and accelerator.num_processes > 1:
+        if shared is None:
+            shared = one_disk_for_all(accelerator, cfg.train.output_dir)
+        if not shared:
+            raise ShardingError("train.remote_dir with FSDP2 needs train.output_dir on a filesystem every "
+                                "process shares (each process writes its own shards; the main process "
+                                "uploads them): use a shared output_dir, or a DDP config on node-local disks")
 
 
 def prepare_model(accelerator, model: nn.Module) -> None:
@@ -211,23 +216,3 @@ def unsharded_model(model: nn.Module, clip: nn.Module, name: str, device: torch.
     plain = open_clip.create_model(name)
     plain.load_state_dict(state, strict=True)
     return plain.to(device)
-
-
-def sharded_checkpoint_state(path: str) -> dict[str, torch.Tensor] | None:
-    """The full model state dict from a sharded (torch.distributed.checkpoint) accelerate
-    checkpoint directory, or None when `path` holds no sharded model. Runs in one process."""
-    from pathlib import Path
-
-    model_dir = Path(path) / "pytorch_model_fsdp_0"
-    if not model_dir.is_dir():
-        return None
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "model.pt")
-        dcp_to_torch_save(str(model_dir), out)
-        state = torch.load(out, map_location="cpu", weights_only=True)
-    # accelerate saves {"model": state_dict} under DCP
-    return state.get("model", state)

@@ -12,12 +12,14 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from clip_train.checkpoint import (
     RunState,
+    check_disks,
     check_resume_world_size,
     export_open_clip,
+    probe_disks,
     save_checkpoint,
 )
 from clip_train.config import ClipTrainError, Config
@@ -120,7 +122,16 @@ def train(cfg: Config) -> dict[str, float]:
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
     if sharded:
         check_supported(cfg)
-        check_mirror_disk(accelerator, cfg)  # a bucket mirror needs every shard on one disk
+    # Before anything heavy: does every process see one output_dir, and which checkpoint do they
+    # all resume from (decided once, verified by every process, the same everywhere)?
+    disks = probe_disks(accelerator, cfg.train.output_dir)
+    check_disks(disks, cfg.train.output_dir, cfg.train.remote_dir, accelerator.num_processes)
+    if sharded:
+        check_mirror_disk(accelerator, cfg, disks.shared)  # a bucket mirror needs every shard on one disk
+    syncer = RemoteSync(cfg.train, accelerator)  # train.remote_dir: a bucket mirrors output_dir
+    decision = syncer.decide(disks)  # downloads from the bucket where a disk lacks it
+    if decision.checkpoint is not None:
+        check_resume_world_size(decision.checkpoint, accelerator.num_processes)
     set_seed(cfg.train.seed)  # the same initial weights everywhere
     bundle = build_model(cfg.model)
     if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
@@ -148,15 +159,17 @@ def train(cfg: Config) -> dict[str, float]:
     extra_states = [x for x in (queue, key_encoder) if x is not None]
     for state in extra_states:
         accelerator.register_for_checkpointing(state)
-    syncer = RemoteSync(cfg.train, accelerator)  # train.remote_dir: a bucket mirrors output_dir
-    resume_from = syncer.resolve_resume()  # downloads from the bucket when a disk lacks it
+    resume_from = decision.checkpoint
     if resume_from is not None:
         check_resume_matches(resume_from, registered=1 + len(extra_states))
-        check_resume_world_size(resume_from, accelerator.num_processes)
         accelerator.load_state(str(resume_from))  # also restores every process's RNG states
         log.info("resumed from %s at step %d", resume_from, progress.step)
+        if progress.step >= cfg.train.steps and accelerator.is_main_process:
+            log.warning("train.resume: %s is at step %d >= train.steps=%d: the run is already complete "
+                        "(its final outputs are written if missing)", resume_from, progress.step, cfg.train.steps)
     else:
         set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
+    progress.run_id = decision.run_id  # in every checkpoint's manifest and every metrics line
 
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_train_loader(
@@ -170,7 +183,7 @@ def train(cfg: Config) -> dict[str, float]:
     # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
     infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
     progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id, progress.step)
-    metrics_log = MetricsLog(accelerator, cfg)
+    metrics_log = MetricsLog(accelerator, cfg, run_id=progress.run_id)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
     global_batch = cfg.train.local_batch_size * world
     if accelerator.is_main_process:
@@ -183,7 +196,7 @@ def train(cfg: Config) -> dict[str, float]:
     def checkpoint() -> None:
         progress.data_states = gather_object([loader.state_dict()])
         saved = save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints,
-                                keep_also=syncer.unsynced_steps())
+                                keep_also=syncer.unsynced_steps(), run_id=progress.run_id)
         syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
 
     batches = iter(loader)
@@ -191,6 +204,7 @@ def train(cfg: Config) -> dict[str, float]:
     health = StepHealth(accelerator.device, progress.skipped_steps, progress.nonfinite_in_a_row)
     results: dict[str, float] = {}
     eval_cache = ClassifierCache()  # a frozen text tower's zero-shot classifiers, kept between evaluations
+    start_step = progress.step
     while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
@@ -264,7 +278,10 @@ def train(cfg: Config) -> dict[str, float]:
             break
 
     display.close()
-    if progress.step == cfg.train.steps:
+    complete = progress.step >= cfg.train.steps
+    # A resume of a complete run writes the final outputs again only if they are not that checkpoint's.
+    if complete and (progress.step > start_step or broadcast_object_list(
+            [final_outputs_missing(cfg.train.output_dir, progress.step) if accelerator.is_main_process else None])[0]):
         results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache)
         metrics_log.log(results, progress.step)
         final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
@@ -280,8 +297,19 @@ def train(cfg: Config) -> dict[str, float]:
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
-    syncer.finish(stopped=progress.step < cfg.train.steps)  # no collectives: after end_training
+    syncer.finish(stopped=not complete)  # no collectives: after end_training
     return results
+
+
+def final_outputs_missing(output_dir: str, step: int) -> bool:
+    """Whether the exported model or eval.json of the checkpoint at `step` is missing (asked on
+    the main process, whose disk holds them)."""
+    try:
+        with open(os.path.join(output_dir, "eval.json")) as f:
+            evaluated = json.load(f).get("step")
+    except (OSError, ValueError):
+        evaluated = None
+    return evaluated != step or not os.path.isfile(os.path.join(output_dir, "open_clip_model.pt"))
 
 
 def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest, progress: RunState,

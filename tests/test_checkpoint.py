@@ -2,6 +2,7 @@
 steps, and export to plain open_clip."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +17,16 @@ from tensorboard_records import tensorboard_scalars
 from test_train import TINY, read_metrics
 
 from clip_train.checkpoint import (
+    CheckpointError,
+    decide_resume,
     export_open_clip,
     list_checkpoints,
-    resolve_resume,
+    run_id_of,
     save_checkpoint,
+    step_of,
+    verify_checkpoint,
 )
-from clip_train.config import ConfigError, ModelConfig
+from clip_train.config import ModelConfig
 from clip_train.model import build_model
 from clip_train.report import read_series
 
@@ -122,33 +127,97 @@ def run_cli_faults(args):
                           text=True, timeout=240)
 
 
+class FakeAccelerator:
+    """One process that saves small files like accelerator.save_state (or dies half-way)."""
+
+    is_main_process, num_processes, process_index = True, 1, 0
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"partial" if self.fail else b"weights")
+        if self.fail:
+            raise KeyboardInterrupt("killed mid-write")
+        (Path(path) / "custom_checkpoint_0.pkl").write_bytes(b"ok")
+
+
+def latest(out):
+    return decide_resume(FakeAccelerator(), "latest", str(out), leader=True)
+
+
 def test_crash_while_saving_leaves_previous_checkpoint(tmp_path):
-    class FakeAccelerator:
-        is_main_process = True
-
-        def __init__(self, fail):
-            self.fail = fail
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, path):
-            (Path(path) / "model.safetensors").write_bytes(b"partial")
-            if self.fail:
-                raise KeyboardInterrupt("killed mid-write")
-            (Path(path) / "custom_checkpoint_0.pkl").write_bytes(b"ok")
-
-    save_checkpoint(FakeAccelerator(False), str(tmp_path), step=5, keep=2)
+    save_checkpoint(FakeAccelerator(False), str(tmp_path), step=5, keep=2, run_id="r1")
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(FakeAccelerator(True), str(tmp_path), step=10, keep=2)
-    assert resolve_resume("latest", str(tmp_path)).name == "step_00000005"
+        save_checkpoint(FakeAccelerator(True), str(tmp_path), step=10, keep=2, run_id="r1")
+    decision = latest(tmp_path)
+    assert decision.checkpoint.name == "step_00000005" and decision.run_id == "r1" and decision.step == 5
     assert (tmp_path / "checkpoints" / "step_00000005" / "custom_checkpoint_0.pkl").read_bytes() == b"ok"
     for step in (15, 20, 25):
-        save_checkpoint(FakeAccelerator(False), str(tmp_path), step=step, keep=2)
+        save_checkpoint(FakeAccelerator(False), str(tmp_path), step=step, keep=2, run_id="r1")
     assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_00000020", "step_00000025"]
-    with pytest.raises(ConfigError, match="train.resume"):
-        resolve_resume(str(tmp_path / "nowhere"), str(tmp_path))
-    assert resolve_resume("latest", str(tmp_path / "fresh")) is None
+    with pytest.raises(CheckpointError, match=r"^train.resume: .*nowhere/manifest.json: missing"):
+        decide_resume(FakeAccelerator(), str(tmp_path / "nowhere"), str(tmp_path), leader=True)
+    fresh = latest(tmp_path / "fresh")
+    assert fresh.checkpoint is None and fresh.run_id != "r1"
+
+
+def test_pruning_is_by_identity_and_spares_the_checkpoint_just_written(tmp_path):
+    """Issue 25, finding 4 (local half): a run resumed from step 12 while the disk still holds
+    16, 20, 24 of an attempt the other disks never got; its first save (16) must stay, and
+    another run's checkpoints are never pruned."""
+    for step in (16, 20, 24):
+        save_checkpoint(FakeAccelerator(), str(tmp_path), step=step, keep=3, run_id="mine")
+    save_checkpoint(FakeAccelerator(), str(tmp_path), step=2, keep=3, run_id="other")
+    save_checkpoint(FakeAccelerator(), str(tmp_path), step=16, keep=2, run_id="mine")
+    assert [p.name for p in list_checkpoints(str(tmp_path))] == [
+        "step_00000002", "step_00000016", "step_00000020", "step_00000024"]
+    save_checkpoint(FakeAccelerator(), str(tmp_path), step=20, keep=2, run_id="mine")
+    assert [step_of(p) for p in list_checkpoints(str(tmp_path))] == [2, 20, 24]  # 16: mine, beyond keep=2
+    assert run_id_of(tmp_path / "checkpoints" / "step_00000002") == "other"
+
+
+def damage(ckpt: Path, how: str) -> str:
+    """Damage one file of a checkpoint as a lost node, a flaky disk or a partial copy would;
+    returns the file's name."""
+    name = {"truncate": "model.safetensors", "flip": "optimizer.bin", "missing": "random_states_0.pkl"}[how]
+    path = ckpt / name
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        data[len(data) // 3] ^= 0x01  # one bit of one byte: the size is unchanged
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    return name
+
+
+def test_verify_names_the_bad_file_and_the_reason(tmp_path):
+    for step in (2, 4, 6, 8):
+        save_checkpoint(FakeAccelerator(), str(tmp_path), step=step, keep=4, run_id="r")
+    (tmp_path / "checkpoints" / "step_00000008" / "optimizer.bin").write_bytes(b"adam state" * 10)
+    (tmp_path / "checkpoints" / "step_00000008" / "random_states_0.pkl").write_bytes(b"rng")
+    (tmp_path / "checkpoints" / "step_00000008" / "model.safetensors").write_bytes(b"w" * 100)
+    # The manifest above lists only what save_state wrote: rebuild it with the extra files.
+    from clip_train.checkpoint import build_manifest, write_manifest
+
+    ckpt = tmp_path / "checkpoints" / "step_00000008"
+    write_manifest(ckpt, build_manifest(ckpt, 8, "r"))
+    verify_checkpoint(ckpt)
+    reasons = {"truncate": "50 bytes, manifest.json says 100", "flip": "CRC32 ", "missing": "missing"}
+    for how, reason in reasons.items():
+        copy = tmp_path / how
+        shutil.copytree(tmp_path / "checkpoints", copy / "checkpoints")
+        name = damage(copy / "checkpoints" / "step_00000008", how)
+        with pytest.raises(CheckpointError, match=rf"^train.resume: {copy}/checkpoints/step_00000008/{name}: .*{reason}"):
+            decide_resume(FakeAccelerator(), str(copy / "checkpoints" / "step_00000008"), str(copy), leader=True)
+        assert latest(copy).step == 6  # resume=latest falls back to the one before
+    (ckpt / "manifest.json").unlink()  # a save or copy that did not finish
+    assert latest(tmp_path).step == 6
 
 
 def test_export_loads_in_plain_open_clip_with_identical_embeddings(tmp_path):

@@ -101,22 +101,17 @@ def test_fsdp2_refuses_the_momentum_encoder_in_one_line():
         check_supported(cfg)
 
 
-def test_fsdp2_bucket_mirror_needs_one_disk_for_every_process(monkeypatch, tmp_path):
+def test_fsdp2_bucket_mirror_needs_one_disk_for_every_process(tmp_path):
     """Each process writes its own shards; only the main process uploads: node-local disks under
     FSDP2 would publish checkpoints without the other processes' shards."""
-    import clip_train.remote as remote
     from clip_train.config import TrainConfig
     from clip_train.sharding import check_mirror_disk
 
     two = types.SimpleNamespace(num_processes=2)
     cfg = Config(train=TrainConfig(output_dir=str(tmp_path), remote_dir="s3://bucket/run"))
-    leaders = {"per_process": [True, True]}  # every process leads its own disk: node-local
-    monkeypatch.setattr(remote, "is_disk_leader", lambda acc, out: True)
-    monkeypatch.setattr("accelerate.utils.gather_object", lambda x: leaders["per_process"])
     with pytest.raises(ShardingError, match=r"^train.remote_dir with FSDP2 needs train.output_dir on a"):
-        check_mirror_disk(two, cfg)
-    leaders["per_process"] = [True, False]  # one shared disk
-    check_mirror_disk(two, cfg)
+        check_mirror_disk(two, cfg, shared=False)  # the start-up probe found node-local disks
+    check_mirror_disk(two, cfg, shared=True)
     check_mirror_disk(two, Config(train=TrainConfig(output_dir=str(tmp_path))))  # no mirror: no probe
 
 
