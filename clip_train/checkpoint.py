@@ -304,6 +304,8 @@ def _loadable_everywhere(accelerator, target: Path, leader: bool, bucket: Bucket
     problem = None
     if leader:
         try:
+            if not target.is_dir():
+                raise CheckpointError(f"{target}: not on this process's disk")
             verify_checkpoint(target)
         except CheckpointError as err:
             problem = str(err)
@@ -317,6 +319,8 @@ def _loadable_everywhere(accelerator, target: Path, leader: bool, bucket: Bucket
         accelerator.wait_for_everyone()  # the leaders' downloads are in place
         if not leader:
             try:
+                if not target.is_dir():
+                    raise CheckpointError(f"{target}: not on this process's disk")
                 verify_checkpoint(target, checksums=False)
             except CheckpointError as err:
                 problem = str(err)

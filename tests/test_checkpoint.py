@@ -1,6 +1,8 @@
 """Checkpoints: exact resume after SIGKILL (2 processes), SIGTERM, crash-safe saving, non-finite
 steps, and export to plain open_clip."""
 
+import io
+import json
 import os
 import shutil
 import signal
@@ -14,7 +16,7 @@ import pytest
 import torch
 from conftest import REPO, launch
 from tensorboard_records import tensorboard_scalars
-from test_train import TINY, read_metrics
+from test_train import TINY, read_metrics, run_cli
 
 from clip_train.checkpoint import (
     CheckpointError,
@@ -159,7 +161,7 @@ def test_crash_while_saving_leaves_previous_checkpoint(tmp_path):
     for step in (15, 20, 25):
         save_checkpoint(FakeAccelerator(False), str(tmp_path), step=step, keep=2, run_id="r1")
     assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_00000020", "step_00000025"]
-    with pytest.raises(CheckpointError, match=r"^train.resume: .*nowhere/manifest.json: missing"):
+    with pytest.raises(CheckpointError, match=r"^train.resume: .*nowhere: not on this process's disk"):
         decide_resume(FakeAccelerator(), str(tmp_path / "nowhere"), str(tmp_path), leader=True)
     fresh = latest(tmp_path / "fresh")
     assert fresh.checkpoint is None and fresh.run_id != "r1"
@@ -238,3 +240,106 @@ def test_export_loads_in_plain_open_clip_with_identical_embeddings(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain.encode_image(images), bundle.model.encode_image(images))
         assert torch.equal(plain.encode_text(texts), bundle.model.encode_text(texts))
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+SMALL = [*TINY, "train.local_batch_size=8", "train.chunk_size=4"]
+
+
+def test_a_directory_holds_one_run_and_a_complete_resume_writes_its_outputs(tmp_path, color_shards):
+    """Issue 25, findings 1 and 5: a fresh run into a directory with another run's checkpoints is
+    refused in one line before training (it used to prune them away one by one, then a requeue
+    resumed the other experiment); train.overwrite=archive sets them aside; a resume at
+    train.steps says so in one line and writes the final outputs that are missing."""
+    out = tmp_path / "run"
+    common = [*SMALL, f"data.train={color_shards}", "train.checkpoint_every_steps=2", f"train.output_dir={out}"]
+    proc = run_cli(["train", *common, "train.steps=6"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = run_id_of(out / "checkpoints" / "step_00000006")
+    assert [p.name for p in list_checkpoints(str(out))] == ["step_00000004", "step_00000006"]
+    assert {m["run_id"] for m in read_metrics(out)} == {first}
+    lines = len(read_metrics(out))
+
+    proc = run_cli(["train", *common, "train.steps=4", "optim.lr=1e-3"])  # train.resume unset
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last_line(proc.stderr).startswith(f"clip-train: error: train.output_dir: {out}/checkpoints "
+                                             "(step_00000004, step_00000006) hold(s) the checkpoints of another "
+                                             f"run (run id {first}): resume it with train.resume=latest"), proc.stderr
+    assert "train.overwrite=archive" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(read_metrics(out)) == lines and [p.name for p in list_checkpoints(str(out))] == [
+        "step_00000004", "step_00000006"]  # refused before training: nothing written
+
+    proc = run_cli(["train", *common, "train.steps=4", "optim.lr=1e-3", "train.overwrite=archive"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = run_id_of(out / "checkpoints" / "step_00000004")
+    assert second != first and [p.name for p in list_checkpoints(str(out))] == ["step_00000002", "step_00000004"]
+    archived = out / "archive" / first
+    assert [p.name for p in list_checkpoints(str(archived))] == ["step_00000004", "step_00000006"]
+    assert {m["run_id"] for m in read_metrics(archived)} == {first}  # its metrics went with it
+    assert {m["run_id"] for m in read_metrics(out)} == {second}
+
+    (out / "eval.json").unlink()
+    model = (out / "open_clip_model.pt").read_bytes()
+    (out / "open_clip_model.pt").unlink()
+    lines = len(read_metrics(out))
+    proc = run_cli(["train", *common, "train.steps=4", "optim.lr=1e-3", "train.resume=latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"train.resume: {out}/checkpoints/step_00000004 is at step 4 >= train.steps=4: the run is "
+            "already complete") in proc.stderr
+    assert json.loads((out / "eval.json").read_text())["step"] == 4
+    exported = torch.load(out / "open_clip_model.pt", weights_only=True)
+    before = torch.load(io.BytesIO(model), weights_only=True)
+    assert all(torch.equal(exported[k], before[k]) for k in before)  # the step-4 weights again
+    assert not any("loss" in m for m in read_metrics(out)[lines:])  # no training step
+
+
+def test_damaged_newest_checkpoints_fall_back_and_reproduce_the_losses(tmp_path, color_shards):
+    """Issue 22: a truncated file (step 8), a flipped byte (step 6) and a missing file (step 4):
+    resume=latest skips each with a warning naming the file, resumes from step 2 and follows the
+    uninterrupted run; an explicit resume of a damaged one is a one-line error."""
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    common = [*SMALL, f"data.train={color_shards}", "train.steps=8", "train.checkpoint_every_steps=2",
+              "train.keep_checkpoints=4"]
+    proc = run_cli(["train", *common, f"train.output_dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(straight, damaged)
+    names = {step: damage(damaged / "checkpoints" / f"step_{step:08d}", how)
+             for step, how in ((8, "truncate"), (6, "flip"), (4, "missing"))}
+    proc = run_cli(["train", *common, f"train.output_dir={damaged}",
+                    f"train.resume={damaged}/checkpoints/step_00000008"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last_line(proc.stderr).startswith(
+        f"clip-train: error: train.resume: {damaged}/checkpoints/step_00000008/model.safetensors: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = len(read_metrics(damaged))
+    proc = run_cli(["train", *common, f"train.output_dir={damaged}", "train.resume=latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step, reason in ((8, "bytes, manifest.json says"), (6, "CRC32"), (4, "missing")):
+        assert (f"resume=latest: skipping {damaged}/checkpoints/step_{step:08d}: "
+                f"{damaged}/checkpoints/step_{step:08d}/{names[step]}: ") in proc.stderr, step
+        assert reason in proc.stderr
+    assert f"resumed from {damaged}/checkpoints/step_00000002 at step 2" in proc.stderr
+    want = losses_by_step(straight)
+    got = {m["step"]: m["loss"] for m in read_metrics(damaged)[lines:] if "loss" in m}
+    assert sorted(got) == list(range(3, 9))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+    assert got[8] != pytest.approx(got[3], rel=1e-3)
+
+
+def test_node_local_disks_without_a_bucket_are_refused_before_training(tmp_path, color_shards):
+    """Issue 25, finding 2 (DDP; FSDP2: test_sharding.py): one output_dir per process and no
+    train.remote_dir. It used to let rank 0 resume alone while rank 1 started afresh; now every
+    process stops at start-up with one line naming the fix."""
+    root = tmp_path / "nodes"
+    proc = launch(["-m", "clip_train", "train", *SMALL, f"data.train={color_shards}", "train.steps=4",
+                   f"train.output_dir={root}/node${{oc.env:RANK}}", "train.resume=latest"])
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (f"clip-train: error: train.output_dir: {root}/node{rank} is not one filesystem shared by all 2 "
+                "processes (node-local disks)") in proc.stderr, proc.stderr[-3000:]
+    assert "set train.remote_dir to a bucket" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (root / "node0" / "metrics.jsonl").exists()  # refused before training

@@ -15,9 +15,15 @@ from pathlib import Path
 import pytest
 from conftest import REPO, launch
 from test_checkpoint import FAULTS, losses_by_step
-from test_train import TINY
+from test_train import TINY, run_cli
 
-from clip_train.checkpoint import list_checkpoints
+from clip_train.checkpoint import (
+    CheckpointError,
+    Disks,
+    build_manifest,
+    list_checkpoints,
+    write_manifest,
+)
 from clip_train.config import ConfigError, load_config
 from clip_train.remote import (
     RemoteSync,
@@ -75,6 +81,15 @@ def s3(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def fake_checkpoint(path: Path, step: int, data: bytes, name: str = "weights.bin", run_id: str | None = None) -> Path:
+    """A small checkpoint directory with its manifest, as save_checkpoint leaves one."""
+    path.mkdir(parents=True)
+    (path / name).write_bytes(data)
+    (path / "custom_checkpoint_0.pkl").write_bytes(b"state")
+    write_manifest(path, build_manifest(path, step, run_id))
+    return path
 
 
 def new_bucket(s3, name: str) -> str:
@@ -158,21 +173,118 @@ def test_bucket_that_disappears_warns_retries_then_stops(tmp_path, color_shards,
     assert list_checkpoints(str(out))  # the checkpoints that never reached the bucket are kept
 
 
-def test_stop_signal_waits_for_the_pending_upload(tmp_path, color_shards, s3):
+def test_stop_signal_to_the_whole_job_waits_for_the_upload_in_flight(tmp_path, color_shards, s3):
+    """Issue 25, finding 6: SIGTERM to every process of the job (the process group, and the
+    upload process itself, as a cluster's stop does) while an upload is in flight: the upload
+    process lives on and finishes, the trainer saves, waits for it and the last step is published."""
     bucket = new_bucket(s3, "slow-network")
     out, log = tmp_path / "run", tmp_path / "stderr.log"
-    proc = start_cli([FAULTS, "--upload-delay-s", "0.3", *TINY, f"data.train={color_shards}", "train.steps=100000",
-                      f"train.output_dir={out}", f"train.remote_dir=s3://{bucket}/run"], s3.env, log)
+    proc = start_cli([FAULTS, "--upload-delay-s", "0.5", *TINY, f"data.train={color_shards}", "train.steps=100000",
+                      "train.checkpoint_every_steps=2", f"train.output_dir={out}",
+                      f"train.remote_dir=s3://{bucket}/run"], s3.env, log, new_session=True)
     try:
-        wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
-        proc.send_signal(signal.SIGTERM)
+        child = []
+        wait_for(lambda: child.extend(upload_children(proc.pid)) or child, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        for pid in child:
+            os.kill(pid, signal.SIGTERM)
     finally:
         stderr = finished(proc, log)
     assert proc.returncode == 0, stderr[-3000:]
     assert "stop signal received" in stderr and "waiting for the uploads" in stderr
+    assert "failed (attempt" not in stderr, stderr[-3000:]  # the upload in flight was not killed
     step = max(losses_by_step(out))
-    assert list_remote(s3.fs, f"{bucket}/run/checkpoints")[0] == [step]
+    assert list_remote(s3.fs, f"{bucket}/run/checkpoints")[0][-1] == step
     assert s3.fs.cat(f"{bucket}/run/metrics.jsonl") == (out / "metrics.jsonl").read_bytes()
+
+
+def upload_children(parent: int) -> list[int]:
+    """The upload processes (tests/helpers/upload_with_faults.py) the trainer `parent` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"upload_with_faults.py" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_nothing_is_published_over_a_good_copy_and_pruning_goes_by_identity(tmp_path, s3):
+    """Issue 25, finding 4: a missing, empty or unfinished local checkpoint is never published
+    (it used to publish {"files": {}} as complete, and the prune then deleted the only good
+    copy); the upload thread drops it with an error instead of retrying forever; the remote prune
+    removes this run's older checkpoints only."""
+    import clip_train.remote as remote
+
+    bucket = new_bucket(s3, "lagging")
+    root, ckpts = f"{bucket}/run", f"{bucket}/run/checkpoints"
+
+    def upload(step, local, run_id="mine"):
+        remote.upload_job(s3.fs, root, (step, str(local)), [], keep=1, published=lambda info: None, run_id=run_id)
+
+    upload(12, fake_checkpoint(tmp_path / "step_00000012", 12, b"good" * 100, run_id="mine"))
+    (tmp_path / "step_00000020").mkdir()
+    unfinished = fake_checkpoint(tmp_path / "step_00000024", 24, b"x", run_id="mine")
+    (unfinished / "manifest.json").unlink()
+    for step, why in ((16, "step_00000016: missing"), (20, "step_00000020/manifest.json: missing"),
+                      (24, "step_00000024/manifest.json: missing")):
+        with pytest.raises(remote.NothingToPublish, match=why):
+            upload(step, tmp_path / f"step_{step:08d}")
+        remote.prune_remote(s3.fs, ckpts, keep=1, newest=step, run_id="mine")
+        assert list_remote(s3.fs, ckpts) == ([12], [12])
+    up = Uploader(s3.fs, root, f"s3://{root}", keep=1, max_backoff_s=1.0, in_child=False, run_id="mine")
+    up.submit(checkpoint=(16, tmp_path / "step_00000016"))
+    assert up.wait_idle(30) and up.uploaded == [] and up.unsynced_steps() == set()
+    assert list_remote(s3.fs, ckpts) == ([12], [12])
+    # Another run's checkpoint in the bucket is never pruned by this run, nor this run's by it.
+    upload(4, fake_checkpoint(tmp_path / "theirs" / "step_00000004", 4, b"o", run_id="theirs"), run_id="theirs")
+    upload(16, fake_checkpoint(tmp_path / "new" / "step_00000016", 16, b"new", run_id="mine"))
+    assert list_remote(s3.fs, ckpts)[0] == [4, 16]  # keep=1: this run's 12 went, theirs stayed
+
+
+def test_damaged_checkpoints_in_the_bucket_fall_back_on_empty_disks(tmp_path, color_shards, s3):
+    """Issue 22, in the bucket: a truncated file (step 8), a flipped byte (step 6) and a missing
+    file (step 4); a resume on an empty disk skips each (download verified against the marker)
+    and follows the uninterrupted run from step 2; an explicit resume of step 8 is one line."""
+    bucket = new_bucket(s3, "flaky")
+    ckpts = f"{bucket}/run/checkpoints"
+    common = [*TINY, "train.local_batch_size=8", "train.chunk_size=4", f"data.train={color_shards}",
+              "train.steps=8", "train.checkpoint_every_steps=2", "train.keep_checkpoints=4",
+              "train.remote_keep_checkpoints=4", f"train.remote_dir=s3://{bucket}/run"]
+    straight, fresh = tmp_path / "straight", tmp_path / "fresh"
+    proc = run_cli(["train", *common, f"train.output_dir={straight}"], env=s3.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list_remote(s3.fs, ckpts)[0] == [2, 4, 6, 8]
+    model8 = s3.fs.cat(f"{ckpts}/step_00000008/model.safetensors")
+    s3.fs.pipe(f"{ckpts}/step_00000008/model.safetensors", model8[: len(model8) // 2])
+    optim6 = bytearray(s3.fs.cat(f"{ckpts}/step_00000006/optimizer.bin"))
+    optim6[len(optim6) // 3] ^= 0x01
+    s3.fs.pipe(f"{ckpts}/step_00000006/optimizer.bin", bytes(optim6))
+    s3.fs.rm(f"{ckpts}/step_00000004/random_states_0.pkl")
+
+    url = f"s3://{ckpts}/step_00000008"
+    cfg = load_config(None, [f"train.output_dir={tmp_path}/explicit", f"train.resume={url}"]).train
+    one = type("OneProcess", (), {"is_main_process": True, "num_processes": 1, "process_index": 0,
+                                  "wait_for_everyone": lambda self: None})()
+    with pytest.raises(RemoteSyncError, match=rf"^train.resume: download of {url} failed: "
+                                              rf"{ckpts}/step_00000008/model.safetensors: \d+ bytes, manifest.json says"):
+        RemoteSync(cfg, one).decide(Disks(leader=True, shared=True))
+
+    proc = run_cli(["train", *common, f"train.output_dir={fresh}", "train.resume=latest"], env=s3.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step, name, reason in ((8, "model.safetensors", "bytes, manifest.json says"), (6, "optimizer.bin", "CRC32"),
+                               (4, "random_states_0.pkl", "missing (listed in its marker)")):
+        line = next(x for x in proc.stderr.splitlines() if f"skipping {fresh}/checkpoints/step_{step:08d}" in x)
+        assert f"s3://{ckpts}: {ckpts}/step_{step:08d}/{name}: " in line and reason in line, line
+    assert f"resumed from {fresh}/checkpoints/step_00000002 at step 2" in proc.stderr
+    want, got = losses_by_step(straight), losses_by_step(fresh)
+    assert sorted(got) == list(range(3, 9))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+    assert list_remote(s3.fs, ckpts)[0][-1] == 8  # published again, whole
 
 
 @pytest.mark.parametrize("where", ["s3", "path"])
@@ -184,13 +296,8 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
         fs, bucket = s3.fs, new_bucket(s3, "queue")
     else:
         fs, bucket = open_remote(str(tmp_path / "mounted"))
-    local = {}
-    for step in (1, 2, 3, 4):
-        d = tmp_path / f"step_{step:08d}"
-        d.mkdir()
-        (d / "weights.bin").write_bytes(bytes([step]) * 1000)
-        (d / "custom_checkpoint_0.pkl").write_bytes(b"state")
-        local[step] = d
+    local = {step: fake_checkpoint(tmp_path / f"step_{step:08d}", step, bytes([step]) * 1000)
+             for step in (1, 2, 3, 4)}
     gate, entered, in_flight, most = threading.Event(), threading.Event(), [0], [0]
     real_put = remote.put_file
 
@@ -226,7 +333,7 @@ def test_uploader_one_at_a_time_newest_wins_keeps_local_until_uploaded(tmp_path,
     got = download_checkpoint(fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl" / "step_00000004")
     assert (got / "weights.bin").read_bytes() == bytes([4]) * 1000
     fs.pipe(f"{bucket}/run/checkpoints/step_00000004/weights.bin", b"truncated")
-    with pytest.raises(OSError, match="its marker says 1000"):
+    with pytest.raises(CheckpointError, match="weights.bin: 9 bytes, manifest.json says 1000"):
         download_checkpoint(fs, f"{bucket}/run/checkpoints", 4, tmp_path / "dl2" / "step_00000004")
     assert not (tmp_path / "dl2" / "step_00000004").exists()
 
@@ -242,9 +349,7 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
     accelerator = type("OneProcess", (), {"is_main_process": True, "num_processes": 1, "process_index": 0,
                                           "wait_for_everyone": lambda self: None})()
     syncer = RemoteSync(cfg, accelerator)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"x")
-    syncer.checkpoint_saved(tmp_path / "ckpt", 7)
+    syncer.checkpoint_saved(fake_checkpoint(tmp_path / "ckpt", 7, b"x", "model.safetensors"), 7)
     t0 = time.time()
     with pytest.raises(RemoteSyncError, match=r"train.remote_stop_wait_s: .* checkpoint\(s\) \[7\] are only in"):
         syncer.finish(stopped=True)
@@ -257,7 +362,7 @@ def test_stop_wait_is_bounded_and_names_the_key(tmp_path, s3, monkeypatch):
     # train.resume=<URL of a checkpoint>: downloaded into output_dir/downloaded
     url = f"s3://{bucket}/run/checkpoints/step_00000007"
     other = load_config(None, [f"train.output_dir={tmp_path}/other", f"train.resume={url}"]).train
-    got = RemoteSync(other, accelerator).resolve_resume()
+    got = RemoteSync(other, accelerator).decide(Disks(leader=True, shared=True)).checkpoint
     assert got == tmp_path / "other" / "downloaded" / "step_00000007"
     assert (got / "model.safetensors").read_bytes() == b"x"
 
@@ -276,13 +381,14 @@ def test_remote_config_is_validated():
             open_remote("gs://bucket/run")
 
 
-def start_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A 1-process run in the background, its stderr in `log` (a pipe nobody reads could fill up)."""
+def start_cli(args: list[str], env: dict, log: Path, new_session: bool = False) -> subprocess.Popen:
+    """A 1-process run in the background, its stderr in `log` (a pipe nobody reads could fill up);
+    new_session: in a process group of its own, as a job (signalled with os.killpg)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", **env}
     full_env.pop("WORLD_SIZE", None)
     with log.open("w") as stderr:
         return subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
-                                stderr=stderr)
+                                stderr=stderr, start_new_session=new_session)
 
 
 def finished(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> str:

@@ -47,6 +47,19 @@ def test_fsdp2_gradient_cache_is_exact_and_state_round_trips():
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= set(res["checkpoint_files"])  # sharded (DCP)
 
 
+def test_fsdp2_on_node_local_disks_without_a_bucket_is_refused_before_training(tmp_path, color_shards):
+    """Issue 25, finding 3: every checkpoint used to keep only rank 0's shard (the other ranks'
+    temporary directories were deleted) and the run exited 0; now both processes stop at start-up."""
+    root = tmp_path / "nodes"
+    proc = launch_fsdp2(["-m", "clip_train", "train", *TINY, f"data.train={color_shards}", "train.steps=2",
+                         f"train.output_dir={root}/node${{oc.env:RANK}}"])
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (f"clip-train: error: train.output_dir: {root}/node{rank} is not one filesystem shared by all 2 "
+                "processes") in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (root / "node0" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color_shards):
     """Every option on: bf16 mixed precision, Accelerate's activation checkpointing, a queue,

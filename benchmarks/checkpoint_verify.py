@@ -1,0 +1,143 @@
+"""What checkpoint verification costs next to the save and the resume it protects.
+
+Writes real accelerate checkpoints with clip_train.checkpoint.save_checkpoint (one process, CPU):
+the demo model (configs/demo.yaml's model with its AdamW state) and a plain stack of linear
+layers sized to ~1 GB with its AdamW state. For each it times, in one run, side by side:
+  save_state     accelerator.save_state alone
+  manifest       checksumming every file for the manifest (the extra cost of a save)
+  verify cold    verify_checkpoint with the files evicted from the page cache first
+                 (posix_fadvise DONTNEED on our files only), as after a restart on a new node
+  verify warm    the same right after (files cached, as right after a download)
+  sizes only     what every non-leader process checks
+  load_state     accelerator.load_state, cold (what a resume reads anyway)
+and the throughput of the checksums the standard library offers on the same files (crc32, adler32,
+sha256, blake2b), which is why the manifest uses CRC32.
+
+    python benchmarks/checkpoint_verify.py             # demo + 1 GB
+    python benchmarks/checkpoint_verify.py --gb 0.2    # a smaller big one
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import markdown_table  # noqa: E402
+
+from clip_train.checkpoint import build_manifest, save_checkpoint, verify_checkpoint  # noqa: E402
+
+
+def evict(directory: Path) -> None:
+    """Drop our files' pages from the page cache (not the machine's whole cache)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def demo_model() -> nn.Module:
+    import open_clip
+
+    from clip_train.model import DualEncoder
+
+    open_clip.add_model_config("configs/models/demo-vit.json")
+    return DualEncoder(open_clip.create_model("demo-vit"))
+
+
+def big_model(gb: float) -> nn.Module:
+    """Linear layers whose weights plus AdamW's two moments take ~`gb` GB (3 float32 copies)."""
+    width = 2048
+    layers = max(1, round(gb * 1e9 / (3 * 4 * width * width)))
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+def checkpoint_of(model: nn.Module, folder: Path) -> tuple[Accelerator, Path, float]:
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for p in model.parameters():  # one step, so that AdamW holds its moments
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    save_s = timed(lambda: accelerator.save_state(str(folder / "plain")))
+    path = save_checkpoint(accelerator, str(folder), step=1, keep=2, run_id="bench")
+    return accelerator, path, save_s
+
+
+def checksum_rates(directory: Path) -> dict[str, float]:
+    """GB/s of each checksum over the checkpoint's files (warm cache, one thread)."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    rates = {}
+    for name in ("crc32", "adler32", "sha256", "blake2b"):
+        def run(name=name):
+            for p in files:
+                with open(p, "rb", buffering=0) as f:
+                    if name in ("crc32", "adler32"):
+                        value = 0 if name == "crc32" else 1
+                        while chunk := f.read(8 << 20):
+                            value = getattr(zlib, name)(chunk, value)
+                    else:
+                        h = hashlib.new(name)
+                        while chunk := f.read(8 << 20):
+                            h.update(chunk)
+        run()  # warm
+        rates[name] = total / 1e9 / timed(run)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0, help="size of the big checkpoint")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = parser.parse_args()
+    rows, rate_rows = [], []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for label, make in (("demo", demo_model), (f"linear {args.gb:g} GB", lambda: big_model(args.gb))):
+            folder = Path(tmp) / label.replace(" ", "_")
+            accelerator, path, save_s = checkpoint_of(make(), folder)
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            manifest_s = timed(lambda: build_manifest(path, 1, "bench"))
+            evict(path)
+            cold_s = timed(lambda: verify_checkpoint(path))
+            warm_s = timed(lambda: verify_checkpoint(path))
+            sizes_s = timed(lambda: verify_checkpoint(path, checksums=False))
+            evict(path)
+            load_s = timed(lambda: accelerator.load_state(str(path)))
+            rows.append([label, f"{size / 1e6:.1f}", f"{save_s:.3f}", f"{manifest_s:.3f}", f"{cold_s:.3f}",
+                         f"{warm_s:.3f}", f"{sizes_s * 1e3:.2f} ms", f"{load_s:.3f}",
+                         f"{cold_s / load_s:.2f}"])
+            rates = checksum_rates(path)
+            rate_rows.append([label, *(f"{rates[k]:.2f}" for k in ("crc32", "adler32", "sha256", "blake2b")),
+                              f"{rates['crc32'] / rates['sha256']:.2f}", f"{rates['crc32'] / rates['blake2b']:.2f}"])
+            del accelerator
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, seconds unless stated\n")
+    print(markdown_table(["checkpoint", "MB", "save_state", "manifest (CRC32)", "verify cold", "verify warm",
+                          "sizes only", "load_state cold", "verify cold / load"], rows))
+    print("\nchecksum throughput on the same files, GB/s (warm cache, one thread):\n")
+    print(markdown_table(["checkpoint", "crc32", "adler32", "sha256", "blake2b", "crc32/sha256", "crc32/blake2b"],
+                         rate_rows))
+
+
+if __name__ == "__main__":
+    main()
