@@ -5,11 +5,13 @@ the demo model (configs/demo.yaml's model with its AdamW state) and a plain stac
 layers sized to ~1 GB with its AdamW state. For each it times, in one run, side by side:
   save_state     accelerator.save_state alone
   manifest       checksumming every file for the manifest (the extra cost of a save)
-  verify cold    verify_checkpoint with the files evicted from the page cache first
-                 (posix_fadvise DONTNEED on our files only), as after a restart on a new node
-  verify warm    the same right after (files cached, as right after a download)
-  sizes only     what every non-leader process checks
-  load_state     accelerator.load_state, cold (what a resume reads anyway)
+  load_state cold   accelerator.load_state with the files evicted from the page cache first
+                    (posix_fadvise DONTNEED on our files only): a resume without verification
+  verify cold       verify_checkpoint, evicted likewise, as after a restart on a new node
+  verify cold + load  the resume with verification: verify, then load_state (now from the cache)
+  verify warm       verify_checkpoint with the files cached (as right after a download)
+  sizes only        what every process but one per disk checks
+  CPU s             CPU seconds (all threads) of the cold verify and of the cold load_state
 and the throughput of the checksums the standard library offers on the same files (crc32, adler32,
 sha256, blake2b), which is why the manifest uses CRC32.
 
@@ -54,6 +56,14 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def timed_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads): on a shared, busy machine the
+    CPU time is the steadier of the two."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def demo_model() -> nn.Module:
@@ -106,6 +116,28 @@ def checksum_rates(directory: Path) -> dict[str, float]:
     return rates
 
 
+def measure(label: str, model: nn.Module, folder: Path) -> tuple[list, list]:
+    """One checkpoint's row of each table."""
+    accelerator, path, save_s = checkpoint_of(model, folder)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    manifest_s = timed(lambda: build_manifest(path, 1, "bench"))
+    evict(path)
+    load_s, load_cpu = timed_cpu(lambda: accelerator.load_state(str(path)))
+    evict(path)
+    cold_s, cold_cpu = timed_cpu(lambda: verify_checkpoint(path))
+    then_load_s = timed(lambda: accelerator.load_state(str(path)))  # the resume after verifying
+    warm_s = timed(lambda: verify_checkpoint(path))
+    sizes_s = timed(lambda: verify_checkpoint(path, checksums=False))
+    resume_s = cold_s + then_load_s
+    row = [label, f"{size / 1e6:.1f}", f"{save_s:.3f}", f"{manifest_s:.3f}", f"{load_s:.3f}", f"{cold_s:.3f}",
+           f"{warm_s:.3f}", f"{sizes_s * 1e3:.2f} ms", f"{resume_s:.3f}", f"{resume_s / load_s:.2f}",
+           f"{cold_cpu:.2f} / {load_cpu:.2f}"]
+    rates = checksum_rates(path)
+    rate_row = [label, *(f"{rates[k]:.2f}" for k in ("crc32", "adler32", "sha256", "blake2b")),
+                f"{rates['crc32'] / rates['sha256']:.2f}", f"{rates['crc32'] / rates['blake2b']:.2f}"]
+    return row, rate_row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=1.0, help="size of the big checkpoint")
@@ -114,26 +146,13 @@ def main() -> None:
     rows, rate_rows = [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for label, make in (("demo", demo_model), (f"linear {args.gb:g} GB", lambda: big_model(args.gb))):
-            folder = Path(tmp) / label.replace(" ", "_")
-            accelerator, path, save_s = checkpoint_of(make(), folder)
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            manifest_s = timed(lambda: build_manifest(path, 1, "bench"))
-            evict(path)
-            cold_s = timed(lambda: verify_checkpoint(path))
-            warm_s = timed(lambda: verify_checkpoint(path))
-            sizes_s = timed(lambda: verify_checkpoint(path, checksums=False))
-            evict(path)
-            load_s = timed(lambda: accelerator.load_state(str(path)))
-            rows.append([label, f"{size / 1e6:.1f}", f"{save_s:.3f}", f"{manifest_s:.3f}", f"{cold_s:.3f}",
-                         f"{warm_s:.3f}", f"{sizes_s * 1e3:.2f} ms", f"{load_s:.3f}",
-                         f"{cold_s / load_s:.2f}"])
-            rates = checksum_rates(path)
-            rate_rows.append([label, *(f"{rates[k]:.2f}" for k in ("crc32", "adler32", "sha256", "blake2b")),
-                              f"{rates['crc32'] / rates['sha256']:.2f}", f"{rates['crc32'] / rates['blake2b']:.2f}"])
-            del accelerator
+            row, rate_row = measure(label, make(), Path(tmp) / label.replace(" ", "_"))
+            rows.append(row)
+            rate_rows.append(rate_row)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, seconds unless stated\n")
-    print(markdown_table(["checkpoint", "MB", "save_state", "manifest (CRC32)", "verify cold", "verify warm",
-                          "sizes only", "load_state cold", "verify cold / load"], rows))
+    print(markdown_table(["checkpoint", "MB", "save_state", "manifest (CRC32)", "load_state cold", "verify cold",
+                          "verify warm", "sizes only", "verify cold + load", "(verify + load) / load",
+                          "CPU s: verify / load"], rows))
     print("\nchecksum throughput on the same files, GB/s (warm cache, one thread):\n")
     print(markdown_table(["checkpoint", "crc32", "adler32", "sha256", "blake2b", "crc32/sha256", "crc32/blake2b"],
                          rate_rows))

@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -642,6 +643,15 @@ def _passthrough(batch: Any) -> Any:
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers' worker_init_fn. A cluster's stop (SIGTERM/SIGUSR1 to every process of
+    the job) is the trainer's to act on: it saves a checkpoint and exits. A worker killed by the
+    signal would crash the trainer first ("DataLoader worker ... is killed by signal"). Workers
+    still end with the trainer (the DataLoader's shutdown, and torch's watchdog on its parent)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # --------------------------------------------------------------------------------------------
 # uint8 batches, normalised on the device
 
@@ -798,7 +808,7 @@ class TrainLoader:
         workers = self._loader_workers
         loader = wds.WebLoader(
             _Stream(spec), batch_size=None, num_workers=workers, collate_fn=_passthrough,
-            persistent_workers=workers > 0, pin_memory=self._pin_memory,
+            persistent_workers=workers > 0, pin_memory=self._pin_memory, worker_init_fn=ignore_stop_signals,
             prefetch_factor=self._prefetch_factor if workers > 0 else None)
         for images, texts, meta in loader:
             expected = self._batches % W

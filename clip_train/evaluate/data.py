@@ -23,6 +23,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from tqdm import tqdm
 
 from clip_train.config import ConfigError, clip_benchmark_folder, expand_urls
+from clip_train.data import ignore_stop_signals
 
 log = logging.getLogger("clip_train.evaluate")
 
@@ -272,7 +273,7 @@ def shard_loader(
         functools.partial(_batched_per_shard, batch_size=batch_size, collate=collate),
     )
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, num_workers=min(workers, len(urls))
+        pipeline, batch_size=None, num_workers=min(workers, len(urls)), worker_init_fn=ignore_stop_signals
     )
 
 
@@ -301,7 +302,8 @@ def imagefolder_loader(
         )
     # A strided subset: every rank gets a disjoint share, together all images exactly once.
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 # --------------------------------------------------------------------------------------------
