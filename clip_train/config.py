@@ -309,7 +309,8 @@ class OptimConfig:
     # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
     # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
     #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
-    #   *token_embedding*, *cls_emb*;
+    #   *token_embedding*, *cls_emb*, plus a timm trunk's own no_weight_decay() names
+    #   (visual.trunk.pos_embed, cls_token, reg_token, dist_token);
     # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
     #   does decay the token and positional embeddings.
     no_decay_patterns: list[str] = field(default_factory=list)
@@ -324,10 +325,12 @@ class OptimConfig:
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
     cooldown_steps: int = 0
-    # const-cooldown: decay to `min_lr` over the last N steps.
+    # const-cooldown: decay towards `min_lr` over the last N steps, as open_clip_train's
+    # const_lr_cooldown: the first of them still runs at lr, the last at
+    # min_lr + (lr - min_lr) * (1/N)^power (min_lr itself would be the step after the run).
     cooldown_power: float = 1.0
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
-    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
+    # (1 - k/N)^power at the k-th (0-based) cooldown step; 1 is linear, 0.5 stays high longer.
     min_lr: float = 0.0
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
