@@ -48,7 +48,9 @@ class AugConfig:
     # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
     color_jitter: list[float] | None = None
     # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
-    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 1, 3 or 4 values (one
+    # value, e.g. [0.4], is open_clip's single number: that strength for brightness, contrast and
+    # saturation, no hue).
     color_jitter_prob: float | None = None
     # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
     gray_scale_prob: float | None = None
@@ -94,6 +96,9 @@ class AugConfig:
         keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
                 "re_count", "use_timm")
         values = {k: getattr(self, k) for k in keys}
+        if self.color_jitter is not None and len(self.color_jitter) == 1:
+            # open_clip's AugmentationCfg takes one number (timm asserts that a sequence holds 3 or 4).
+            values["color_jitter"] = float(self.color_jitter[0])
         return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
@@ -109,13 +114,19 @@ class ModelConfig:
     # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
     # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
     # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
-    # interpolation, resize mode) comes with them unless set below.
+    # interpolation, resize mode, and a hub repo's fill colour for resize_mode=longest padding)
+    # comes with them unless set below.
     pretrained_image_path: str | None = None
     # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
-    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    # visual.* weights are taken) or a state dict of the image tower. Converted as open_clip's
+    # full load does (position embeddings resized to force_image_size), then loaded strictly.
+    # Preprocessing follows the image tower: a tag's or hub repo's here wins, key by key, over
+    # model.pretrained's (a local file carries none: model.pretrained's, else open_clip's, apply).
     pretrained_text_path: str | None = None
     # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
     # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    # Converted as open_clip's full load does (a CLIP-layout text tower into a CustomTextCLIP
+    # model's text.*, position embeddings resized to the context length), then loaded strictly.
     pretrained_image: bool = False
     # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
     # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
@@ -128,6 +139,11 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     # With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
     # lock_image_tower: 1 = the projection, 2 = + last block and final norm, ...).
+    lock_image_freeze_bn_stats: bool = False
+    # With lock_image: also freeze the BatchNorm running statistics of the locked groups (open_clip's
+    # --lock-image-freeze-bn-stats; they become FrozenBatchNorm2d). Without it a locked BN tower
+    # (RN50, a timm ConvNet) has no trainable parameters, yet its statistics follow the new data
+    # in every training forward. No effect on towers without BatchNorm (ViTs).
     lock_text: bool = False
     # Freeze the text tower.
     lock_text_unlocked_layers: int = 0
@@ -145,7 +161,13 @@ class ModelConfig:
     # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
     force_image_size: int | None = None
     # Train and evaluate at this image size instead of the model config's (open_clip's
-    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    # force_image_size). Pretrained weights of an open_clip ViT (full or per tower) get their
+    # position embeddings resized as open_clip does; a timm trunk's checkpoint must match the size.
+    force_quick_gelu: bool = False
+    # Build the model with QuickGELU whatever its config says (open_clip's --force-quick-gelu),
+    # for weights trained with it (OpenAI's, open_clip's *-quickgelu tags). An open_clip tag
+    # whose activation differs from the model's is refused, naming the -quickgelu model or this
+    # key (open_clip itself only warns, and the model would run with the wrong activation).
     aug: AugConfig = field(default_factory=AugConfig)
     # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
@@ -171,6 +193,8 @@ class ModelConfig:
                  "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
+        _require(not self.lock_image_freeze_bn_stats or self.lock_image, "model.lock_image_freeze_bn_stats",
+                 "freezes the statistics of the locked image tower: set model.lock_image=true too")
 
 
 @dataclass

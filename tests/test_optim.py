@@ -258,3 +258,46 @@ def test_timm_trunk_embeddings_get_no_decay_as_timm_says(tmp_path):
     open_clip_no_decay = {names[id(p)] for g in param_groups(model, OptimConfig(no_decay="open_clip"))
                           if g["weight_decay"] == 0 for p in g["params"]}
     assert "visual.trunk.pos_embed" not in open_clip_no_decay
+
+
+def test_lock_image_freeze_bn_stats_is_open_clips(tmp_path):
+    """model.lock_image_freeze_bn_stats: the locked BatchNorm tower is open_clip's
+    lock_image_tower(freeze_bn_stats=True) on the same model, and a training-mode forward
+    leaves its running statistics where they were (without the key they move)."""
+    import json
+
+    import open_clip
+
+    tiny_text = json.loads(open(TINY).read())["text_cfg"]
+    path = tmp_path / "tiny-rn.json"
+    path.write_text(json.dumps({"embed_dim": 32, "text_cfg": tiny_text, "vision_cfg": {
+        "image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}}))
+
+    def stats(model):
+        return {n: b.clone() for n, b in model.visual.named_buffers() if "running_" in n}
+
+    def train_forward(model):
+        model.train()
+        with torch.no_grad():
+            model.encode_image(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(name=str(path), lock_image=True, lock_image_freeze_bn_stats=True)).model
+    torch.manual_seed(0)
+    reference = open_clip.create_model("tiny-rn")
+    reference.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    assert repr(ours.visual) == repr(reference.visual) and "FrozenBatchNorm2d" in repr(ours.visual)
+    before = stats(ours)
+    assert before and before.keys() == stats(reference).keys()
+    train_forward(ours)
+    train_forward(reference)
+    for name, value in stats(ours).items():
+        assert torch.equal(value, before[name]) and torch.equal(value, stats(reference)[name]), name
+    assert tower_trainable(ours) == (False, True)
+    # Without the key (open_clip's default) the locked tower's statistics follow the data.
+    moving = build_model(ModelConfig(name=str(path), lock_image=True)).model
+    start = stats(moving)
+    train_forward(moving)
+    assert any(not torch.equal(v, start[n]) for n, v in stats(moving).items())
+    with pytest.raises(ConfigError, match="model.lock_image_freeze_bn_stats"):
+        load_config(None, ["model.lock_image_freeze_bn_stats=true"])
