@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from torch import nn
 from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
 from torchvision.transforms import Compose
 
 from clip_train.config import AugConfig, ConfigError, ModelConfig

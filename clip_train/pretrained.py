@@ -24,7 +24,11 @@ import torch
 from open_clip import pretrained as oc_pretrained
 from open_clip.convert import convert_state_dict
 from open_clip.factory import load_state_dict
-from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+from open_clip.model import (
+    convert_to_custom_text_state_dict,
+    resize_pos_embed,
+    resize_text_pos_embed,
+)
 from torch import nn
 
 from clip_train.config import ClipTrainError, ConfigError

@@ -125,7 +125,7 @@ def test_zero_weight_captions_are_never_drawn():
     for sample in ({"txt": b"  ", "json": listed}, {"json": listed},
                    {"json": json.dumps({"captions": ["0 syn-a"]}).encode()}):  # one candidate, weight 0
         bad = []
-        assert draw_caption(sample, "txt", only_txt, 0, lambda kind, what: bad.append((kind, what))) is None
+        assert draw_caption(sample, "txt", only_txt, 0, lambda kind, what, out=bad: out.append((kind, what))) is None
         assert bad[0][0] == "missing_caption" and "data.caption_probs" in bad[0][1]
     assert draw_caption({"txt": b"0 orig", "json": listed}, "txt", only_txt, 0, lambda *a: None) == "0 orig"
     # Only the recaptions: [0, 1]; a sample without them is skipped, the others never give txt.
