@@ -231,14 +231,19 @@ class DataConfig:
     # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
     # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
     # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
-    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    # resampled mode adds the stream position), so a resumed run draws the same captions. An
+    # unreadable part (corrupt json, non-UTF-8 txt) loses only its own captions: the sample
+    # trains on the other part's (warned, not counted bad); with neither, it is skipped.
     caption_list_with_text: bool = True
     # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
     # false: only the list (the text_key caption is used when a sample has no list).
     caption_probs: list[float] | None = None
     # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
     # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
-    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates. A
+    # weight of 0 is never drawn ([1.0, 0.0]: only the txt caption): a sample with no candidate
+    # of positive weight is skipped, counted as missing_caption (the txt fallback of
+    # caption_list_with_text=false excepted).
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,

@@ -49,7 +49,8 @@ class PretrainedError(ClipTrainError):
 @dataclass
 class Weights:
     path: str  # a local file (downloaded ones live in the Hugging Face cache)
-    # open_clip's preprocessing for these weights (mean, std, interpolation, resize_mode), from
+    # open_clip's preprocessing for these weights (mean, std, interpolation, resize_mode,
+    # fill_color), from
     # the tag's registry entry or the hub repo's open_clip_config.json; empty for a local file.
     preprocess: dict = field(default_factory=dict)
 
@@ -128,7 +129,8 @@ def fetch_tag(model_name: str, tag: str, key: str) -> Weights:
         raise _fetch_failed(key, what, err, prefetch) from None
     if not path:
         raise PretrainedError(f"{key}: {what} names no file to download")
-    return Weights(path, {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg})
+    return Weights(path, {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode", "fill_color")
+                          if k in cfg})
 
 
 def resolve_weights(spec: str, model_name: str, key: str) -> Weights:
@@ -199,6 +201,9 @@ def load_tower(model: nn.Module, path: str, tower: str, key: str) -> None:
                    f"e.g. {wrong[0]!r} is {tuple(given[wrong[0]].shape)} in the file, "
                    f"{tuple(wanted[wrong[0]].shape)} in the model")
         hint = ""
+        if tower == "image" and any(k.startswith("visual.trunk.") and "pos_embed" in k for k in wrong):
+            hint = ("; a timm trunk's position embeddings are resized (by timm's set_input_size) only in a "
+                    "full load: give a full checkpoint as model.pretrained, or unset model.force_image_size")
         if tower == "text" and not hasattr(model, "text") and any(k.startswith("text.") for k in state_dict):
             hint = ("; the file's text tower is a CustomTextCLIP's (text.*), which open_clip does not convert "
                     "to a CLIP model: use a model config with \"custom_text\": true")

@@ -249,6 +249,18 @@ def test_per_tower_loading_converts_as_open_clips_full_load(tmp_path):
     torch.save(reference.state_dict(), custom_weights)
     with pytest.raises(PretrainedError, match=r"text tower .*CustomTextCLIP.*\"custom_text\": true"):
         build_model(ModelConfig(name=TINY, pretrained_text_path=str(custom_weights)))
+    # A timm trunk at another size: open_clip resizes it (timm's set_input_size) only in a full
+    # load, which model.pretrained is; per tower it is refused in one line naming that fix.
+    timm_cfg = tmp_path / "tiny-timm.json"
+    timm_cfg.write_text(json.dumps({"embed_dim": 32, "text_cfg": custom["text_cfg"], "vision_cfg": {
+        "timm_model_name": "vit_tiny_patch16_224", "timm_pool": "token", "timm_proj": "linear", "image_size": 224}}))
+    timm_weights = tmp_path / "timm.pt"
+    torch.save(build_model(ModelConfig(name=str(timm_cfg))).model.state_dict(), timm_weights)
+    with pytest.raises(PretrainedError, match=r"'visual.trunk.pos_embed' is \(1, 197, 192\) in the file, "
+                                              r"\(1, 50, 192\) in the model.*as model.pretrained"):
+        build_model(ModelConfig(name=str(timm_cfg), force_image_size=112, pretrained_image_path=str(timm_weights)))
+    full = build_model(ModelConfig(name=str(timm_cfg), force_image_size=112, pretrained=str(timm_weights))).model
+    assert full.visual.trunk.pos_embed.shape == (1, 50, 192)
 
 
 def test_hub_fill_color_reaches_the_eval_transform(hub):
