@@ -23,7 +23,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from tqdm import tqdm
 
 from clip_train.config import ConfigError, clip_benchmark_folder, expand_urls
-from clip_train.data import ignore_stop_signals
+from clip_train.data.loader import ignore_stop_signals
 
 log = logging.getLogger("clip_train.evaluate")
 
