@@ -78,6 +78,7 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 # How the Uploader starts an upload process; a list, so that tests can start one with faults.
 UPLOAD_COMMAND = [sys.executable, "-m", "clip_train.remote"]
 REFUSED_RC = 3  # the upload process's exit code for a checkpoint it will not publish
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}  # what the upload process never dies of
 
 
 class RemoteSyncError(ClipTrainError):
@@ -303,6 +304,10 @@ class Uploader:
             return self._cond.wait_for(lambda: self._active.empty() and self._pending.empty(), timeout_s)
 
     def _run(self) -> None:
+        # Stop signals are the main thread's (StopRequest); blocked here, they stay blocked in the
+        # upload processes this thread starts, from their first instruction (the child then
+        # ignores them too): a job-wide SIGTERM cannot kill an upload the stop is waiting for.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: not self._pending.empty())
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads((sys.argv[1:] if argv is None else argv)[-1])
     # A cluster's stop signal goes to every process of the job: the trainer saves and waits for
     # this upload (train.remote_stop_wait_s), so this process must not die of it.
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _die_with(job["parent"])
     os.nice(10)  # the training loop comes first on a busy CPU

@@ -147,6 +147,22 @@ def test_sigkill_mid_upload_then_resume_on_empty_disks_is_exact(tmp_path, color_
     assert s3.fs.cat(f"{bucket}/run/metrics.jsonl") == (second / "node0" / "metrics.jsonl").read_bytes()
 
 
+def test_explicit_resume_that_one_disk_lacks_stops_every_process_in_one_line(tmp_path, color_shards, s3):
+    """Issue 25, finding 2 (explicit path): node-local disks with a bucket, train.resume naming a
+    checkpoint only rank 0's disk holds. Rank 0 used to load it and wait in a collective until the
+    timeout; now every process verifies before training and all stop with the same line."""
+    bucket = new_bucket(s3, "one-disk")
+    root = tmp_path / "nodes"
+    ckpt = fake_checkpoint(root / "node0" / "checkpoints" / "step_00000004", 4, b"w" * 100, run_id="r")
+    proc = launch(["-m", "clip_train", "train", *TINY, f"data.train={color_shards}", "train.steps=6",
+                   node_local(root), f"train.remote_dir=s3://{bucket}/run", f"train.resume={ckpt}"], env=s3.env)
+    assert proc.returncode != 0
+    line = f"clip-train: error: train.resume: on rank 1: {ckpt}: not on this process's disk"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]  # the same line from both processes
+    assert f'File "{REPO}/clip_train' not in proc.stderr  # no traceback of ours (the launcher prints its own)
+    assert not (root / "node0" / "metrics.jsonl").exists()
+
+
 def test_bucket_that_disappears_warns_retries_then_stops(tmp_path, color_shards, s3):
     bucket = new_bucket(s3, "vanishing")
     out, log = tmp_path / "run", tmp_path / "stderr.log"
