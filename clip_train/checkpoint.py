@@ -158,7 +158,8 @@ def read_manifest(directory: Path) -> dict:
     """The manifest of a checkpoint directory; CheckpointError naming the file when there is none."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete: its save or copy did not finish)")
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete: its save or copy did not "
+                              "finish, or a clip-train without manifests wrote it)")
     try:
         manifest = json.loads(path.read_text())
         if not isinstance(manifest.get("files"), dict):

@@ -154,10 +154,13 @@ def test_explicit_resume_that_one_disk_lacks_stops_every_process_in_one_line(tmp
     bucket = new_bucket(s3, "one-disk")
     root = tmp_path / "nodes"
     ckpt = fake_checkpoint(root / "node0" / "checkpoints" / "step_00000004", 4, b"w" * 100, run_id="r")
+    # The same path names another disk on each node: node${RANK} stands for it on this machine.
+    per_node = f"{root}/node${{oc.env:RANK}}/checkpoints/step_00000004"
     proc = launch(["-m", "clip_train", "train", *TINY, f"data.train={color_shards}", "train.steps=6",
-                   node_local(root), f"train.remote_dir=s3://{bucket}/run", f"train.resume={ckpt}"], env=s3.env)
+                   node_local(root), f"train.remote_dir=s3://{bucket}/run", f"train.resume={per_node}"], env=s3.env)
     assert proc.returncode != 0
-    line = f"clip-train: error: train.resume: on rank 1: {ckpt}: not on this process's disk"
+    line = (f"clip-train: error: train.resume: on rank 1: {str(ckpt).replace('node0', 'node1')}: "
+            "not on this process's disk")
     assert proc.stderr.count(line) == 2, proc.stderr[-3000:]  # the same line from both processes
     assert f'File "{REPO}/clip_train' not in proc.stderr  # no traceback of ours (the launcher prints its own)
     assert not (root / "node0" / "metrics.jsonl").exists()
