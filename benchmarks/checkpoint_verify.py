@@ -7,7 +7,8 @@ layers sized to ~1 GB with its AdamW state. For each it times, in one run, side 
   manifest       checksumming every file for the manifest (the extra cost of a save)
   load_state cold   accelerator.load_state with the files evicted from the page cache first
                     (posix_fadvise DONTNEED on our files only): a resume without verification
-  verify cold       verify_checkpoint, evicted likewise, as after a restart on a new node
+  verify cold       verify_checkpoint, evicted likewise, as after a restart on a new node, in a
+                    fresh process (train.py verifies before it builds the model)
   verify cold + load  the resume with verification: verify, then load_state (now from the cache)
   verify warm       verify_checkpoint with the files cached (as right after a download)
   sizes only        what every process but one per disk checks
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -101,37 +103,62 @@ def checksum_rates(directory: Path) -> dict[str, float]:
     rates = {}
     for name in ("crc32", "adler32", "sha256", "blake2b"):
         def run(name=name):
+            buf = bytearray(1 << 20)  # the chunk clip_train.checkpoint reads
+            view = memoryview(buf)
             for p in files:
                 with open(p, "rb", buffering=0) as f:
                     if name in ("crc32", "adler32"):
                         value = 0 if name == "crc32" else 1
-                        while chunk := f.read(8 << 20):
-                            value = getattr(zlib, name)(chunk, value)
+                        while n := f.readinto(buf):
+                            value = getattr(zlib, name)(view[:n], value)
                     else:
                         h = hashlib.new(name)
-                        while chunk := f.read(8 << 20):
-                            h.update(chunk)
+                        while n := f.readinto(buf):
+                            h.update(view[:n])
         run()  # warm
         rates[name] = total / 1e9 / timed(run)
     return rates
 
 
-def measure(label: str, model: nn.Module, folder: Path) -> tuple[list, list]:
-    """One checkpoint's row of each table."""
-    accelerator, path, save_s = checkpoint_of(model, folder)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    manifest_s = timed(lambda: build_manifest(path, 1, "bench"))
-    evict(path)
-    load_s, load_cpu = timed_cpu(lambda: accelerator.load_state(str(path)))
-    evict(path)
+def verify_elsewhere(path: Path) -> dict[str, float]:
+    """Verify in a fresh process, as train.py does before it builds the model: here, PyTorch's
+    worker threads, still spinning after the load, would take the CPU from the checksums."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--verify-only", str(path)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _verify_only(path: Path) -> None:
+    import json
+
     cold_s, cold_cpu = timed_cpu(lambda: verify_checkpoint(path))
-    then_load_s = timed(lambda: accelerator.load_state(str(path)))  # the resume after verifying
     warm_s = timed(lambda: verify_checkpoint(path))
     sizes_s = timed(lambda: verify_checkpoint(path, checksums=False))
-    resume_s = cold_s + then_load_s
-    row = [label, f"{size / 1e6:.1f}", f"{save_s:.3f}", f"{manifest_s:.3f}", f"{load_s:.3f}", f"{cold_s:.3f}",
-           f"{warm_s:.3f}", f"{sizes_s * 1e3:.2f} ms", f"{resume_s:.3f}", f"{resume_s / load_s:.2f}",
-           f"{cold_cpu:.2f} / {load_cpu:.2f}"]
+    print(json.dumps({"cold_s": cold_s, "cold_cpu": cold_cpu, "warm_s": warm_s, "sizes_s": sizes_s}))
+
+
+def measure(label: str, model: nn.Module, folder: Path, repeats: int) -> tuple[list, list]:
+    """One checkpoint's row of each table: medians over `repeats` alternating trials (a shared,
+    busy machine moves single timings by 2x)."""
+    accelerator, path, save_s = checkpoint_of(model, folder)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    manifest_s = statistics.median(timed(lambda: build_manifest(path, 1, "bench")) for _ in range(repeats))
+    trials = []
+    for _ in range(repeats):
+        evict(path)
+        load_s, load_cpu = timed_cpu(lambda: accelerator.load_state(str(path)))
+        evict(path)
+        verified = verify_elsewhere(path)  # cold, then warm
+        then_load_s = timed(lambda: accelerator.load_state(str(path)))  # the resume after verifying
+        trials.append({"load_s": load_s, "load_cpu": load_cpu, "resume_s": verified["cold_s"] + then_load_s,
+                       **verified})
+    m = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
+    row = [label, f"{size / 1e6:.1f}", f"{save_s:.3f}", f"{manifest_s:.3f}", f"{m['load_s']:.3f}",
+           f"{m['cold_s']:.3f}", f"{m['warm_s']:.3f}", f"{m['sizes_s'] * 1e3:.2f} ms", f"{m['resume_s']:.3f}",
+           f"{m['resume_s'] / m['load_s']:.2f}", f"{m['cold_cpu']:.2f} / {m['load_cpu']:.2f}"]
     rates = checksum_rates(path)
     rate_row = [label, *(f"{rates[k]:.2f}" for k in ("crc32", "adler32", "sha256", "blake2b")),
                 f"{rates['crc32'] / rates['sha256']:.2f}", f"{rates['crc32'] / rates['blake2b']:.2f}"]
@@ -142,14 +169,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=1.0, help="size of the big checkpoint")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--repeats", type=int, default=3, help="trials per timing (medians are shown)")
+    parser.add_argument("--verify-only", default=None, help=argparse.SUPPRESS)  # verify_elsewhere's process
     args = parser.parse_args()
+    if args.verify_only:
+        return _verify_only(Path(args.verify_only))
     rows, rate_rows = [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for label, make in (("demo", demo_model), (f"linear {args.gb:g} GB", lambda: big_model(args.gb))):
-            row, rate_row = measure(label, make(), Path(tmp) / label.replace(" ", "_"))
+            row, rate_row = measure(label, make(), Path(tmp) / label.replace(" ", "_"), args.repeats)
             rows.append(row)
             rate_rows.append(rate_row)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, seconds unless stated\n")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"seconds unless stated, medians of {args.repeats} trials\n")
     print(markdown_table(["checkpoint", "MB", "save_state", "manifest (CRC32)", "load_state cold", "verify cold",
                           "verify warm", "sizes only", "verify cold + load", "(verify + load) / load",
                           "CPU s: verify / load"], rows))
