@@ -381,8 +381,8 @@ class Uploader:
 
 def upload_job(fs: AbstractFileSystem, root: str, checkpoint: tuple[int, str] | None, files: list[str],
                keep: int, published, run_id: str | None = None) -> None:
-    """One upload job: the run's files, the checkpoint and its marker (then `published({...})`),
-    pruning. A checkpoint it refuses (NothingToPublish) leaves the bucket as it was."""
+    """One upload job: the checkpoint and its marker (then `published({...})`), pruning, the run's
+    files. A checkpoint it refuses (NothingToPublish) leaves the bucket as it was."""
     if checkpoint is not None:
         step, local = checkpoint
         t0 = time.perf_counter()
@@ -477,9 +477,9 @@ class BucketSource:
 
 
 class RemoteSync:
-    """What train.py calls: resume from the newest checkpoint of the disks and the bucket, then
-    upload after each checkpoint, at a stop and at the end. Without train.remote_dir (and a URL in
-    train.resume) it only resolves train.resume as before."""
+    """What train.py calls: the resume decision (from the disks and the bucket), then uploads
+    after each checkpoint, at a stop and at the end. Without train.remote_dir (and a URL in
+    train.resume) it decides from the disks alone and uploads nothing."""
 
     def __init__(self, cfg: TrainConfig, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
