@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -39,10 +40,24 @@ def _passthrough(batch: Any) -> Any:
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers' worker_init_fn. A cluster's stop (SIGTERM/SIGUSR1 to every process of
     the job) is the trainer's to act on: it saves a checkpoint and exits. A worker killed by the
-    signal would crash the trainer first ("DataLoader worker ... is killed by signal"). Workers
-    still end with the trainer (the DataLoader's shutdown, and torch's watchdog on its parent)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    signal would crash the trainer first ("DataLoader worker ... is killed by signal"). So a
+    worker ignores SIGUSR1 and every SIGTERM but its trainer's own: the DataLoader's shutdown and
+    multiprocessing's exit handler end workers with SIGTERM, and a worker deaf to those would
+    hang the trainer's exit. A thread reads SIGTERM's sender (sigwaitinfo) to tell them apart."""
+    import multiprocessing
+    import threading
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    trainer = parent.pid if parent is not None else os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="stop-signal-filter", daemon=True).start()
 
 
 def normalize_images(images_BCHW: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
