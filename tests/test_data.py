@@ -9,6 +9,7 @@ import logging
 import pickle
 import random
 import tarfile
+import types
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -32,9 +33,11 @@ from PIL import Image
 from clip_train.config import ConfigError, DataConfig, ModelConfig
 from clip_train.data import (
     BAD_KINDS,
+    BadSampleCeiling,
     DataError,
     batch_to_device,
     build_train_loader,
+    check_bad_samples,
     dataset_size,
     epoch_quota,
     epoch_shard_order,
@@ -46,6 +49,7 @@ from clip_train.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+ONE_PROCESS = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"))  # for check_bad_samples
 
 
 def loader(train: str, *, batch: int = 6, seed: int = 0, rank: int = 0, world: int = 1,
@@ -264,9 +268,11 @@ def test_bad_fraction_ceiling_stops_the_run(tmp_path, workers):
                 sample["txt"] = str(i)
             sink.write(sample)
     L = loader(str(tmp_path / "half-000000.tar"), batch=2, workers=workers, train_num_samples=40,
-               max_bad_fraction=0.2, bad_fraction_min_samples=10)
-    with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*half-000000.tar"):
-        take(L, 10)
+               bad_fraction_min_samples=10)
+    take(L, 10)  # half the data is bad, yet this worker trains: no per-worker stop
+    ceiling = BadSampleCeiling(0.2, min_samples=10, window_samples=1000)
+    with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*half-000000.tar \(\d+ bad\)"):
+        check_bad_samples(ONE_PROCESS, L, ceiling)
 
 
 def test_a_worker_whose_shards_are_all_broken_borrows_shards(tmp_path, caplog):
@@ -303,8 +309,8 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, even_shards):
     no_sizes = write_id_shards(tmp_path / "nosizes", [4, 4], sizes_file=False)
     with pytest.raises(ConfigError, match="data.train_num_samples: the dataset size is unknown"):
         loader(no_sizes)
-    with pytest.raises(ConfigError, match=r"8 shards for 2 processes x 5 workers in epoch mode"):
-        loader(even_shards, resampled=False, world=2, workers=5)
+    with pytest.raises(ConfigError, match=r"2 shards for 2 processes x 5 workers in epoch mode without known"):
+        loader(no_sizes, resampled=False, world=2, workers=5, train_num_samples=8)
     with pytest.raises(ConfigError, match="less than one global batch"):
         loader(even_shards, batch=50, world=2)
     with pytest.raises(ConfigError, match="one weight per source"):

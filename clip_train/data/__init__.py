@@ -57,22 +57,32 @@ from clip_train.data.loader import (
     TrainLoader,
     batch_to_device,
     build_train_loader,
+    check_bad_samples,
+    fresh_stream_seed,
     normalize_images,
 )
-from clip_train.data.sources import dataset_size, epoch_quota, epoch_shard_order, shard_sizes
+from clip_train.data.sources import (
+    dataset_size,
+    epoch_pieces,
+    epoch_quota,
+    epoch_ranges,
+    epoch_shard_order,
+    shard_sizes,
+)
 from clip_train.data.stream import (
     BAD_KINDS,
     STATE_VERSION,
     WARN_FIRST,
+    BadSampleCeiling,
     DataError,
-    check_bad_fraction,
 )
 from clip_train.data.writer import IMAGE_SUFFIXES, make_shards, make_shards_main, write_samples
 
 __all__ = [
-    "BAD_KINDS", "IMAGE_SUFFIXES", "STATE_VERSION", "WARN_FIRST", "CaptionSpec", "DataError",
-    "ImageNormalization", "TrainLoader", "batch_to_device", "build_train_loader", "caption_weights",
-    "check_bad_fraction", "dataset_size", "draw_caption", "epoch_quota", "epoch_shard_order",
+    "BAD_KINDS", "IMAGE_SUFFIXES", "STATE_VERSION", "WARN_FIRST", "BadSampleCeiling", "CaptionSpec",
+    "DataError", "ImageNormalization", "TrainLoader", "batch_to_device", "build_train_loader",
+    "caption_weights", "check_bad_samples", "dataset_size", "draw_caption", "epoch_pieces",
+    "epoch_quota", "epoch_ranges", "epoch_shard_order", "fresh_stream_seed",
     "make_shards", "make_shards_main", "normalize_images", "shard_sizes", "split_normalize",
     "write_samples",
 ]
