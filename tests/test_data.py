@@ -310,7 +310,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, even_shards):
     with pytest.raises(ConfigError, match="data.train_num_samples: the dataset size is unknown"):
         loader(no_sizes)
     with pytest.raises(ConfigError, match=r"2 shards for 2 processes x 5 workers in epoch mode without known"):
-        loader(no_sizes, resampled=False, world=2, workers=5, train_num_samples=8)
+        loader(no_sizes, resampled=False, world=2, workers=5, train_num_samples=24)
     with pytest.raises(ConfigError, match="less than one global batch"):
         loader(even_shards, batch=50, world=2)
     with pytest.raises(ConfigError, match="one weight per source"):
@@ -541,9 +541,9 @@ def test_write_samples_encodes_pil_images_ints_and_text(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_two_processes_split_epochs_exactly_and_never_hang(tmp_path):
-    proc = launch(["tests/helpers/dist_data_check.py", str(tmp_path)], timeout=200)
+    proc = launch(["tests/helpers/dist_data_check.py", str(tmp_path)], timeout=440)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
@@ -557,3 +557,23 @@ def test_two_processes_split_epochs_exactly_and_never_hang(tmp_path):
     assert result["uneven_allreduce_sum"] == 2 * 2 * result["uneven_steps_per_epoch"]
     # Resampled mode: different streams per rank, each reproducible.
     assert result["resampled_ranks_differ"] and result["resampled_reproducible"] == [True, True]
+    # Epoch mode over 5 and 6 equal shards (not a multiple of 2 x 2 workers): every sample
+    # exactly once in each of 2 epochs (the shards' sizes are known, so the split is by sample).
+    assert result["shards_5"] == [True, True] and result["shards_6"] == [True, True]
+    # 3.1% of the captions missing, default shuffle buffer (1000, so most samples read are
+    # still in it): no stop, and the fraction the metrics report is the truth (1/32) at every check.
+    b3 = result["b3"]
+    assert b3["stop"] is None and b3["max_fraction"] < 0.035, b3
+    assert b3["final"]["data/samples_read"] == 4000 and b3["final"]["data/bad_samples"] == 125, b3
+    assert b3["final"]["data/bad/missing_caption"] == 125
+    # 30% missing: both processes stop at the same check, with one line naming the worst shards.
+    stop_0, stop_1 = result["b30"]
+    assert stop_0 == stop_1 and "above data.max_bad_fraction=0.05" in stop_0, stop_0
+    assert "missing_caption=" in stop_0 and stop_0.count("b30/t-") == 5 and "(30 bad)" in stop_0
+    # One wholly corrupt shard among 100, drawn 4th, default settings: judged, and no stop.
+    one = result["one_bad_shard"]
+    assert one["stop"] is None, one["stop"]
+    assert one["final"]["data/samples_read"] >= one["judged_from"]
+    # The bad shard once in each epoch, plus part of it again: its worker, 100 samples short of
+    # its batch quota, makes up the difference with a second pass over its range.
+    assert 200 <= one["final"]["data/bad/corrupt_image"] < 300, one
