@@ -203,10 +203,40 @@ def test_resume_over_bad_data_repeats_neither_batches_nor_counts(tmp_path, resam
 def test_resume_refuses_a_changed_stream(even_shards):
     first = loader(even_shards)
     take(first, 2)
-    with pytest.raises(ConfigError, match="data.workers"):
+    with pytest.raises(ConfigError, match="data.workers.*set train.resume_data=fresh"):
         loader(even_shards, workers=1, state=first.state_dict())
     with pytest.raises(ConfigError, match="train.seed"):
         loader(even_shards, seed=5, state=first.state_dict())
+
+
+def test_resume_refuses_changed_source_weights(tmp_path):
+    a = write_id_shards(tmp_path / "a", [6, 6])
+    b = write_id_shards(tmp_path / "b", [6, 6], first_id=12)
+    first = loader(f"{a}::{b}", train_data_weights="1::9", train_num_samples=24)
+    take(first, 2)
+    state = first.state_dict()
+    same = loader(f"{a}::{b}", train_data_weights="1.0::9", train_num_samples=24, state=state)
+    assert same.batches_consumed == 2  # the same weights, written differently
+    with pytest.raises(ConfigError, match=r"data.train_data_weights: changed.*train.resume_data=fresh"):
+        loader(f"{a}::{b}", train_data_weights="9::1", train_num_samples=24, state=state)
+
+
+def test_fresh_stream_seed_is_new_per_step_and_resumes_exactly(even_shards):
+    from clip_train.data import fresh_stream_seed
+
+    assert fresh_stream_seed(0, 100) == fresh_stream_seed(0, 100) != fresh_stream_seed(0, 101)
+    base = take(loader(even_shards), 4)[0]
+    fresh = build_train_loader(DataConfig(train=even_shards, shuffle_buffer=20), transform=to_tensor,
+                               tokenizer=id_tokenizer, local_batch_size=6, seed=0, rank=0, world_size=1,
+                               stream_seed=fresh_stream_seed(0, 100))
+    full = take(fresh, 6)[0]
+    assert full[:4] != base
+    # A checkpoint of the fresh stream resumes it exactly, with only train.seed given.
+    again = build_train_loader(DataConfig(train=even_shards, shuffle_buffer=20), transform=to_tensor,
+                               tokenizer=id_tokenizer, local_batch_size=6, seed=0, rank=0, world_size=1,
+                               stream_seed=fresh_stream_seed(0, 100))
+    take(again, 4)
+    assert take(loader(even_shards, state=again.state_dict()), 2)[0] == full[4:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +303,61 @@ def test_bad_fraction_ceiling_stops_the_run(tmp_path, workers):
     ceiling = BadSampleCeiling(0.2, min_samples=10, window_samples=1000)
     with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*half-000000.tar \(\d+ bad\)"):
         check_bad_samples(ONE_PROCESS, L, ceiling)
+
+
+def test_bad_sample_ceiling_over_the_whole_run_and_a_recent_window():
+    ceiling = BadSampleCeiling(0.05, min_samples=1000, window_samples=10000)
+    assert ceiling.judge(500, 400) is None  # too few samples read to judge
+    assert ceiling.judge(1000, 40) is None  # one bad shard early: 4%
+    for read in range(2000, 1_000_001, 1000):  # a long run of good data
+        assert ceiling.judge(read, 40) is None
+    # Data that breaks late, 20% bad from 1e6 on: stops once the last 10000 samples are over 5%
+    # (after 3000 broken ones), while the whole run is at 0.06%.
+    verdicts = [ceiling.judge(1_000_000 + k, 40 + k // 5) for k in range(1000, 4001, 1000)]
+    assert verdicts[:2] == [None, None] and verdicts[2] == (
+        "600 of the last 10000 samples read by all processes (6.0%) were unusable (640 of 1003000 in the whole run)")
+    # Mostly broken data from the start stops at the first judged check.
+    verdict = BadSampleCeiling(0.05, 1000, 10000).judge(1000, 300)
+    assert verdict == "300 of the 1000 samples read by all processes (30.0%) were unusable"
+    line = ceiling.message(verdict, {**dict.fromkeys(BAD_KINDS, 0), "corrupt_image": 300},
+                           {"s/a.tar": 10, "s/b.tar": 290})
+    assert "data.max_bad_fraction=0.05 (corrupt_image=300); worst shards: s/b.tar (290 bad), s/a.tar (10 bad)" in line
+
+
+def test_epoch_ranges_and_pieces_split_every_sample_once():
+    from clip_train.data import epoch_pieces, epoch_ranges
+
+    for world, workers, batch, sizes in [(2, 2, 3, [12] * 5), (2, 2, 3, [12] * 6), (3, 2, 4, [7, 30, 1, 12, 9]),
+                                         (1, 3, 5, [100]), (2, 4, 2, [13, 5, 22, 8, 17, 9, 30])]:
+        urls = tuple(f"s{i}.tar" for i in range(len(sizes)))
+        steps = sum(sizes) // (world * batch)
+        for epoch in range(3):
+            ranges = epoch_ranges(world, workers, epoch, steps, batch, sum(sizes))
+            assert ranges[0][0] == 0 and ranges[-1][1] == sum(sizes)
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
+            for u, (lo, hi) in enumerate(ranges):  # each unit's range holds its batch quota
+                assert hi - lo >= epoch_quota(epoch, u % workers, steps, workers) * batch
+            seen = Counter()
+            for rank in range(world):
+                for worker in range(workers):
+                    for url, first, end in epoch_pieces(urls, tuple(sizes), 0, epoch, rank, world, worker,
+                                                        workers, steps, batch):
+                        n = sizes[urls.index(url)]
+                        seen.update((url, i) for i in range(first, n if end is None else end))
+            assert seen == Counter((u, i) for u, n in zip(urls, sizes, strict=True) for i in range(n))
+
+
+def test_epoch_mode_with_unknown_shard_sizes_warns_with_the_numbers(tmp_path, caplog):
+    train = write_id_shards(tmp_path, [12] * 6, sizes_file=False)
+    caplog.set_level(logging.WARNING, logger="clip_train.data")
+    loader(train, resampled=False, world=2, train_num_samples=72, batch=3)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "no sizes.json" in line and "6 shards over 2 processes x 2 workers = 4: 2 workers read one shard more" in line
+    caplog.clear()
+    sized = write_id_shards(tmp_path / "sized", [12] * 6)
+    loader(sized, resampled=False, world=2, batch=5)  # 72 samples, 7 global batches of 10: 2 unseen
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "72 samples, 70 per epoch in whole global batches: 2 samples" in line
 
 
 def test_a_worker_whose_shards_are_all_broken_borrows_shards(tmp_path, caplog):

@@ -14,7 +14,13 @@ from accelerate import Accelerator
 from data_shards import id_tokenizer, noisy_tensor, to_tensor, write_id_shards
 
 from clip_train.config import DataConfig
-from clip_train.data import BadSampleCeiling, DataError, build_train_loader, check_bad_samples, epoch_shard_order
+from clip_train.data import (
+    BadSampleCeiling,
+    DataError,
+    build_train_loader,
+    check_bad_samples,
+    epoch_shard_order,
+)
 
 
 def gather(obj):
