@@ -662,3 +662,44 @@ def test_two_processes_split_epochs_exactly_and_never_hang(tmp_path):
     # The bad shard once in each epoch, plus part of it again: its worker, 100 samples short of
     # its batch quota, makes up the difference with a second pass over its range.
     assert 200 <= one["final"]["data/bad/corrupt_image"] < 300, one
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing after the data changed (train.resume_data)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_data_fresh_continues_after_shards_are_added(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_color_shards
+
+    first = write_color_shards(tmp_path / "a", n_shards=2, per_shard=16)
+    added = write_color_shards(tmp_path / "b", n_shards=2, per_shard=16)
+    out = tmp_path / "run"
+    common = ["model.name=configs/models/tiny-vit.json", "train.local_batch_size=8", "train.log_every_steps=1",
+              "data.workers=1", "data.shuffle_buffer=8", f"train.output_dir={out}", "train.resume=latest"]
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+        env.pop("WORLD_SIZE", None)
+        return subprocess.run([sys.executable, "-m", "clip_train", "train", *common, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    proc = train(f"data.train={first}", "train.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # More shards: the exact stream cannot continue, and the refusal names the way forward.
+    proc = train(f"data.train={first}::{added}", "train.steps=6")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clip-train: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "data.train: changed since the checkpoint" in errors[0] and "train.resume_data=fresh" in errors[0]
+    proc = train(f"data.train={first}::{added}", "train.steps=6", "train.resume_data=fresh")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.resume_data=fresh: model, optimizer and step 3 restored; the data stream restarts" in proc.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert all(m["data/samples_read"] > 0 for m in metrics if "loss" in m)
+    assert (out / "checkpoints" / "step_00000006").is_dir()
