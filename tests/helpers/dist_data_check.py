@@ -71,12 +71,12 @@ def bad_data_checks(tmp, accelerator, rank, world) -> dict:
     L = loader(str(tmp / "b30/t-{000000..000019}.tar"), rank, world, resampled=False, shuffle_buffer=1000)
     _, _, stop = judged(L, accelerator, ceiling, 160, every=10)
     result["b30"] = gather(stop)
-    # One shard of 100 with every image corrupt among 100 such shards, drawn 4th; the data
+    # One shard of 100 without a single caption among 100 such shards, drawn 4th; the data
     # settings at their defaults (the ceiling judged from 20000 samples read by the job).
     urls = [str(tmp / f"one/t-{s:06d}.tar") for s in range(100)]
     bad_shard = urls.index(epoch_shard_order(urls, 0, 0)[3])
     if rank == 0:
-        write_id_shards(tmp / "one", [100] * 100, bad=lambda i: "image" if i // 100 == bad_shard else None)
+        write_id_shards(tmp / "one", [100] * 100, bad=lambda i: "caption" if i // 100 == bad_shard else None)
     accelerator.wait_for_everyone()
     defaults = DataConfig(train="x")
     ceiling = BadSampleCeiling(defaults.max_bad_fraction, defaults.bad_fraction_min_samples,
