@@ -188,7 +188,8 @@ class DataConfig:
     # source's weight, so a source's share is proportional to weight x number of shards.
     resampled: bool = True
     # True: shards drawn with replacement, an endless stream that is a function of the seed
-    # (open_clip's --dataset-resampled). False: epoch mode, every shard once per epoch.
+    # (open_clip's --dataset-resampled). False: epoch mode, every sample once per epoch when
+    # the shard sizes are known (sizes.json), whole shards per worker otherwise (docs/data.md).
     shuffle_buffer: int = 1000
     # Samples held in the shuffle buffer per worker.
     workers: int = 2
