@@ -358,8 +358,9 @@ class _Pass:
             if k < first:
                 continue
             # Count shard-level errors only past the resume point: earlier ones were counted. A
-            # shard split between workers is counted by the one that reads its head.
-            owner = start == 0
+            # shard split between workers is judged by the one that reads it to its end (from
+            # its start, so it sees every error); the others stop at their part's end.
+            owner = stop is None
             counting = owner and (k > resume_at[0] or (k == resume_at[0] and resume_at[1] == 0))
             reader = _ShardReader(url, self.counts if counting else None)
             for off, sample in enumerate(reader):
