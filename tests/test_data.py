@@ -347,6 +347,14 @@ def test_epoch_ranges_and_pieces_split_every_sample_once():
             assert seen == Counter((u, i) for u, n in zip(urls, sizes, strict=True) for i in range(n))
 
 
+def test_a_broken_shard_split_between_workers_is_counted_once(tmp_path):
+    write_id_shards(tmp_path, [6, 14])  # sizes.json: 20 samples, cut into 10 + 10 for 2 workers
+    truncate_inside_sample(tmp_path / "t-000001.tar", keep_samples=2)  # both workers read into it
+    L = loader(f"{tmp_path}/t-{{000000..000001}}.tar", batch=2, workers=2, shuffle_buffer=100, resampled=False)
+    take(L, 2)  # one batch per worker: each has read its whole part once (the buffer holds it)
+    assert L.bad_counts()["bad_tar"] == 1 and L.samples_read() == 6 + 2 + 1
+
+
 def test_epoch_mode_with_unknown_shard_sizes_warns_with_the_numbers(tmp_path, caplog):
     train = write_id_shards(tmp_path, [12] * 6, sizes_file=False)
     caplog.set_level(logging.WARNING, logger="clip_train.data")
