@@ -13,10 +13,14 @@ only every `train.stop_check_every_steps` steps and at log and checkpoint steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+
+import numpy as np
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -52,6 +56,26 @@ def resolve_precision(precision: str, cuda: bool, bf16_native: Callable[[], bool
     if not cuda and precision == "bf16":
         log.warning("train.precision=bf16 on the CPU runs much slower than fp32 (use train.precision=no)")
     return precision
+
+
+@contextlib.contextmanager
+def rng_isolated(device: torch.device) -> Iterator[None]:
+    """Run what is not the training step (evaluation, trackers, the report) without moving the
+    training's random streams: torch's CPU generator and `device`'s, Python's `random` and
+    numpy's global state are as they were afterwards.
+
+    Why: dropout, patch dropout (open_clip draws its patch choice from the CPU generator even on
+    a GPU) and drop-path consume these streams; one extra draw elsewhere (a DataLoader's base
+    seed, a model built for evaluation) shifts every later mask, so a resumed run or a run with
+    evaluation would no longer repeat the uninterrupted run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    accel = device.type not in ("cpu", "meta")
+    try:
+        with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def configure_matmul_precision(tf32: bool, cuda: bool) -> None:
