@@ -212,7 +212,7 @@ class EvalCopy:
         memo: dict[int, torch.Tensor] = {}
         self._constant: dict[str, torch.Tensor] = {}  # non-persistent buffers: not in a state dict
         for prefix, module in clip.named_modules():
-            for name, p in module.named_parameters(recurse=False):
+            for p in module.parameters(recurse=False):
                 memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for name, b in module.named_buffers(recurse=False):
                 if name in module._non_persistent_buffers_set:

@@ -41,6 +41,7 @@ from clip_train.runtime import (
     accelerator_kwargs,
     buffers_change_in_training,
     configure_matmul_precision,
+    cpu_precision_note,
     cuda_bf16_native,
     freeze_unused_logit_bias,
     optimizer_step,
@@ -74,9 +75,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
     configure_matmul_precision(cfg.train.tf32, cuda)
-    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
-                       project_dir=cfg.train.output_dir,
-                       kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+    accelerator = Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
+                              project_dir=cfg.train.output_dir,
+                              kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+    note = cpu_precision_note(precision, cuda)
+    if note and accelerator.is_main_process:
+        log.warning(note)  # the run's first line
+    return accelerator
 
 
 def check_world_size(accelerator: Accelerator) -> None:
