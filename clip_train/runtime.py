@@ -70,7 +70,7 @@ def cpu_precision_note(precision: str, cuda: bool) -> str | None:
 
 @contextlib.contextmanager
 def rng_isolated(device: torch.device) -> Iterator[None]:
-    """Run what is not the training step (evaluation, trackers, the report) without moving the
+    """Run what is not the training step (evaluation, trackers, the metrics file) without moving the
     training's random streams: torch's CPU generator and `device`'s, Python's `random` and
     numpy's global state are as they were afterwards.
 

@@ -325,7 +325,7 @@ def run_evaluation(accelerator: Accelerator, model, clip, cfg: Config, bundle,
     run in the training precision: under autocast the similarities would be bf16 too.
 
     FSDP2 (`eval_copy`): the copy holds the weights, gathered once, only during the evaluation."""
-    if eval_copy is not None and has_evaluation(cfg):
+    if eval_copy is not None:
         clip = eval_copy.load(model, accelerator.device)
     try:
         results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
