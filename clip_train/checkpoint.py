@@ -109,7 +109,7 @@ def new_run_id() -> str:
 def file_crc32(path: Path) -> str:
     """CRC32 of a file, streamed (zlib releases the GIL: files are checksummed in parallel).
     CRC32 because it is the fastest check the standard library has (benchmarks/checkpoint_verify.py:
-    ~1.8x sha256, ~2.2x blake2b) and it catches every flipped byte and burst; truncation is caught
+    ~2x sha256, ~3.5x blake2b) and it catches every flipped byte and burst; truncation is caught
     by the size. It does not defend against deliberate tampering, which is not the threat here."""
     crc, buf = 0, bytearray(_CHUNK)
     view = memoryview(buf)
