@@ -249,6 +249,7 @@ def last_line(stderr: str) -> str:
 SMALL = [*TINY, "train.local_batch_size=8", "train.chunk_size=4"]
 
 
+@pytest.mark.slow
 def test_a_directory_holds_one_run_and_a_complete_resume_writes_its_outputs(tmp_path, color_shards):
     """Issue 25, findings 1 and 5: a fresh run into a directory with another run's checkpoints is
     refused in one line before training (it used to prune them away one by one, then a requeue
@@ -296,6 +297,7 @@ def test_a_directory_holds_one_run_and_a_complete_resume_writes_its_outputs(tmp_
     assert not any("loss" in m for m in read_metrics(out)[lines:])  # no training step
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoints_fall_back_and_reproduce_the_losses(tmp_path, color_shards):
     """Issue 22: a truncated file (step 8), a flipped byte (step 6) and a missing file (step 4):
     resume=latest skips each with a warning naming the file, resumes from step 2 and follows the

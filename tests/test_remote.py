@@ -264,6 +264,7 @@ def test_nothing_is_published_over_a_good_copy_and_pruning_goes_by_identity(tmp_
     assert list_remote(s3.fs, ckpts)[0] == [4, 16]  # keep=1: this run's 12 went, theirs stayed
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_in_the_bucket_fall_back_on_empty_disks(tmp_path, color_shards, s3):
     """Issue 22, in the bucket: a truncated file (step 8), a flipped byte (step 6) and a missing
     file (step 4); a resume on an empty disk skips each (download verified against the marker)
