@@ -402,6 +402,34 @@ class TrainConfig:
     process_group_timeout_s: float = 1800.0
     # Seconds a collective may wait before the run fails: every process waits while the main
     # process writes a checkpoint, so this must outlast a save to a slow shared filesystem.
+    # With hang detection on (train.hang_timeout_s > 0) this holds only until the first step has
+    # completed; then every collective times out with the watchdog's allowance of the phase
+    # (a step, an evaluation, a checkpoint) plus a few seconds.
+    hang_timeout_s: float = 600.0
+    # Hang detection: a process that completes no step for this long writes every thread's
+    # Python stack to the log and to <output_dir>/faults/stacks-rank<R>.txt and exits with code 1,
+    # so that the launcher restarts the group (accelerate launch --max_restarts N; launch/local.sh
+    # RESTARTS=N). Works when the process is stuck in C code, with or without the GIL. 0: off.
+    # Size it to a few times the slowest step (GPU clusters: 600 covers a straggling node).
+    hang_startup_timeout_s: float = 1800.0
+    # The allowance from the process's start to its first step: rendezvous with every node,
+    # model build, checkpoint download and load, the loader's first batches.
+    hang_first_step_timeout_s: float = 1800.0
+    # The allowance of the first step after every start (torch.compile, CUDA and NCCL warm-up).
+    hang_eval_timeout_s: float = 3600.0
+    # The allowance of one evaluation (zero-shot, retrieval and validation sets due at a step).
+    hang_checkpoint_timeout_s: float = 3600.0
+    # The allowance of one checkpoint save (gather, write, prune); at the end of training also
+    # of the export and, with train.remote_dir, of the wait for the last upload (plus
+    # train.remote_max_unsynced_s).
+    max_restarts_without_progress: int = 3
+    # Launcher restarts in a row that complete no step past the furthest step any attempt
+    # completed (recorded at logging and checkpoint steps in <output_dir>/faults/progress.json):
+    # the next start stops with one line naming the step and stops the launcher. 0: no limit.
+    straggler_factor: float = 2.0
+    # At logging steps every process's step time and data-wait fraction reach the main process
+    # (metrics straggler/*); a process that waits for data this many times the median, in 3
+    # logging windows in a row, is named in a warning.
     remote_dir: str | None = None
     # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
     # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the
@@ -432,6 +460,17 @@ class TrainConfig:
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",
                  "must be > 0 seconds (e.g. 1800: long enough to write a checkpoint)")
+        for key in ("hang_timeout_s", "hang_startup_timeout_s", "hang_first_step_timeout_s",
+                    "hang_eval_timeout_s", "hang_checkpoint_timeout_s"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 seconds (train.hang_timeout_s=0: off)")
+        if self.hang_timeout_s > 0:
+            for key in ("hang_startup_timeout_s", "hang_first_step_timeout_s", "hang_eval_timeout_s",
+                        "hang_checkpoint_timeout_s"):
+                _require(getattr(self, key) > 0, f"train.{key}", "must be > 0 seconds while "
+                         "train.hang_timeout_s > 0 (set train.hang_timeout_s=0 to turn hang detection off)")
+        _require(self.max_restarts_without_progress >= 0, "train.max_restarts_without_progress",
+                 "must be >= 0 (0: no limit)")
+        _require(self.straggler_factor > 1, "train.straggler_factor", "must be > 1 (e.g. 2.0)")
         if self.remote_dir is not None:
             _require(bool(self.remote_dir.strip().rstrip("/")), "train.remote_dir",
                      "must be an fsspec URL such as s3://bucket/prefix (or null: no mirror)")

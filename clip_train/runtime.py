@@ -61,8 +61,9 @@ def configure_matmul_precision(tf32: bool, cuda: bool) -> None:
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
-def accelerator_kwargs(process_group_timeout_s: float) -> list:
-    """DDP and process-group options for `Accelerator(kwargs_handlers=...)`."""
+def accelerator_kwargs(process_group_timeout_s: float, init_method: str | None = None) -> list:
+    """DDP and process-group options for `Accelerator(kwargs_handlers=...)`; `init_method`: the
+    process group's rendezvous URL (None: torch's env://)."""
     # Every trainable parameter takes part in every step's last backward (the gradient cache
     # feeds the temperature through the forward; an unused logit bias is frozen), so DDP need
     # not search for unused parameters. Gradients as views of the all-reduce buckets: one copy
@@ -70,7 +71,7 @@ def accelerator_kwargs(process_group_timeout_s: float) -> list:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)
     # Every process waits in a collective while the main process writes a checkpoint: the
     # timeout must outlast a save to a slow shared filesystem.
-    group = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s), init_method=init_method)
     return [ddp, group]
 
 

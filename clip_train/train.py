@@ -57,6 +57,14 @@ from clip_train.sharding import (
     reduce_replicated_grads,
     unsharded_model,
 )
+from clip_train.watchdog import (
+    Allowances,
+    RestartGuard,
+    Stragglers,
+    Watchdog,
+    attempt_rendezvous,
+    nccl_dump_env,
+)
 
 log = logging.getLogger("clip_train")
 
@@ -73,9 +81,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
     configure_matmul_precision(cfg.train.tf32, cuda)
+    if cuda:
+        nccl_dump_env(cfg.train.output_dir)  # a timed-out collective dumps NCCL's flight recorder
+    # Store keys scoped by the launcher's attempt: a restarted group must not read the dead one's.
+    kwargs = accelerator_kwargs(cfg.train.process_group_timeout_s, init_method=attempt_rendezvous())
     return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
-                       project_dir=cfg.train.output_dir,
-                       kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+                       project_dir=cfg.train.output_dir, kwargs_handlers=kwargs)
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -102,10 +113,17 @@ def check_world_size(accelerator: Accelerator) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (what SLURM sends before pre-emption) ask for a checkpoint and a clean exit."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before pre-emption) ask for a checkpoint and a clean exit
+    once `arm()`ed, where a checkpoint can be written: from the training loop on. Before that
+    (rendezvous, process-group init, checkpoint load) they end the process at once, as by
+    default: a process blocked in start-up must not outlive its launcher's stop or restart."""
 
     def __init__(self) -> None:
         self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def arm(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -114,7 +132,13 @@ class StopRequest:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    stop = StopRequest()  # first: a pre-emption signal during set-up must not kill the process
+    stop = StopRequest()  # a stop signal ends the set-up at once; the loop checkpoints first
+    # From here on a process that makes no progress for its phase's allowance dumps its stacks
+    # and exits, so that the launcher restarts the group (clip_train/watchdog.py).
+    watchdog = Watchdog(Allowances.from_config(cfg.train), cfg.train.output_dir, int(os.environ.get("RANK", "0")))
+    restarts = RestartGuard(cfg.train.output_dir, cfg.train.max_restarts_without_progress,
+                            is_main=int(os.environ.get("RANK", "0")) == 0, record_every=cfg.train.log_every_steps)
+    restarts.start()  # too many restarts without a new step: one line, and the launcher stops
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
@@ -181,17 +205,22 @@ def train(cfg: Config) -> dict[str, float]:
             log.warning(STALE_KEYS_WARNING)
 
     def checkpoint() -> None:
+        watchdog.phase(f"the checkpoint at step {progress.step}", cfg.train.hang_checkpoint_timeout_s)
         progress.data_states = gather_object([loader.state_dict()])
         saved = save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints,
                                 keep_also=syncer.unsynced_steps())
         syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
+        restarts.reached(progress.step)
 
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
     health = StepHealth(accelerator.device, progress.skipped_steps, progress.nonfinite_in_a_row)
     results: dict[str, float] = {}
     eval_cache = ClassifierCache()  # a frozen text tower's zero-shot classifiers, kept between evaluations
+    stragglers = Stragglers(cfg.train.straggler_factor)
+    stop.arm()
     while progress.step < cfg.train.steps:
+        watchdog.step(progress.step + 1)
         t0 = time.perf_counter()
         images, texts = next(batches)
         # uint8 images, normalised on the device after a non-blocking copy from pinned memory.
@@ -238,13 +267,17 @@ def train(cfg: Config) -> dict[str, float]:
             stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint, syncer)
         if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
+            rates = throughput.read()
             metrics = {
                 "loss": loss,
                 "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
                 "grad_norm": grad_norm.item(),
-                **throughput.read(),
+                **rates,
+                # Every process's step time and data wait: one small gather, at logging steps only.
+                **stragglers.gather(accelerator, cfg.train.local_batch_size / rates["samples_per_s_per_process"],
+                                    rates["data_wait_fraction"]),
                 "samples_seen": progress.samples_seen,
                 "skipped_steps": progress.skipped_steps,
                 **peak_memory(accelerator.device),
@@ -255,7 +288,9 @@ def train(cfg: Config) -> dict[str, float]:
             }
             metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
+            restarts.reached(progress.step)
         if not last and cfg.eval.due(progress.step):  # only the entries due at this step
+            watchdog.phase(f"the evaluation at step {progress.step}", cfg.train.hang_eval_timeout_s)
             metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step), progress.step)
         if save_now or stop_now:
             checkpoint()
@@ -264,6 +299,7 @@ def train(cfg: Config) -> dict[str, float]:
             break
 
     display.close()
+    watchdog.phase("the final evaluation and export", cfg.train.hang_eval_timeout_s + cfg.train.hang_checkpoint_timeout_s)
     if progress.step == cfg.train.steps:
         results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache)
         metrics_log.log(results, progress.step)
@@ -280,7 +316,9 @@ def train(cfg: Config) -> dict[str, float]:
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
+    watchdog.phase("the wait for the last upload", cfg.train.hang_checkpoint_timeout_s + cfg.train.remote_max_unsynced_s)
     syncer.finish(stopped=progress.step < cfg.train.steps)  # no collectives: after end_training
+    watchdog.close()
     return results
 
 

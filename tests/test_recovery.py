@@ -1,0 +1,134 @@
+"""Recovery under the launcher's own restarts (`accelerate launch --max_restarts N`, a fixed free
+port, 2 gloo processes): a killed rank, a hung rank, every rank hung, a run that fails at the same
+step on every attempt. Faults come from tests/helpers/train_with_faults.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_checkpoint import FAULTS, losses_by_step
+
+from clip_train.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["model.name=configs/models/tiny-vit.json", "train.local_batch_size=8", "train.chunk_size=3",
+          "train.log_every_steps=1", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.weight_decay=0.0",
+          "data.workers=2", "data.shuffle_buffer=64", "train.steps=8", "train.checkpoint_every_steps=4"]
+# Short allowances so that a hang is noticed in seconds; start-up and the first step keep room
+# for a loaded CI machine.
+SHORT_HANG = ["train.hang_timeout_s=10", "train.hang_first_step_timeout_s=120"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_with_restarts(args: list[str], restarts: int, timeout: int = 400) -> tuple[subprocess.CompletedProcess, float]:
+    """`accelerate launch --max_restarts N` with a fixed free port (port 0 cannot be restarted);
+    the finished process and its wall time."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--max_restarts", str(restarts),
+           "--monitor_interval", "0.5", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, color_shards) -> dict[int, float]:
+    """The uninterrupted run's losses (run under the same launcher options)."""
+    out = tmp_path_factory.mktemp("straight")
+    proc, _ = launch_with_restarts(["-m", "clip_train", "train", *COMMON, f"data.train={color_shards}",
+                                    f"train.output_dir={out}"], restarts=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_by_step(out)
+    assert sorted(losses) == list(range(1, 9)) and losses[8] != pytest.approx(losses[5], rel=1e-3)
+    return losses
+
+
+def assert_follows(out: Path, want: dict[int, float]) -> None:
+    got = losses_by_step(out)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+
+
+def fault_time(stderr: str) -> float:
+    return float(next(x for x in stderr.splitlines() if x.startswith("FAULT ")).rsplit(" at ", 1)[1])
+
+
+def test_killed_rank_restarts_and_follows_the_uninterrupted_run(tmp_path, color_shards, straight):
+    out = tmp_path / "killed"
+    proc, _ = launch_with_restarts([FAULTS, "--kill-at-step", "6", "--fault-rank", "1", "--first-attempt-only",
+                                    *COMMON, f"data.train={color_shards}", f"train.output_dir={out}",
+                                    "train.resume=latest"], restarts=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {out}/checkpoints/step_00000004 at step 4" in proc.stderr  # a restart happened
+    assert_follows(out, straight)
+
+
+def test_hung_rank_is_dumped_restarted_and_follows_the_uninterrupted_run(tmp_path, color_shards, straight):
+    out = tmp_path / "hung"
+    proc, _ = launch_with_restarts([FAULTS, "--hang-at-step", "6", "--fault-rank", "1", "--first-attempt-only",
+                                    *COMMON, *SHORT_HANG, f"data.train={color_shards}", f"train.output_dir={out}",
+                                    "train.resume=latest"], restarts=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "clip-train watchdog: rank 1 made no progress for 10 s in step 6" in proc.stderr
+    assert f"resumed from {out}/checkpoints/step_00000004 at step 4" in proc.stderr
+    assert_follows(out, straight)
+    # The stuck rank's stacks, kept by the restarted attempt: the frame it is blocked in.
+    (dump,) = (out / "faults").glob("stacks-rank1-*.txt")
+    text = dump.read_text()
+    assert "in step 6" in text and "in hang_in_step" in text and "train_with_faults.py" in text, text
+    # From the hang to the restarted run's first new step (its step 5, after the resume from 4).
+    hung_at = fault_time(proc.stderr)
+    first_new = min(m["time"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                    if "loss" in m and m["time"] > hung_at)
+    print(f"hang to the restarted run's first new step: {first_new - hung_at:.1f} s (hang_timeout_s=10)")
+    assert first_new - hung_at < 120
+
+
+def test_every_rank_blocked_exits_within_the_timeout_with_stacks(tmp_path, color_shards):
+    # Rank 0 blocks holding the GIL (only faulthandler's C thread can run), rank 1 in time.sleep.
+    out = tmp_path / "all_hung"
+    proc, _ = launch_with_restarts([FAULTS, "--hang-at-step", "3", "--fault-rank", "all", "--hang-how", "mixed",
+                                    *COMMON, *SHORT_HANG, f"data.train={color_shards}", f"train.output_dir={out}"],
+                                   restarts=0)
+    assert proc.returncode != 0
+    hung_at = fault_time(proc.stderr)
+    # Both stack files, each with the blocked frame; rank 1's dump is in the log too.
+    for rank in (0, 1):
+        text = (out / "faults" / f"stacks-rank{rank}.txt").read_text()
+        assert "in hang_in_step" in text, (rank, text)
+    assert "clip-train watchdog: rank 1 made no progress for 10 s in step 3" in proc.stderr
+    # The whole job ended within the allowance plus the C thread's margin (a few seconds), not
+    # at the launcher's 30 s SIGKILL: rank 0's stacks file was written within that time too.
+    dumped = (out / "faults" / "stacks-rank0.txt").stat().st_mtime
+    assert dumped - hung_at < 10 + 8, dumped - hung_at
+
+
+def test_restarts_without_progress_stop_with_one_line_naming_the_step(tmp_path, color_shards):
+    out = tmp_path / "loop"
+    proc, elapsed = launch_with_restarts([FAULTS, "--fail-at-step", "7", *COMMON, f"data.train={color_shards}",
+                                          f"train.output_dir={out}", "train.resume=latest",
+                                          "train.max_restarts_without_progress=1"], restarts=5)
+    assert proc.returncode != 0
+    line = ("clip-train: error: the run keeps failing at step 7: 1 restart(s) in a row completed no step past "
+            "step 6 (train.max_restarts_without_progress=1)")
+    # Attempt 0 reached step 6; attempt 1 resumed from step 4 and failed at 7 again; attempt 2
+    # stopped at its start, and stopped the launcher: no attempt 3, 4 or 5.
+    assert proc.stderr.count(line) == 1, proc.stderr[-4000:]
+    assert proc.stderr.count(f"resumed from {out}/checkpoints/step_00000004") == 1
+    assert [p.name for p in list_checkpoints(str(out))] == ["step_00000004"]
+    print(f"restart loop stopped after {elapsed:.0f} s")
