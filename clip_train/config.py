@@ -428,8 +428,9 @@ class TrainConfig:
     # the next start stops with one line naming the step and stops the launcher. 0: no limit.
     straggler_factor: float = 2.0
     # At logging steps every process's step time and data-wait fraction reach the main process
-    # (metrics straggler/*); a process that waits for data this many times the median, in 3
-    # logging windows in a row, is named in a warning.
+    # (metrics straggler/*: slowest_rank, step times, data-wait fractions); a process that waits
+    # for data this many times the other processes' median, in 3 logging windows in a row, is
+    # named in a warning.
     remote_dir: str | None = None
     # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
     # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the

@@ -40,6 +40,7 @@ from clip_train.config import ClipTrainError
 log = logging.getLogger("clip_train")
 
 ATTEMPT_SCHEME = "clip-train-attempt"
+HEADER = "clip-train watchdog:"  # starts the Python thread's dump (the C thread's has none)
 
 
 def attempt_number() -> int:
@@ -158,7 +159,11 @@ class Watchdog:
             text = f.read()
         kept = self.path.removesuffix(".txt") + time.strftime("-%Y%m%d-%H%M%S.txt", time.localtime(os.path.getmtime(self.path)))
         os.replace(self.path, kept)
-        log.warning("rank %d hung in an earlier attempt; its stacks (kept in %s):\n%s", self.rank, kept, text[-20000:])
+        if text.startswith(HEADER):  # the Python thread wrote it to the log already
+            log.warning("rank %d hung in an earlier attempt; its stacks are kept in %s", self.rank, kept)
+        else:
+            log.warning("rank %d hung in an earlier attempt (stuck holding the GIL: only the file got its "
+                        "stacks); its stacks (kept in %s):\n%s", self.rank, kept, text[-20000:])
 
     def _check_every_s(self) -> float:
         return min(5.0, max(0.05, self.allowance / 20))
@@ -210,7 +215,7 @@ class Watchdog:
 
     def _dump_and_exit(self) -> None:
         where = f"step {self.step_number}" if self.name == "step" else self.name
-        header = (f"clip-train watchdog: rank {self.rank} made no progress for {self.allowance:.0f} s in {where} "
+        header = (f"{HEADER} rank {self.rank} made no progress for {self.allowance:.0f} s in {where} "
                   f"(attempt {attempt_number()}, {time.strftime('%Y-%m-%d %H:%M:%S')}); every thread's stack, "
                   f"innermost call first (also in {self.path}); exiting so that the launcher restarts the group\n")
         for out in (sys.stderr, self._file):
@@ -308,8 +313,9 @@ class Stragglers:
     In synchronous data parallelism every process's step ends at the same collective, so step
     times are nearly equal; what is a process's own is the time it waited for its data (its
     peers wait for it inside the collectives). The slowest process is the one that waited for
-    data longest per step; a warning names it when it waited `factor` times the median for
-    `windows` logging windows in a row (and at least 5% of its steps)."""
+    data longest per step; a warning names it when it waited `factor` times the other processes'
+    median for `windows` logging windows in a row (and at least 5% of its steps). A process slow
+    in its compute (a throttled GPU) is not told apart: its peers' waits are inside collectives."""
 
     def __init__(self, factor: float, windows: int = 3):
         self.factor, self.windows = factor, windows
@@ -324,20 +330,19 @@ class Stragglers:
         step_s = [r[0] for r in rows]
         wait_s = [r[0] * r[1] for r in rows]  # seconds per step waiting for data
         slowest = max(range(len(rows)), key=lambda i: (wait_s[i], step_s[i]))
-        median_wait = statistics.median(wait_s)
+        # Against the others' median: with 2 processes the median of all would be the mean.
+        others = statistics.median(w for i, w in enumerate(wait_s) if i != slowest) if len(rows) > 1 else 0.0
         out = {"straggler/slowest_rank": slowest, "straggler/step_time_s_max": max(step_s),
                "straggler/step_time_s_median": statistics.median(step_s),
                "straggler/data_wait_fraction_max": rows[slowest][1],
                "straggler/data_wait_fraction_median": statistics.median(r[1] for r in rows)}
-        slow = (len(rows) > 1 and wait_s[slowest] > self.factor * median_wait
-                and rows[slowest][1] >= 0.05)
+        slow = len(rows) > 1 and wait_s[slowest] > self.factor * others and rows[slowest][1] >= 0.05
         if slow and slowest == self.streak_rank:
             self.streak += 1
         else:
             self.streak_rank, self.streak = (slowest, 1) if slow else (-1, 0)
         if self.streak == self.windows:
-            log.warning("rank %d is a straggler: for %d logging windows it waited %.3f s per step for data, "
-                        "%.1fx the median over processes (%.3f s); every process waits for it "
-                        "(look at that node's loader workers, disk and CPU)", slowest, self.windows,
-                        wait_s[slowest], wait_s[slowest] / max(median_wait, 1e-9), median_wait)
+            log.warning("rank %d is a straggler: in %d logging windows in a row it waited %.3f s per step for "
+                        "data, the other processes' median %.3f s; every process waits for it (look at that "
+                        "node's loader workers, disk, network and CPU)", slowest, self.windows, wait_s[slowest], others)
         return out

@@ -3,6 +3,7 @@ port, 2 gloo processes): a killed rank, a hung rank, every rank hung, a run that
 step on every attempt. Faults come from tests/helpers/train_with_faults.py."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -11,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 from test_checkpoint import FAULTS, losses_by_step
 
 from clip_train.checkpoint import list_checkpoints
-
-pytestmark = pytest.mark.slow
+from clip_train.watchdog import Allowances, RestartGuard, RestartLoopError, Stragglers, Watchdog
 
 COMMON = ["model.name=configs/models/tiny-vit.json", "train.local_batch_size=8", "train.chunk_size=3",
           "train.log_every_steps=1", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.weight_decay=0.0",
@@ -68,16 +69,80 @@ def fault_time(stderr: str) -> float:
     return float(next(x for x in stderr.splitlines() if x.startswith("FAULT ")).rsplit(" at ", 1)[1])
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_and_follows_the_uninterrupted_run(tmp_path, color_shards, straight):
     out = tmp_path / "killed"
+    # Rank 1 is also slow to get its data (0.3 s more per batch) until it is killed: a straggler.
     proc, _ = launch_with_restarts([FAULTS, "--kill-at-step", "6", "--fault-rank", "1", "--first-attempt-only",
-                                    *COMMON, f"data.train={color_shards}", f"train.output_dir={out}",
+                                    "--slow-data-s", "0.3", *COMMON, f"data.train={color_shards}", f"train.output_dir={out}",
                                     "train.resume=latest"], restarts=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {out}/checkpoints/step_00000004 at step 4" in proc.stderr  # a restart happened
     assert_follows(out, straight)
+    # Straggler metrics at every logging step; the first attempt's steps 2-5 name rank 1, and
+    # the warning came after 3 logging windows in a row.
+    first = {}
+    for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        first.setdefault(m["step"], m)
+    assert [first[s]["straggler/slowest_rank"] for s in range(2, 6)] == [1, 1, 1, 1]
+    assert all(first[s]["straggler/data_wait_fraction_max"] > 0.2 for s in range(2, 6))
+    assert "rank 1 is a straggler: in 3 logging windows in a row" in proc.stderr
 
 
+class FakeAccelerator:
+    """gather() returns every process's row, as accelerate's does (main process's view)."""
+
+    def __init__(self, rows):
+        self.rows, self.num_processes, self.is_main_process = rows, len(rows), True
+        self.device = torch.device("cpu")
+
+    def gather(self, mine):
+        return torch.tensor(self.rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("factor", [2.0])
+def test_straggler_is_named_after_three_slow_windows_in_a_row(factor, caplog):
+    stragglers = Stragglers(factor)
+    fast, slow = [1.0, 0.01], [1.0, 0.5]  # (step time s, data-wait fraction)
+    windows = [[fast, slow, fast], [fast, slow, fast], [fast, fast, fast], [fast, slow, fast],
+               [fast, slow, fast], [fast, slow, fast], [fast, slow, fast]]
+    named = []
+    for i, rows in enumerate(windows):
+        with caplog.at_level(logging.WARNING, logger="clip_train"):
+            caplog.clear()
+            out = stragglers.gather(FakeAccelerator(rows), *rows[0])
+            named += [i for r in caplog.records if "rank 1 is a straggler" in r.getMessage()]
+        if i != 2:
+            assert out["straggler/slowest_rank"] == 1 and out["straggler/data_wait_fraction_max"] == 0.5
+            assert out["straggler/data_wait_fraction_median"] == 0.01
+    assert named == [5]  # windows 3-5 in a row (a fast window at index 2 broke the first streak)
+    # A rank within the factor of the others' median is not a straggler.
+    even = Stragglers(factor)
+    for _ in range(4):
+        even.gather(FakeAccelerator([[1.0, 0.30], [1.0, 0.5], [1.0, 0.3]]), 1.0, 0.3)
+    assert even.streak == 0
+
+
+def test_restart_guard_counts_restarts_without_a_new_step(tmp_path, monkeypatch):
+    def start(attempt):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        guard = RestartGuard(str(tmp_path), max_stalled=2, is_main=True)
+        guard.start()
+        return guard
+
+    start(0).reached(6)           # the first attempt got to step 6
+    start(1)                      # progress since the last start: no count
+    start(2).reached(6)           # no step past 6
+    with pytest.raises(RestartLoopError, match="keeps failing at step 7: 2 restart"):
+        start(3)
+    start(0)                      # a new launch (a new job, a requeue) counts from zero
+    g = start(1)
+    g.reached(7)                  # a new step: the count starts again
+    start(2)
+    assert json.loads((tmp_path / "faults" / "progress.json").read_text())["stalled_restarts"] == 0
+
+
+@pytest.mark.slow
 def test_hung_rank_is_dumped_restarted_and_follows_the_uninterrupted_run(tmp_path, color_shards, straight):
     out = tmp_path / "hung"
     proc, _ = launch_with_restarts([FAULTS, "--hang-at-step", "6", "--fault-rank", "1", "--first-attempt-only",
@@ -99,6 +164,7 @@ def test_hung_rank_is_dumped_restarted_and_follows_the_uninterrupted_run(tmp_pat
     assert first_new - hung_at < 120
 
 
+@pytest.mark.slow
 def test_every_rank_blocked_exits_within_the_timeout_with_stacks(tmp_path, color_shards):
     # Rank 0 blocks holding the GIL (only faulthandler's C thread can run), rank 1 in time.sleep.
     out = tmp_path / "all_hung"
@@ -118,6 +184,7 @@ def test_every_rank_blocked_exits_within_the_timeout_with_stacks(tmp_path, color
     assert dumped - hung_at < 10 + 8, dumped - hung_at
 
 
+@pytest.mark.slow
 def test_restarts_without_progress_stop_with_one_line_naming_the_step(tmp_path, color_shards):
     out = tmp_path / "loop"
     proc, elapsed = launch_with_restarts([FAULTS, "--fail-at-step", "7", *COMMON, f"data.train={color_shards}",
@@ -132,3 +199,37 @@ def test_restarts_without_progress_stop_with_one_line_naming_the_step(tmp_path, 
     assert proc.stderr.count(f"resumed from {out}/checkpoints/step_00000004") == 1
     assert [p.name for p in list_checkpoints(str(out))] == ["step_00000004"]
     print(f"restart loop stopped after {elapsed:.0f} s")
+
+
+WATCHED = """
+import ctypes, sys, time
+from clip_train.watchdog import Allowances, Watchdog
+Watchdog(Allowances(step=60, startup=1.0, first_step=60, evaluation=60, checkpoint=60), sys.argv[1], 0)
+def blocked_here():
+    if sys.argv[2] == "gil":
+        ctypes.PyDLL(None).sleep(60)  # in C, holding the GIL: only faulthandler's C thread runs
+    time.sleep(60)  # in C, the GIL released
+blocked_here()
+"""
+
+
+@pytest.mark.parametrize("how", ["sleep", "gil"])
+def test_watchdog_dumps_a_blocked_process_and_exits(tmp_path, how, caplog):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WATCHED, str(tmp_path), how], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr
+    assert elapsed < 40  # 1 s allowance (+ 2 s for the C thread) after imports, not the 60 s sleep
+    stacks = (tmp_path / "faults" / "stacks-rank0.txt").read_text()
+    assert "in blocked_here" in stacks, stacks
+    if how == "sleep":  # the Python thread could run: the log has the stacks too, with why
+        assert "clip-train watchdog: rank 0 made no progress for 1 s in start-up" in proc.stderr
+        assert "in blocked_here" in proc.stderr
+    # The next start puts an earlier dump into its log and keeps it under a name of its own.
+    with caplog.at_level(logging.WARNING, logger="clip_train"):
+        Watchdog(Allowances(600, 600, 600, 600, 600), str(tmp_path), 0).close()
+    assert "rank 0 hung in an earlier attempt" in caplog.text
+    # Only the C thread's dump (stuck holding the GIL) is copied into the log: the other is there.
+    assert ("in blocked_here" in caplog.text) == (how == "gil")
+    assert [p.name.startswith("stacks-rank0-") for p in (tmp_path / "faults").glob("stacks-*")] == [True]
