@@ -5,6 +5,7 @@ step on every attempt. Faults come from tests/helpers/train_with_faults.py."""
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -233,3 +234,26 @@ def test_watchdog_dumps_a_blocked_process_and_exits(tmp_path, how, caplog):
     # Only the C thread's dump (stuck holding the GIL) is copied into the log: the other is there.
     assert ("in blocked_here" in caplog.text) == (how == "gil")
     assert [p.name.startswith("stacks-rank0-") for p in (tmp_path / "faults").glob("stacks-*")] == [True]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_process_still_starting_up(tmp_path, color_shards):
+    """Rank 0 of 2, its peer never comes: it waits in the rendezvous. A stop signal ends it at once
+    (there is no checkpoint to write yet); it used to be deferred, and the process sat there."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "clip_train", "train", *COMMON, f"data.train={color_shards}",
+                             f"train.output_dir={tmp_path / 'run'}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run" / "faults").exists():
+            time.sleep(0.2)  # the watchdog's directory: train() has started, the rendezvous follows
+        time.sleep(3)
+        assert proc.poll() is None  # waiting for its peer
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM
