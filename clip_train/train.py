@@ -135,10 +135,18 @@ def train(cfg: Config) -> dict[str, float]:
     stop = StopRequest()  # a stop signal ends the set-up at once; the loop checkpoints first
     # From here on a process that makes no progress for its phase's allowance dumps its stacks
     # and exits, so that the launcher restarts the group (clip_train/watchdog.py).
-    watchdog = Watchdog(Allowances.from_config(cfg.train), cfg.train.output_dir, int(os.environ.get("RANK", "0")))
-    restarts = RestartGuard(cfg.train.output_dir, cfg.train.max_restarts_without_progress,
-                            is_main=int(os.environ.get("RANK", "0")) == 0, record_every=cfg.train.log_every_steps)
-    restarts.start()  # too many restarts without a new step: one line, and the launcher stops
+    rank = int(os.environ.get("RANK", "0"))
+    watchdog = Watchdog(Allowances.from_config(cfg.train), cfg.train.output_dir, rank)
+    try:
+        restarts = RestartGuard(cfg.train.output_dir, cfg.train.max_restarts_without_progress,
+                                is_main=rank == 0, record_every=cfg.train.log_every_steps)
+        restarts.start()  # too many restarts without a new step: one line, and the launcher stops
+        return run_training(cfg, stop, watchdog, restarts)
+    finally:
+        watchdog.close()  # an error too: a caller that goes on must not be ended by the watchdog
+
+
+def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: RestartGuard) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
@@ -318,7 +326,6 @@ def train(cfg: Config) -> dict[str, float]:
     accelerator.end_training()
     watchdog.phase("the wait for the last upload", cfg.train.hang_checkpoint_timeout_s + cfg.train.remote_max_unsynced_s)
     syncer.finish(stopped=progress.step < cfg.train.steps)  # no collectives: after end_training
-    watchdog.close()
     return results
 
 
