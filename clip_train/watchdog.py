@@ -260,11 +260,11 @@ class RestartGuard:
         (attempt 0: a new job, a SLURM requeue) counts from zero."""
         if not self.is_main:
             return
-        if os.path.isfile(self.path):
+        if attempt_number() > 0 and os.path.isfile(self.path):  # a fresh launch starts a new count
             with open(self.path) as f:
                 self.state.update(json.load(f))
         furthest = self.state["furthest_step"]
-        if attempt_number() == 0 or furthest > self.state["furthest_at_last_start"]:
+        if furthest > self.state["furthest_at_last_start"]:
             self.state["stalled_restarts"] = 0
         else:
             self.state["stalled_restarts"] += 1

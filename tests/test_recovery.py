@@ -136,11 +136,13 @@ def test_restart_guard_counts_restarts_without_a_new_step(tmp_path, monkeypatch)
     start(2).reached(6)           # no step past 6
     with pytest.raises(RestartLoopError, match="keeps failing at step 7: 2 restart"):
         start(3)
-    start(0)                      # a new launch (a new job, a requeue) counts from zero
-    g = start(1)
-    g.reached(7)                  # a new step: the count starts again
-    start(2)
+    start(0).reached(5)           # a new launch (a new job, a requeue) counts from zero
+    start(1).reached(5)           # progress: its first attempt completed step 5
+    start(2).reached(6)           # none (a resumed attempt redoes steps 4-5), then step 6: new
+    start(3)
     assert json.loads((tmp_path / "faults" / "progress.json").read_text())["stalled_restarts"] == 0
+    start(4)
+    assert json.loads((tmp_path / "faults" / "progress.json").read_text())["stalled_restarts"] == 1
 
 
 @pytest.mark.slow
