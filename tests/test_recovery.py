@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def launch_with_restarts(args: list[str], restarts: int, timeout: int = 400) -> tuple[subprocess.CompletedProcess, float]:
     """`accelerate launch --max_restarts N` with a fixed free port (port 0 cannot be restarted);
-    the finished process and its wall time."""
+    the finished process and its wall time. Its stderr is kept beside train.output_dir."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -44,6 +44,8 @@ def launch_with_restarts(args: list[str], restarts: int, timeout: int = 400) -> 
            "--monitor_interval", "0.5", *args]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir="))
+    Path(out + ".log").write_text(proc.stderr)
     return proc, time.monotonic() - start
 
 
