@@ -226,6 +226,13 @@ class Watchdog:
                 out.flush()
             except (OSError, ValueError):
                 pass
+        # The stuck process may be a peer whose own deadline comes a moment later (this one may
+        # only be waiting for it in a collective): wait a little so that it dumps its stacks too
+        # before the launcher, seeing this exit, stops it (a SIGTERM, or its loader workers'
+        # deaths, can end it without a dump). faulthandler's C thread ends this one if need be.
+        grace = min(15.0, max(3.0, 2 * self._check_every_s() + 1.0))
+        faulthandler.dump_traceback_later(grace + 2.0, repeat=False, file=self._file, exit=True)
+        time.sleep(grace)
         os._exit(1)
 
     def close(self) -> None:
