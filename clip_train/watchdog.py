@@ -271,7 +271,7 @@ class RestartGuard:
             with open(self.path) as f:
                 self.state.update(json.load(f))
         furthest = self.state["furthest_step"]
-        if furthest > self.state["furthest_at_last_start"]:
+        if attempt_number() == 0 or furthest > self.state["furthest_at_last_start"]:
             self.state["stalled_restarts"] = 0
         else:
             self.state["stalled_restarts"] += 1
