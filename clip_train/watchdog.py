@@ -61,7 +61,10 @@ def _attempt_rendezvous_handler(url: str, timeout: timedelta = timedelta(minutes
 
     query = url.split("?", 1)[1] if "?" in url else ""
     store, rank, world_size = next(rendezvous(f"env://?{query}" if query else "env://", timeout=timeout))
-    yield PrefixStore(f"clip_train/attempt_{attempt_number()}/", store), rank, world_size
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The launcher's store, kept across its restarts; otherwise rank 0 makes a new one.
+        store = PrefixStore(f"clip_train/attempt_{attempt_number()}", store)  # keys: <prefix>/<key>
+    yield store, rank, world_size
     raise RuntimeError("clip-train's rendezvous cannot re-rendezvous: the launcher restarts the processes")
 
 

@@ -264,3 +264,28 @@ def test_sigterm_ends_a_process_still_starting_up(tmp_path, color_shards):
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_rendezvous_keys_are_scoped_by_the_launchers_attempt(monkeypatch):
+    """The launcher's store outlives its restarts: what the dead group wrote (its gloo addresses)
+    must not be what the restarted group reads."""
+    from torch.distributed import TCPStore
+    from torch.distributed.rendezvous import rendezvous
+
+    from clip_train.watchdog import attempt_rendezvous
+
+    agent_store = TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent_store.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    stores = {}
+    for attempt in (0, 1):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        store, rank, world_size = next(rendezvous(attempt_rendezvous(), 0, 1))
+        assert (rank, world_size) == (0, 1)
+        stores[attempt] = store
+    stores[0].set("default_pg/rank_1", "address of the dead rank 1")
+    assert not stores[1].check(["default_pg/rank_1"])  # the restarted group does not see it
+    stores[1].set("default_pg/rank_1", "address of the new rank 1")
+    assert agent_store.get("clip_train/attempt_0/default_pg/rank_1") == b"address of the dead rank 1"
+    assert agent_store.get("clip_train/attempt_1/default_pg/rank_1") == b"address of the new rank 1"
