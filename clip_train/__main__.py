@@ -1,4 +1,4 @@
-"""`clip-train <command>` / `python -m clip_train <command>`: train, eval, export, report, make-shards, make-demo.
+"""`clip-train <command>` / `python -m clip_train <command>`: train, eval, export, report, config, make-shards, make-demo.
 
 Bad input ends with one `clip-train: error: ...` line and exit code 2, never a deep traceback.
 """
@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from clip_train.config import ClipTrainError, check_paths, load_config
+from clip_train.config import ClipTrainError, ConfigError, check_paths, load_config, to_yaml
 
 
 def _setup_logging() -> None:
@@ -77,6 +77,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        from clip_train.config_reference import render
+
+        if args.config or args.overrides:
+            raise ConfigError("config --reference: documents every key and takes no --config or overrides")
+        sys.stdout.write(render())
+        return 0
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "make-shards":
@@ -107,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir (it may still be training)")
     p.add_argument("--output-dir", help="where to write report.png and report.html (default: RUN_DIR)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("config", help="print the resolved config as YAML, or (--reference) every key documented")
+    _config_args(p)
+    p.add_argument("--reference", action="store_true",
+                   help="print the configuration reference (Markdown, docs/configuration.md) generated "
+                        "from the comments in clip_train/config.py")
+    p.set_defaults(func=cmd_config)
     sub.add_parser("make-shards", help="write webdataset shards from a folder or manifest (see --help)")
     sub.add_parser("make-demo", help="write the demo's handwritten-digits shards (see --help)")
     args = parser.parse_args(argv)

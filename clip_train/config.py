@@ -323,12 +323,14 @@ class OptimConfig:
     schedule: str = "cosine"
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
+    # Linear warmup to `lr` over the first N steps, lr/N at the first (every schedule).
     cooldown_steps: int = 0
     # const-cooldown: decay to `min_lr` over the last N steps.
     cooldown_power: float = 1.0
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
     # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
     min_lr: float = 0.0
+    # The learning rate at the end of the cosine schedule and of the const-cooldown decay.
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
     image_lr_scale: float = 1.0
@@ -382,9 +384,12 @@ class TrainConfig:
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
     seed: int = 0
+    # Seeds the initial weights (the same on every process), the data stream, augmentation and
+    # dropout (per process): a run is a function of its seed and process count.
     output_dir: str = "runs/default"
     # Checkpoints, metrics.jsonl, the resolved config and evaluation results go here.
     log_every_steps: int = 10
+    # Write a metrics.jsonl line (and feed the trackers) every N steps, and at the last one.
     checkpoint_every_steps: int = 0
     # Save a resumable checkpoint every N steps (0: only at the end).
     keep_checkpoints: int = 2
@@ -584,9 +589,13 @@ class WandbConfig:
     # Track the run in Weights & Biases through Accelerate's tracker (same as listing wandb in
     # tracking.report_to).
     project: str = "clip-train"
+    # W&B project of the run.
     entity: str | None = None
+    # W&B team or user (null: your default entity).
     name: str | None = None
+    # Display name of the run (null: W&B picks one).
     tags: list[str] = field(default_factory=list)
+    # W&B tags of the run, e.g. [baseline, b32].
     mode: str = "auto"
     # auto: online when an API key is configured, offline otherwise | online | offline
 
