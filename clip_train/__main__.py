@@ -57,11 +57,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from clip_train.checkpoint import export_open_clip, load_model_weights
+    from clip_train.hub import LOCAL_DIR_PREFIX, checkpoint_facts, write_model_folder
     from clip_train.model import build_model
 
     cfg = _load(args, training=False)
     bundle = build_model(cfg.model)
     load_model_weights(bundle.model, args.checkpoint)
+    if not args.output.endswith((".pt", ".pth", ".bin")):  # a folder in open_clip's hub layout
+        write_model_folder(args.output, bundle.model, model=bundle.model, tokenizer=bundle.tokenizer,
+                           name=bundle.name, cfg=cfg, facts=checkpoint_facts(args.checkpoint, cfg))
+        print(f"wrote {args.output}/: open_clip.create_model_and_transforms('{LOCAL_DIR_PREFIX}{args.output}') "
+              f"loads it; share it with `hf upload <user>/<repo> {args.output} .`")
+        return 0
     export_open_clip(bundle.model, args.output)
     print(f"wrote {args.output}: load it with open_clip.create_model_and_transforms("
           f"{bundle.name!r}, pretrained={args.output!r})"
@@ -107,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="zero-shot classification, retrieval and validation loss of a checkpoint")
     _config_args(p)
-    p.add_argument("--checkpoint", help="training checkpoint directory or exported open_clip file")
+    p.add_argument("--checkpoint", help="training checkpoint directory, model folder (a run's model/) "
+                                        "or exported open_clip file")
     p.add_argument("--output", help="results JSON (default: <train.output_dir>/eval.json)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("export", help="write a plain open_clip state dict from a checkpoint")
+    p = sub.add_parser("export", help="write a model folder (open_clip's hub layout) or a plain open_clip "
+                                      "state dict from a checkpoint")
     _config_args(p)
     p.add_argument("--checkpoint", required=True, help="training checkpoint directory")
-    p.add_argument("--output", required=True, help="file to write, e.g. model.pt")
+    p.add_argument("--output", required=True,
+                   help="a folder (open_clip_config.json, open_clip_model.safetensors, README.md: "
+                        "loadable as local-dir:FOLDER) or a .pt/.pth/.bin file (a state dict)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("report", help="draw a run's curves from metrics.jsonl: report.png and report.html")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir (it may still be training)")

@@ -102,7 +102,8 @@ class ModelConfig:
     name: str = "ViT-B-32"
     # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
     # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json),
-    # or `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo).
+    # `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo), or
+    # `local-dir:FOLDER` (the same from a folder on disk, e.g. the model/ folder of a finished run).
     pretrained: str | None = None
     # Weights to start from: a local file (an open_clip state dict or a `clip-train export`
     # file), an open_clip pretrained tag of model.name (e.g. laion2b_s34b_b79k for ViT-B-32; see
@@ -155,8 +156,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
-        _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
-                 "must be null with model.name=hf-hub:... (the weights come from that repo)")
+        _require(not (self.name.startswith(("hf-hub:", "local-dir:")) and self.pretrained), "model.pretrained",
+                 "must be null with model.name=hf-hub:... or local-dir:... (the weights come from there)")
         for key in ("image_mean", "image_std"):
             value = getattr(self, key)
             _require(value is None or len(value) in (1, 3), f"model.{key}", "must hold 1 or 3 values (per channel)")
@@ -720,6 +721,9 @@ def check_paths(cfg: Config, training: bool = True) -> None:
                               "tag such as laion2b_s34b_b79k, or hf-hub:org/repo)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")
+    folder = cfg.model.name.removeprefix("local-dir:")
+    if cfg.model.name.startswith("local-dir:") and not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        raise ConfigError(f"model.name: {folder!r} is not a model folder (no open_clip_config.json in it)")
 
 
 def check_eval_paths(cfg: EvalConfig) -> None:

@@ -164,3 +164,45 @@ class StepHealth:
         self.skipped_at_last_check = skipped
         self.worst_in_a_row = self.in_a_row.clone()
         return bool(stop), skipped, worst, in_a_row
+
+
+PRECISION_WORDS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling",
+                   "fp8": "fp8"}
+
+
+def describe_run(cfg, *, model_name: str, processes: int, device_type: str, mixed_precision: str,
+                 sharded: bool, uint8_batches: bool, start_step: int = 0) -> str:
+    """The run's first log line, in words: how it is distributed (and what is sharded), the
+    precision, the gradient cache, the data path, the steps and where the outputs go."""
+    local = cfg.train.local_batch_size
+    where = "GPU" if device_type == "cuda" else device_type.upper()
+    if processes == 1:
+        layout = f"one process on the {where}"
+    elif sharded:
+        layout = (f"FSDP2 over {processes} {where} processes (parameters, gradients and optimizer "
+                  "state sharded per transformer block; logit scale/bias replicated)")
+    else:
+        layout = f"DDP over {processes} {where} processes (full replicas, gradients all-reduced)"
+    precision = PRECISION_WORDS.get(mixed_precision, mixed_precision)
+    if device_type == "cuda" and cfg.train.tf32:
+        precision += ", TF32 float32 matmuls"
+    chunk = cfg.train.chunk_size
+    if chunk is None or chunk >= local:
+        cache = "gradient cache off"
+    else:
+        cache = f"gradient cache on (chunks of {chunk} of {local} samples per process"
+        if sharded and processes > 1:
+            cache += f", gradients reduced {cfg.train.sharded_grad_reduce.replace('_', ' ')}"
+        cache += ")"
+    decode = getattr(cfg.data, "decode", None)  # data.decode, where the config has it
+    workers = cfg.data.workers
+    data = (f"data: {f'{decode} decode, ' if decode else ''}"
+            + (f"{workers} loader worker{'s' if workers > 1 else ''} per process, " if workers
+               else "decoded in the training process, ")
+            + ("uint8 batches normalised on the device" if uint8_batches else "float32 batches"))
+    steps = f"{cfg.train.steps} steps" + (f" (resuming at step {start_step})" if start_step else "")
+    outputs = f"outputs in {cfg.train.output_dir}"
+    if cfg.train.remote_dir:
+        outputs += f" (mirrored to {cfg.train.remote_dir})"
+    return (f"training {model_name}: {layout}; global batch {local * processes} ({processes} x {local}); "
+            f"{precision}; {cache}; {data}; {steps}; {outputs}")

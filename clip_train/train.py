@@ -24,6 +24,7 @@ from clip_train.config import ClipTrainError, Config
 from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
+from clip_train.hub import RUN_FOLDER, RunFacts, write_model_folder
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
@@ -42,6 +43,7 @@ from clip_train.runtime import (
     buffers_change_in_training,
     configure_matmul_precision,
     cuda_bf16_native,
+    describe_run,
     freeze_unused_logit_bias,
     optimizer_step,
     own_cuda_device,
@@ -173,10 +175,11 @@ def train(cfg: Config) -> dict[str, float]:
     metrics_log = MetricsLog(accelerator, cfg)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
     global_batch = cfg.train.local_batch_size * world
+    run_line = describe_run(cfg, model_name=bundle.name, processes=world, device_type=accelerator.device.type,
+                            mixed_precision=str(accelerator.mixed_precision), sharded=sharded,
+                            uint8_batches=loader.image_normalization is not None, start_step=progress.step)
     if accelerator.is_main_process:
-        log.info("training %s: %d processes x %d samples = global batch %d, chunk %s, %s, %d steps",
-                 bundle.name, world, cfg.train.local_batch_size, global_batch, cfg.train.chunk_size,
-                 accelerator.mixed_precision, cfg.train.steps)
+        log.info(run_line)
         if queue is not None and key_encoder is None:
             log.warning(STALE_KEYS_WARNING)
 
@@ -270,6 +273,10 @@ def train(cfg: Config) -> dict[str, float]:
         final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
             export_open_clip(final_state, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
+            # The shareable folder (open_clip's hub layout, with a model card): local-dir:/hf-hub:.
+            write_model_folder(os.path.join(cfg.train.output_dir, RUN_FOLDER), final_state, model=bundle.model,
+                               tokenizer=bundle.tokenizer, name=bundle.name, cfg=cfg,
+                               facts=RunFacts(progress.step, world, run_line, results))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
             write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
