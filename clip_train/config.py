@@ -412,7 +412,7 @@ class TrainConfig:
     # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
     # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the
     # main process in the background, published by a marker object written last; resume=latest
-    # also looks there. output_dir may then be node-local (see README "Checkpoints in a bucket").
+    # also looks there. output_dir may then be node-local (docs/checkpoints.md, "Checkpoints in a bucket").
     remote_keep_checkpoints: int | None = None
     # Keep the last K complete checkpoints in remote_dir (None: train.keep_checkpoints).
     remote_max_unsynced_s: float = 3600.0

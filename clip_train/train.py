@@ -91,7 +91,7 @@ def check_world_size(accelerator: Accelerator) -> None:
     if "DEEPSPEED" in mode or ("FSDP" in mode and not getattr(accelerator, "is_fsdp2", False)):
         # DeepSpeed steps only inside accelerator.backward and ignores no_sync; FSDP1's
         # parameters outside its forward are views of a flat shard. FSDP2 is supported
-        # (clip_train/sharding.py). See README "Accelerate configurations and the gradient cache".
+        # (clip_train/sharding.py). See docs/clusters.md, "Accelerate configurations and the gradient cache".
         raise LaunchError(f"distributed mode {mode} is not supported: launch with DDP "
                           "(launch/accelerate/single-node.yaml or multi-node.yaml) or FSDP2 (fsdp2.yaml)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
