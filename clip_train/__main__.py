@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: make_demo_main(argv[1:]))
 
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    return _guarded(lambda: args.func(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of every subcommand but make-shards and make-demo (they parse their own)."""
     parser = argparse.ArgumentParser(prog="clip-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (plain python: 1 process; accelerate launch: N)")
@@ -138,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_config)
     sub.add_parser("make-shards", help="write webdataset shards from a folder or manifest (see --help)")
     sub.add_parser("make-demo", help="write the demo's handwritten-digits shards (see --help)")
-    args = parser.parse_args(argv)
-    _setup_logging()
-    return _guarded(lambda: args.func(args))
+    return parser
 
 
 def _guarded(fn) -> int:
