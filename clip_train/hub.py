@@ -41,14 +41,17 @@ def is_model_folder(path: str | os.PathLike) -> bool:
 
 
 def model_config(name: str, cfg: Config) -> dict:
-    """The open_clip model config of the trained architecture, with force_image_size applied
-    (open_clip applies it to a copy when it builds the model, so the registry lacks it)."""
+    """The open_clip model config of the trained architecture, with force_image_size and
+    force_quick_gelu applied (open_clip applies them to a copy when it builds the model, so the
+    registry lacks them)."""
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(f"open_clip has no model config for {name!r}")
     model_cfg = json.loads(json.dumps(model_cfg))  # a plain copy, JSON-safe
     if cfg.model.force_image_size is not None:
         model_cfg["vision_cfg"]["image_size"] = cfg.model.force_image_size
+    if getattr(cfg.model, "force_quick_gelu", False):  # open_clip's force_quick_gelu, likewise
+        model_cfg["quick_gelu"] = True
     return model_cfg
 
 
