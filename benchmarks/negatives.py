@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "not a bound for the debiased objective, hence –) are from the last logged step.", "", table])
     print()
     print(markdown)
-    command = " ".join(["python", "benchmarks/negatives.py", *(argv if argv is not None else sys.argv[1:])])
+    command = h.command_line("negatives.py", argv)
     payload = {"machine": info, "quick": args.quick, "rows": rows, "markdown": markdown, "command": command}
     if args.out is None:
         path = h.write_json("negatives", payload, args.quick)
