@@ -59,7 +59,10 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
     proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={straight}",
                          *eval_args(tmp_path, color_shards)], options=ac)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ", bf16, " in proc.stderr  # the run's start line
+    # The run's first line says it in words.
+    assert "FSDP2 over 2 CPU processes (parameters, gradients and optimizer state sharded" in proc.stderr
+    assert "; bf16 autocast; gradient cache on (chunks of 3 of 8 samples per process, gradients reduced " \
+           "every chunk)" in proc.stderr
     results = json.loads((straight / "eval.json").read_text())  # evaluation on the gathered weights
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
     proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"], options=ac)
@@ -86,6 +89,13 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
     assert proc.returncode == 0, proc.stderr[-2000:]
     exported = torch.load(tmp_path / "exported.pt", weights_only=True)
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    # The model folder holds the same gathered weights, and open_clip loads it alone.
+    from safetensors.torch import load_file
+
+    folder = load_file(str(killed / "model" / "open_clip_model.safetensors"))
+    assert folder.keys() == final.keys() and all(torch.equal(folder[k], final[k]) for k in final)
+    loaded = open_clip.create_model(f"local-dir:{killed / 'model'}").state_dict()
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
 
 
 def open_clip_name() -> str:
