@@ -124,22 +124,14 @@ def child(args: argparse.Namespace) -> None:
 def run(mode: str, nproc: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    gpus = 0
-    try:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    except ImportError:
-        pass
-    if gpus < nproc:
+    if h.cuda_device_count() < nproc:
         env["ACCELERATE_USE_CPU"] = "true"
         # glibc: tensors >= 64 KiB get their own mmap, returned to the OS when freed, so that the
         # sampled RSS follows live memory instead of heap pages kept after earlier allocations.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     launch = (["--config_file", str(REPO / "launch/accelerate/fsdp2.yaml")] if mode == "fsdp2"
               else ["--multi_gpu"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", "0", __file__, "--child",
+    cmd = [*h.launcher(nproc, tuple(launch), always=True), __file__, "--child",
            "--model", args.model, "--image-size", str(args.image_size), "--local-batch", str(args.local_batch),
            "--chunk-size", str(args.chunk_size), "--steps", str(args.steps), "--grad-reduce", args.grad_reduce]
     proc, result = h.run_child(cmd, env=env, prefix="RESULT ")

@@ -262,44 +262,43 @@ def _open_clip_args(spec: RunSpec, out: Path) -> list[str]:
     return args
 
 
-def launch_command(spec: RunSpec, out: Path) -> list[str]:
-    args = (
-        _clip_train_args(spec, out) if spec.trainer == "clip_train" else _open_clip_args(spec, out)
-    )
-    entry = [str(ENTRY), spec.trainer, *args]
-    if spec.nproc == 1:
-        return [sys.executable, *entry]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(spec.nproc),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        *entry,
-    ]
+def launcher(nproc: int, options: tuple[str, ...] = ("--multi_gpu",), always: bool = False) -> list[str]:
+    """The command prefix that starts `nproc` processes: plain python for one (unless `always`),
+    else `accelerate launch` with `options` (e.g. an FSDP2 config file) on a free port."""
+    if nproc == 1 and not always:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, "--num_processes", str(nproc),
+            "--num_machines", "1", "--main_process_port", "0"]
 
 
-def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
+def process_env(nproc: int, cuda: bool, threads: int | None = None) -> dict[str, str]:
+    """The environment every launched benchmark run gets: no W&B, unbuffered output, the same
+    threads per process, and CPU processes made one gloo group when there is no GPU."""
     env = {
         **os.environ,
-        "BENCH_STEP_CLOCK": str(clock),
-        "BENCH_MEMORY_DIR": str(memory),
         "WANDB_MODE": "disabled",
         "PYTHONUNBUFFERED": "1",
         # The same for both trainers; by default what launch/local.sh does: one core group per process.
-        "OMP_NUM_THREADS": str(spec.threads or max(1, (os.cpu_count() or 1) // spec.nproc)),
+        "OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 1) // nproc)),
     }
-    if spec.cuda:
+    if cuda:
         env.pop("ACCELERATE_USE_CPU", None)
     else:
         env["ACCELERATE_USE_CPU"] = "true"  # else accelerate >= 1.13 runs each CPU process alone
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def launch_command(spec: RunSpec, out: Path) -> list[str]:
+    args = (
+        _clip_train_args(spec, out) if spec.trainer == "clip_train" else _open_clip_args(spec, out)
+    )
+    return [*launcher(spec.nproc), str(ENTRY), spec.trainer, *args]
+
+
+def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
+    return {**process_env(spec.nproc, spec.cuda, spec.threads),
+            "BENCH_STEP_CLOCK": str(clock), "BENCH_MEMORY_DIR": str(memory)}
 
 
 def run_trainer(
