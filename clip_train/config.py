@@ -412,7 +412,8 @@ class TrainConfig:
     # the last chunk, then reduces once (less communication, a full gradient copy per process).
     precision: str = "auto"
     # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
-    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision. On the CPU fp16 is
+    # refused and bf16 runs (several times slower than fp32), saying so in the run's first line.
     tf32: bool = True
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
+from webdataset.utils import make_seed
 
 from clip_train.config import ConfigError, DataConfig, check_shards
 from clip_train.data.captions import CaptionSpec
@@ -151,10 +152,15 @@ class TrainLoader:
         W = self._spec.num_workers
         spec = replace(self._spec, resume=tuple(_copy_state(self._workers)), worker_offset=self._batches % W)
         workers = self._loader_workers
+        # A DataLoader draws its workers' base seed when it starts; from the global CPU generator
+        # that draw would shift the training's dropout masks (a resumed run starts its loader one
+        # draw later than the uninterrupted run did). Its own generator, seeded from where the
+        # stream stands, leaves training's generators alone and gives the same worker seeds.
+        base_seed = torch.Generator().manual_seed(make_seed(spec.seed, spec.rank, self._batches, 0x10AD))
         loader = wds.WebLoader(
             _Stream(spec), batch_size=None, num_workers=workers, collate_fn=_passthrough,
             persistent_workers=workers > 0, pin_memory=self._pin_memory,
-            prefetch_factor=self._prefetch_factor if workers > 0 else None)
+            prefetch_factor=self._prefetch_factor if workers > 0 else None, generator=base_seed)
         for images, texts, meta in loader:
             expected = self._batches % W
             if meta["worker"] != expected:
