@@ -21,7 +21,13 @@ from clip_train.checkpoint import (
     save_checkpoint,
 )
 from clip_train.config import ClipTrainError, Config
-from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
+from clip_train.data import (
+    BadSampleCeiling,
+    batch_to_device,
+    build_train_loader,
+    check_bad_samples,
+    fresh_stream_seed,
+)
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
 from clip_train.hub import RUN_FOLDER, RunFacts, write_model_folder
@@ -169,11 +175,20 @@ def train(cfg: Config) -> dict[str, float]:
         set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    data_state, stream_seed = progress.data_states[rank] if progress.data_states else None, None
+    if data_state is not None and cfg.train.resume_data == "fresh":  # the data changed: a new stream
+        data_state, stream_seed = None, fresh_stream_seed(cfg.train.seed, progress.step)
+        if accelerator.is_main_process:
+            log.info("train.resume_data=fresh: model, optimizer and step %d restored; the data stream "
+                     "restarts from seed %d (from train.seed and the step), epoch 0", progress.step, stream_seed)
     loader = build_train_loader(
         cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
         local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
-        world_size=world, state=progress.data_states[rank] if progress.data_states else None,
-        pin_memory=accelerator.device.type == "cuda")
+        world_size=world, state=data_state, pin_memory=accelerator.device.type == "cuda",
+        stream_seed=stream_seed)
+    bad_ceiling = BadSampleCeiling(cfg.data.max_bad_fraction, cfg.data.bad_fraction_min_samples,
+                                   cfg.data.bad_fraction_window_samples)
+    data_metrics: dict[str, float] = {}
     loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
                                 tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale,
                                 debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
@@ -249,6 +264,8 @@ def train(cfg: Config) -> dict[str, float]:
         stop_now = False
         if log_now or save_now or progress.step % cfg.train.stop_check_every_steps == 0:
             stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint, syncer)
+            # Every process's bad-sample counts; DataError above data.max_bad_fraction.
+            data_metrics = check_bad_samples(accelerator, loader, bad_ceiling)
         if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
@@ -264,7 +281,7 @@ def train(cfg: Config) -> dict[str, float]:
                 **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
                 "health/candidates": candidates,
                 **({"health/mi_lower_bound": infonce_mi_lower_bound(loss, candidates)} if infonce else {}),
-                **bad_sample_metrics(accelerator, loader),
+                **data_metrics,
             }
             with isolated():
                 metrics_log.log(metrics, progress.step)
@@ -354,16 +371,3 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def bad_sample_metrics(accelerator: Accelerator, loader) -> dict[str, float]:
-    """Bad-sample counts summed over processes (every process calls this at the same step).
-
-    BAD_KINDS fixes the tensor's layout, so every process reduces the same shape."""
-    counts = loader.bad_counts()
-    values = torch.tensor([float(loader.samples_read())] + [float(counts[k]) for k in BAD_KINDS],
-                          device=accelerator.device)
-    totals = accelerator.reduce(values, "sum")
-    out = {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1:].sum().item()}
-    out.update({f"data/bad/{k}": totals[i + 1].item() for i, k in enumerate(BAD_KINDS)})
-    return out
