@@ -60,6 +60,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from clip_train.hub import LOCAL_DIR_PREFIX, checkpoint_facts, write_model_folder
     from clip_train.model import build_model
 
+    if args.output.endswith((".safetensors", ".json")):
+        raise ConfigError(f"--output {args.output}: give a folder (it then holds open_clip_model.safetensors, "
+                          "open_clip_config.json and README.md) or a .pt file (a plain state dict)")
     cfg = _load(args, training=False)
     bundle = build_model(cfg.model)
     load_model_weights(bundle.model, args.checkpoint)
