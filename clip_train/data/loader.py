@@ -17,6 +17,7 @@ import webdataset as wds
 from clip_train.config import ConfigError, DataConfig, check_shards
 from clip_train.data.captions import CaptionSpec
 from clip_train.data.decode import ImageNormalization, split_normalize
+from clip_train.data.fast import fast_transform
 from clip_train.data.sources import _shard_weights, _split_sources, dataset_size
 from clip_train.data.stream import (
     BAD_KINDS,
@@ -214,6 +215,12 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
         if normalization is None:
             log.info("data: the train transform does not end in ToTensor + Normalize; batches "
                      "stay float32 (normalised in the loader workers)")
+    if cfg.decode == "fast":
+        fast, why_not = fast_transform(transform)
+        if fast is not None:
+            transform = fast
+        elif rank == 0:
+            log.info("data.decode=fast: %s, so images are decoded exactly (data.decode=exact)", why_not)
     spec = _StreamSpec(
         urls=tuple(urls), weights=None if weights is None else tuple(weights),
         resampled=cfg.resampled, seed=seed, rank=rank, world_size=world_size,
