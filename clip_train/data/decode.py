@@ -55,6 +55,17 @@ class _Decoder:
             return None
 
 
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The batch of a worker's images. Images in channels-last layout (the fast path's torch
+    resample) are stacked as (B, H, W, C), a plain copy, and returned as a (B, C, H, W) view of
+    it: a stack into (B, C, H, W) would transpose every image in the worker, ~6x slower. The
+    training process makes the batch contiguous on its device (`batch_to_device`)."""
+    first = images[0]
+    if first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1:
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
+
+
 @contextlib.contextmanager
 def _preserved_rngs() -> Iterator[None]:
     py_state = random.getstate()

@@ -64,7 +64,9 @@ def batch_to_device(images: torch.Tensor, texts: torch.Tensor, device: torch.dev
                     normalization: ImageNormalization | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch to `device` without waiting (the loader pins it on CUDA); normalise uint8
     images there. Float images (a transform that could not be split) arrive ready."""
-    images = images.to(device, non_blocking=True)
+    # contiguous on the device: the fast path's workers ship channels-last batches (see
+    # `stack_images`); the copy there costs the device almost nothing.
+    images = images.to(device, non_blocking=True).contiguous()
     texts = texts.to(device, non_blocking=True)
     if normalization is not None and images.dtype == torch.uint8:
         images = normalize_images(images, normalization.mean, normalization.std)
