@@ -188,26 +188,29 @@ def _endless(dataloader):
 
 
 def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
-    """Images per CPU-second (this process, one thread) of the decode alone: open, draw the crop
-    as the transform does, decode at the DCT scale that crop needs; and of a full decode."""
+    """Images per CPU-second (this process, one thread) of the decode alone -- open, then decode
+    at the DCT scale that the sample's crop (drawn beforehand, untimed, as the transform draws
+    it) needs -- and of a full decode to RGB."""
     import torch
     from PIL import Image
 
     crop = next(t for t in transform.transforms if hasattr(t, "get_params") and hasattr(t, "scale"))
     out_h, out_w = crop.size
-
-    def reduced(seed: int, data: bytes) -> None:
+    scales = []
+    for seed, data in enumerate(images):
         random.seed(seed)
         torch.random.default_generator.manual_seed(seed)
-        image = Image.open(io.BytesIO(data))
-        _, _, h, w = crop.get_params(image, crop.scale, crop.ratio)
-        s = max(s for s in (1, 2, 4, 8) if s == 1 or (w / s >= out_w and h / s >= out_h))
-        if s > 1:
-            image.draft(None, (image.size[0] // s, image.size[1] // s))
+        _, _, h, w = crop.get_params(Image.open(io.BytesIO(data)), crop.scale, crop.ratio)
+        scales.append(max(s for s in (1, 2, 4, 8) if s == 1 or (w / s >= out_w and h / s >= out_h)))
+
+    def reduced(k: int) -> None:
+        image = Image.open(io.BytesIO(images[k]))
+        if scales[k] > 1:
+            image.draft(None, (image.size[0] // scales[k], image.size[1] // scales[k]))
         image.load()
 
-    def full(seed: int, data: bytes) -> None:
-        image = Image.open(io.BytesIO(data))
+    def full(k: int) -> None:
+        image = Image.open(io.BytesIO(images[k]))
         image.load()
         image.convert("RGB")
 
@@ -215,7 +218,7 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     for name, fn in (("reduced", reduced), ("full", full)):
         n, start = 0, time.process_time()
         while time.process_time() - start < min_seconds or n < len(images):
-            fn(n, images[n % len(images)])
+            fn(n % len(images))
             n += 1
         rates[name] = n / (time.process_time() - start)
     return rates
@@ -261,6 +264,8 @@ def main() -> None:
                         runs[pipeline].append(measure(pipeline, patterns[family], n, transform, tokenizer,
                                                       args.workers, warmup, timed_batches))
                     limits.append(decode_limit(images[family], transform, 0.5 if args.quick else 2.0))
+                print(f"{family} {size} px: " + ", ".join(
+                    f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
                 limit = statistics.median(x["reduced"] for x in limits)
                 full = statistics.median(x["full"] for x in limits)
                 theirs = statistics.median(r["worker_cpu"] for r in runs["open_clip"])
