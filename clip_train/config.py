@@ -48,7 +48,9 @@ class AugConfig:
     # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
     color_jitter: list[float] | None = None
     # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
-    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 1, 3 or 4 values (one
+    # value, e.g. [0.4], is open_clip's single number: that strength for brightness, contrast and
+    # saturation, no hue).
     color_jitter_prob: float | None = None
     # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
     gray_scale_prob: float | None = None
@@ -94,6 +96,9 @@ class AugConfig:
         keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
                 "re_count", "use_timm")
         values = {k: getattr(self, k) for k in keys}
+        if self.color_jitter is not None and len(self.color_jitter) == 1:
+            # open_clip's AugmentationCfg takes one number (timm asserts that a sequence holds 3 or 4).
+            values["color_jitter"] = float(self.color_jitter[0])
         return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
@@ -109,13 +114,19 @@ class ModelConfig:
     # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
     # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
     # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
-    # interpolation, resize mode) comes with them unless set below.
+    # interpolation, resize mode, and a hub repo's fill colour for resize_mode=longest padding)
+    # comes with them unless set below.
     pretrained_image_path: str | None = None
     # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
-    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    # visual.* weights are taken) or a state dict of the image tower. Converted as open_clip's
+    # full load does (position embeddings resized to force_image_size), then loaded strictly.
+    # Preprocessing follows the image tower: a tag's or hub repo's here wins, key by key, over
+    # model.pretrained's (a local file carries none: model.pretrained's, else open_clip's, apply).
     pretrained_text_path: str | None = None
     # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
     # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    # Converted as open_clip's full load does (a CLIP-layout text tower into a CustomTextCLIP
+    # model's text.*, position embeddings resized to the context length), then loaded strictly.
     pretrained_image: bool = False
     # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
     # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
@@ -128,6 +139,11 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     # With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
     # lock_image_tower: 1 = the projection, 2 = + last block and final norm, ...).
+    lock_image_freeze_bn_stats: bool = False
+    # With lock_image: also freeze the BatchNorm running statistics of the locked groups (open_clip's
+    # --lock-image-freeze-bn-stats; they become FrozenBatchNorm2d). Without it a locked BN tower
+    # (RN50, a timm ConvNet) has no trainable parameters, yet its statistics follow the new data
+    # in every training forward. No effect on towers without BatchNorm (ViTs).
     lock_text: bool = False
     # Freeze the text tower.
     lock_text_unlocked_layers: int = 0
@@ -145,7 +161,13 @@ class ModelConfig:
     # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
     force_image_size: int | None = None
     # Train and evaluate at this image size instead of the model config's (open_clip's
-    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    # force_image_size). Pretrained weights of an open_clip ViT (full or per tower) get their
+    # position embeddings resized as open_clip does; a timm trunk's checkpoint must match the size.
+    force_quick_gelu: bool = False
+    # Build the model with QuickGELU whatever its config says (open_clip's --force-quick-gelu),
+    # for weights trained with it (OpenAI's, open_clip's *-quickgelu tags). An open_clip tag
+    # whose activation differs from the model's is refused, naming the -quickgelu model or this
+    # key (open_clip itself only warns, and the model would run with the wrong activation).
     aug: AugConfig = field(default_factory=AugConfig)
     # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
@@ -171,6 +193,8 @@ class ModelConfig:
                  "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
+        _require(not self.lock_image_freeze_bn_stats or self.lock_image, "model.lock_image_freeze_bn_stats",
+                 "freezes the statistics of the locked image tower: set model.lock_image=true too")
 
 
 @dataclass
@@ -207,20 +231,26 @@ class DataConfig:
     # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
     # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
     # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
-    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    # resampled mode adds the stream position), so a resumed run draws the same captions. An
+    # unreadable part (corrupt json, non-UTF-8 txt) loses only its own captions: the sample
+    # trains on the other part's (warned, not counted bad); with neither, it is skipped.
     caption_list_with_text: bool = True
     # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
     # false: only the list (the text_key caption is used when a sample has no list).
     caption_probs: list[float] | None = None
     # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
     # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
-    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates. A
+    # weight of 0 is never drawn ([1.0, 0.0]: only the txt caption): a sample with no candidate
+    # of positive weight is skipped, counted as missing_caption (the txt fallback of
+    # caption_list_with_text=false excepted).
     decode: str = "fast"
     # fast: draw the augmentation's crop first, decode a JPEG at the smallest DCT scale (1/2,
-    # 1/4, 1/8) that still covers the crop at the model's resolution, resample once; the same
-    # crop and augmentation parameters as exact, pixels within ~30+ dB PSNR of it, 2-4x less
-    # CPU per sample. exact: full decode + the model's transform, bit for bit as open_clip.
-    # Transforms fast cannot reproduce (no RandomResizedCrop, ...) decode exactly (logged).
+    # 1/4, 1/8) that still covers the crop at the model's resolution, resample once: the same
+    # crop and augmentation parameters as exact, pixels within 30+ dB PSNR of it, 1.3-2.7x less
+    # CPU per sample (docs/data.md). exact: full decode + the model's transform, bit for bit as
+    # open_clip. A transform fast cannot reproduce (no RandomResizedCrop, ...) decodes exactly
+    # (logged).
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -316,7 +346,8 @@ class OptimConfig:
     # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
     # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
     #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
-    #   *token_embedding*, *cls_emb*;
+    #   *token_embedding*, *cls_emb*, plus a timm trunk's own no_weight_decay() names
+    #   (visual.trunk.pos_embed, cls_token, reg_token, dist_token);
     # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
     #   does decay the token and positional embeddings.
     no_decay_patterns: list[str] = field(default_factory=list)
@@ -331,10 +362,12 @@ class OptimConfig:
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
     cooldown_steps: int = 0
-    # const-cooldown: decay to `min_lr` over the last N steps.
+    # const-cooldown: decay towards `min_lr` over the last N steps, as open_clip_train's
+    # const_lr_cooldown: the first of them still runs at lr, the last at
+    # min_lr + (lr - min_lr) * (1/N)^power (min_lr itself would be the step after the run).
     cooldown_power: float = 1.0
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
-    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
+    # (1 - k/N)^power at the k-th (0-based) cooldown step; 1 is linear, 0.5 stays high longer.
     min_lr: float = 0.0
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).

@@ -100,6 +100,16 @@ class _Counts:
                            self.spec.bad_fraction_min_samples, self.last_bad_shard,
                            f"rank {self.spec.rank}, worker {self.worker}")
 
+    def note_kept(self, url: str, what: str) -> None:
+        """A sample kept although part of it is unreadable (a corrupt json beside a fine txt):
+        warned the first times, not counted as bad."""
+        warned = self.warned.setdefault("kept", 0)
+        if warned < WARN_FIRST:
+            self.warned["kept"] = warned + 1
+            more = " (no more warnings of this kind from this worker)" if warned + 1 == WARN_FIRST else ""
+            log.warning("data: sample in %s (rank %d, worker %d) %s%s", url, self.spec.rank, self.worker,
+                        what[:300], more)
+
 
 def check_bad_fraction(bad: dict[str, int], good: int, ceiling: float, min_samples: int,
                        last_bad_shard: str | None, where: str) -> None:
@@ -243,7 +253,11 @@ class _Pass:
             # resampled mode adds the stream position, since a sample is drawn again and again.
             where = (self.pass_, self.spec.rank, self.worker, *pos) if self.spec.resampled else ()
             seed = make_seed(self.spec.seed, _key_hash(sample["__key__"]), self.epoch, *where)
-            caption = draw_caption(sample, self.spec.text_key, self.spec.captions, seed, bad)
+            def note(what: str) -> None:
+                if count:
+                    self.counts.note_kept(url, f"{sample.get('__key__')!r}: {what}")
+
+            caption = draw_caption(sample, self.spec.text_key, self.spec.captions, seed, bad, note)
             if caption is None:
                 return None
             return {"key": sample["__key__"], "url": url, "image_key": image_key,
