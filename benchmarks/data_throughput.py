@@ -224,6 +224,30 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     return rates
 
 
+def batch_psnr(pattern: str, num_samples: int, transform, tokenizer, batches: int) -> dict:
+    """PSNR (dB) of data.decode=fast vs exact batches (the same samples, crops and draws), through
+    the loader in this process: over all `batches` batches, and the worst single image."""
+    import math
+
+    from clip_train.config import DataConfig
+    from clip_train.data import build_train_loader
+
+    def first(decode: str):
+        cfg = DataConfig(train=pattern, train_num_samples=num_samples, workers=0, shuffle_buffer=1000,
+                         resampled=True, decode=decode)
+        loader = build_train_loader(cfg, transform=transform, tokenizer=tokenizer,
+                                    local_batch_size=BATCH, seed=0, rank=0, world_size=1)
+        it = iter(loader)
+        return [next(it)[0].double() for _ in range(batches)]
+
+    def psnr(mse: float) -> float:
+        return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+    errors = [(e - f) ** 2 for e, f in zip(first("exact"), first("fast"), strict=True)]
+    per_image = [float(x.mean()) for err in errors for x in err]
+    return {"batch_db": psnr(sum(float(e.mean()) for e in errors) / len(errors)), "worst_image_db": psnr(max(per_image))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (a smoke test)")
@@ -234,6 +258,7 @@ def main() -> None:
     parser.add_argument("--timed-batches", type=int, default=None, help="per run (default 16, quick 4)")
     parser.add_argument("--unique", type=int, default=None, help="distinct images per family (default 48)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "data_throughput.json"))
+    parser.add_argument("--psnr-only", action="store_true", help="only the fast-vs-exact PSNR rows")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     n, warmup = (512, 2) if args.quick else (2048, 3)
@@ -254,9 +279,15 @@ def main() -> None:
             images[family] = family_images(family, unique)
             patterns[family] = write_shards(Path(tmp) / family, images[family], n)
             raw[family] = raw_tar_rate(patterns[family], 0.5 if args.quick else 2.0)
+        psnr_rows = []
         for size in args.sizes:
             transform, tokenizer = model_pieces(size)
             for family in args.families:
+                psnr_rows.append({"family": family, "image_size": size,
+                                  **batch_psnr(patterns[family], n, transform, tokenizer, 2 if args.quick else 4)})
+                print(f"{family} {size} px: fast vs exact {psnr_rows[-1]}", flush=True)
+                if args.psnr_only:
+                    continue
                 runs: dict[str, list[dict]] = {p: [] for p in PIPELINES}
                 limits = []
                 for _ in range(repeats):  # alternate the pipelines: load changes hit them alike
@@ -289,6 +320,9 @@ def main() -> None:
           "end-of-shard marker: KeyError 'fname', open_clip #935). clip_train ships uint8 images "
           "(normalised later on the training device), open_clip float32.\n")
     print("raw tar read (no decode, 1 process, per CPU-s): " + ", ".join(f"{f} {r:,.0f} samples/s" for f, r in raw.items()))
+    print("\n| family | px | fast vs exact PSNR, batches | worst image |\n|---|---:|---:|---:|")
+    for r in psnr_rows:
+        print(f"| {r['family']} | {r['image_size']} | {r['batch_db']:.1f} dB | {r['worst_image_db']:.1f} dB |")
     print("\n| family | px | pipeline | samples / worker-CPU-s | vs open_clip | of decode limit | "
           "samples / total CPU-s | wall samples/s per worker |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
@@ -304,7 +338,7 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "samples": n, "unique_images": unique, "batch": BATCH,
-                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows,
+                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows,
                                "repeats": repeats, "timed_batches": timed_batches,
                                "cpu_count": os.cpu_count(), "load_average_start": load_start,
                                "load_average_end": os.getloadavg()}, indent=1))
