@@ -9,7 +9,7 @@ and 64 px, from local shards of three families, each loader built the way train.
   scaled IDCT, the best decoder installed), nothing else: what any loader must spend.
 
 Shard families (JPEG quality 90, photo-like content: 1/f texture, sharp-edged objects, grain;
-see tests/helpers/photos.py; `--unique` distinct images cycled through the shards):
+see benchmarks/photos.py; `--unique` distinct images cycled through the shards):
 - `synthetic-256`: the earlier rows, 256x256 smooth colour fields with noise;
 - `datacomp-512`: longest side 512 (DataComp's / img2dataset's resize), aspect 1:2 to 2:1;
 - `web-originals`: longest side 375-1280 px, aspect 1:2 to 2:1, as photos are on the web.
@@ -43,13 +43,11 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH = 64
 MODEL = "ViT-B-32"
@@ -61,10 +59,8 @@ PIPELINES = ("clip_train fast", "clip_train exact", "open_clip")
 def family_images(family: str, unique: int) -> list[bytes]:
     """`unique` JPEGs of the family (quality 90)."""
     import numpy as np
+    from photos import jpeg_bytes, photo, web_size  # this script's folder
     from PIL import Image
-
-    sys.path.insert(0, str(REPO / "tests" / "helpers"))
-    from photos import jpeg_bytes, photo, web_size
 
     rng = np.random.default_rng(0)
     images = []

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import logging
 import random
+import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -14,7 +16,6 @@ import pytest
 import torch
 import webdataset as wds
 from data_shards import id_tokenizer, to_tensor
-from photos import jpeg_bytes, photo, web_size
 from PIL import Image, ImageFile
 from torchvision import transforms as T
 from webdataset.autodecode import ImageHandler
@@ -23,6 +24,9 @@ from webdataset.utils import make_seed
 from clip_train.config import DataConfig
 from clip_train.data import build_train_loader, epoch_shard_order, split_normalize
 from clip_train.data.fast import FastCompose, fast_transform, open_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from photos import jpeg_bytes, photo, web_size  # noqa: E402 - the benchmarks' photo-like JPEGs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unused augmentation cfg items")  # open_clip 3.3
 MIN_PSNR_DB = 30.0

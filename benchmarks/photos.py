@@ -1,7 +1,7 @@
-"""Photo-like JPEGs for decode tests and benchmarks: smooth shading, sharp-edged objects and
-texture at every scale (1/f noise, as in natural images) plus sensor grain, so that JPEG size
-and decode cost are those of real photos (about 2-3 bits per pixel at quality 90), not of flat
-colour fields."""
+"""Photo-like JPEGs for the data benchmarks and tests/test_fast_decode.py: smooth shading,
+sharp-edged objects and texture at every scale (1/f noise, as in natural images) plus sensor
+grain, so that JPEG size and decode cost are those of real photos (about 2 bits per pixel at
+quality 90), not of flat colour fields."""
 
 from __future__ import annotations
 
