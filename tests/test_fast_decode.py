@@ -201,3 +201,17 @@ def test_loader_batches_exact_bit_for_bit_fast_close_and_resumable(photo_shards,
     resumed = list(islice(_loader(photo_shards, "fast", state=first.state_dict()), 2))
     for (a, ta), (b, tb) in zip(fast[2:], resumed, strict=True):
         assert torch.equal(ta, tb) and torch.equal(a, b)
+
+
+def test_batches_stack_channels_last_and_arrive_contiguous():
+    from clip_train.data import batch_to_device
+    from clip_train.data.decode import stack_images
+
+    hwc = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8) for _ in range(4)]
+    images = [x.permute(2, 0, 1) for x in hwc]  # what pil_to_tensor and the fast resample give
+    batch = stack_images(images)
+    assert torch.equal(batch, torch.stack(images)) and batch.is_contiguous(memory_format=torch.channels_last)
+    moved, _ = batch_to_device(batch, torch.zeros(4, 2, dtype=torch.long), torch.device("cpu"), None)
+    assert moved.is_contiguous() and torch.equal(moved, torch.stack(images))
+    contiguous = [x.contiguous() for x in images]  # e.g. a float transform's output: plain stack
+    assert stack_images(contiguous).is_contiguous()
