@@ -212,17 +212,30 @@ class DataConfig:
     # source's weight, so a source's share is proportional to weight x number of shards.
     resampled: bool = True
     # True: shards drawn with replacement, an endless stream that is a function of the seed
-    # (open_clip's --dataset-resampled). False: epoch mode, every shard once per epoch.
+    # (open_clip's --dataset-resampled). False: epoch mode, every sample once per epoch when
+    # the shard sizes are known (sizes.json), whole shards per worker otherwise (docs/data.md).
     shuffle_buffer: int = 1000
     # Samples held in the shuffle buffer per worker.
     workers: int = 2
     # Data-loader worker processes per training process (0: decode in the training process).
     max_bad_fraction: float = 0.05
-    # Stop the run when more than this fraction of the samples read so far were unusable
-    # (corrupt images, missing captions, ...): then the data, not a sample, is broken.
-    bad_fraction_min_samples: int = 1000
-    # ... counting only once a process (or one of its workers) has read this many samples, so
-    # that one bad sample among the first few does not stop the run.
+    # Stop the run when more than this fraction of the samples read were unusable (corrupt
+    # images, missing/empty/undecodable captions, unreadable shards): then the data, not a
+    # sample, is broken. Fraction = bad / read, summed over every process and worker, where
+    # "read" is every raw sample taken from a shard (including those still in the shuffle
+    # buffer; an unreadable shard or broken tar counts once) and a sample is bad when a check
+    # rejects it on reading or its image fails to decode as it leaves the buffer. Judged at
+    # every train.stop_check_every_steps over the whole run and over the last
+    # bad_fraction_window_samples; the logged data/bad_samples / data/samples_read is the same
+    # fraction. The stop message names the shards with the most bad samples.
+    bad_fraction_min_samples: int = 20000
+    # ... judged only once all processes together have read this many samples, so that a bad
+    # shard among the first few does not stop the run (a wholly broken shard weighs about
+    # 1 / (processes x data.workers) of the stream while it is read). A worker that finds not
+    # one usable sample in this many stops the run by itself.
+    bad_fraction_window_samples: int = 200000
+    # The recent window: the ceiling is also judged over the last (at least) this many samples
+    # read by all processes, so data that breaks late in a long run still stops it.
     image_key: str = "jpg;png;webp;jpeg"
     # Image extensions tried in order (webdataset's `;` alternatives).
     text_key: str = "txt"
@@ -259,6 +272,8 @@ class DataConfig:
         _require(self.workers >= 0, "data.workers", "must be >= 0")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         _require(self.bad_fraction_min_samples >= 1, "data.bad_fraction_min_samples", "must be >= 1")
+        _require(self.bad_fraction_window_samples >= 1, "data.bad_fraction_window_samples",
+                 "must be >= 1 samples (e.g. 200000)")
         _require(bool(self.image_key.strip(" ;")), "data.image_key",
                  "must name at least one image extension, e.g. jpg;png;webp")
         _require(bool(self.text_key.strip()), "data.text_key", "must name the caption extension, e.g. txt")
@@ -417,7 +432,8 @@ class TrainConfig:
     # the last chunk, then reduces once (less communication, a full gradient copy per process).
     precision: str = "auto"
     # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
-    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision. On the CPU fp16 is
+    # refused and bf16 runs (several times slower than fp32), saying so in the run's first line.
     tf32: bool = True
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
@@ -432,6 +448,11 @@ class TrainConfig:
     resume: str | None = None
     # latest (the newest checkpoint in output_dir or remote_dir, or start fresh if none), a
     # checkpoint path, or the URL of a checkpoint in a bucket (downloaded into output_dir).
+    resume_data: str = "exact"
+    # exact: the data stream continues exactly where the checkpoint's stopped (refused if
+    # data.train, its weights, data.workers, shuffle_buffer, the batch size or the process count
+    # changed). fresh: model, optimizer and step are restored and the stream restarts from a new
+    # seed derived from train.seed and the step: the way to continue after the data changed.
     max_nonfinite_steps: int = 5
     # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
     # the next stop check, below).
@@ -468,6 +489,7 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
         _require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
+        _one_of(self.resume_data, "train.resume_data", ("exact", "fresh"))
         _require(self.stop_check_every_steps > 0, "train.stop_check_every_steps",
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",

@@ -111,7 +111,43 @@ def epoch_quota(epoch: int, worker: int, steps_per_epoch: int, num_workers: int)
     return before((epoch + 1) * steps_per_epoch) - before(epoch * steps_per_epoch)
 
 
-# --------------------------------------------------------------------------------------------
-# The per-worker stream
+
+def epoch_ranges(world_size: int, num_workers: int, epoch: int, steps_per_epoch: int,
+                 local_batch_size: int, total: int) -> list[tuple[int, int]]:
+    """[start, end) of every (rank, worker) unit (index rank * num_workers + worker) in the
+    epoch's sequence of `total` samples: each unit gets the samples its batch quota needs, and
+    the samples beyond the epoch's whole global batches (fewer than one) are spread over the
+    units, so the ones that go unseen are a random few of every worker's (its shuffle buffer's)
+    rather than the tail of one shard. Contiguous and disjoint; they cover [0, total)."""
+    units = world_size * num_workers
+    need = [epoch_quota(epoch, w, steps_per_epoch, num_workers) * local_batch_size
+            for _ in range(world_size) for w in range(num_workers)]
+    spare = max(0, total - sum(need))
+    ranges, start = [], 0
+    for u in range(units):
+        end = min(total, start + need[u] + spare // units + (u < spare % units))
+        ranges.append((start, end))
+        start = end
+    return ranges
 
 
+def epoch_pieces(urls: tuple[str, ...], sizes: tuple[int, ...], seed: int, epoch: int, rank: int,
+                 world_size: int, worker: int, num_workers: int, steps_per_epoch: int,
+                 local_batch_size: int) -> list[tuple[str, int, int | None]]:
+    """(url, first sample, end sample or None for the whole rest) pieces of unit (rank, worker)'s
+    range in the epoch's shard order (`epoch_ranges`): every sample once per epoch, whatever
+    the number of shards, at the cost of reading a shard split between two workers twice."""
+    size_of = dict(zip(urls, sizes, strict=True))
+    order = epoch_shard_order(list(urls), seed, epoch)
+    start, end = epoch_ranges(world_size, num_workers, epoch, steps_per_epoch, local_batch_size,
+                              sum(sizes))[rank * num_workers + worker]
+    pieces, offset = [], 0
+    for url in order:
+        n = size_of[url]
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            pieces.append((url, lo - offset, None if hi == offset + n else hi - offset))
+        offset += n
+        if offset >= end:
+            break
+    return pieces

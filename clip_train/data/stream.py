@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,7 @@ from webdataset.utils import make_seed
 from clip_train.config import ClipTrainError
 from clip_train.data.captions import CaptionSpec, _key_hash, draw_caption
 from clip_train.data.decode import _Decoder, stack_images
-from clip_train.data.sources import epoch_quota, epoch_shard_order
+from clip_train.data.sources import epoch_pieces, epoch_quota, epoch_shard_order
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ BAD_KINDS = (
     "undecodable_text",  # caption is not UTF-8
     "corrupt_image",  # PIL cannot decode the image (or the transform fails on it)
 )
+SHARD_KINDS = ("unreachable_shard", "bad_tar")  # one count per shard: one "sample read" each
 WARN_FIRST = 3  # warnings logged per kind and worker before going quiet
+USELESS_FRACTION = 0.95  # a worker with no sample trained and this much of its reading bad stops
+WORST_SHARDS_KEPT = 8  # shards with the most bad samples remembered per worker (named at a stop)
 STATE_VERSION = 1
 
 
@@ -63,42 +67,74 @@ class _StreamSpec:
     shuffle_buffer: int
     image_keys: tuple[str, ...]
     text_key: str
-    max_bad_fraction: float
     bad_fraction_min_samples: int
     transform: Callable
     tokenizer: Callable
     resume: tuple[dict | None, ...]  # per logical worker
     worker_offset: int
     captions: CaptionSpec | None = None  # several captions per sample (data.caption_list_key)
+    # Epoch mode: "samples" splits the epoch's shard sequence into one contiguous range of
+    # samples per (rank, worker), sized by its batch quota (needs `shard_sizes`); "shards": each
+    # worker reads whole shards (`islice` by rank then by worker), the split of checkpoints
+    # written before sample-level splitting existed.
+    split: str = "shards"
+    shard_sizes: tuple[int, ...] | None = None  # aligned with `urls`
 
 
 def _fresh_worker_state() -> dict:
     return {"epoch": 0, "pass": 0, "borrow": False, "batches_in_epoch": 0, "next": [0, 0], "buffer": [],
-            "rng": None, "good": 0, "bad": dict.fromkeys(BAD_KINDS, 0), "last_bad_shard": None}
+            "rng": None, "good": 0, "bad": dict.fromkeys(BAD_KINDS, 0), "read": 0, "bad_shards": {}}
 
 
 class _Counts:
-    """A worker's cumulative good/bad counts; warns the first times, enforces the ceiling."""
+    """A worker's cumulative counts: samples read, trained (good) and unusable (bad, by kind).
+
+    "Read" counts every raw sample taken from a shard (and one per unreadable shard), including
+    those still waiting in the shuffle buffer, so bad / read is the fraction of what was read;
+    a sample is bad as soon as a cheap check rejects it, or when its image fails to decode as it
+    leaves the buffer. `bad_shards` remembers the shards with the most bad samples.
+    """
 
     def __init__(self, spec: _StreamSpec, worker: int, state: dict):
         self.spec, self.worker = spec, worker
         self.good = state["good"]
         self.bad = {k: state["bad"].get(k, 0) for k in BAD_KINDS}
-        self.last_bad_shard = state["last_bad_shard"]
+        # States written before `read` existed: the best estimate is what they counted.
+        self.read = state.get("read") or self.good + sum(self.bad.values())
+        self.bad_shards = dict(state.get("bad_shards") or {})
         self.warned = dict.fromkeys(BAD_KINDS, 0)
         self.pending = 0  # raw samples waiting in the shuffle buffer: read, not yet judged
 
     def add_bad(self, kind: str, url: str, what: str) -> None:
         self.bad[kind] += 1
-        self.last_bad_shard = url
+        if kind in SHARD_KINDS:  # its samples were never read: the shard counts as one
+            self.read += 1
+        self._remember(url)
         if self.warned[kind] < WARN_FIRST:
             self.warned[kind] += 1
             more = " (no more warnings of this kind from this worker)" if self.warned[kind] == WARN_FIRST else ""
             log.warning("data: skipped %s in %s (rank %d, worker %d): %s%s", kind, url,
                         self.spec.rank, self.worker, what[:300], more)
-        check_bad_fraction(self.bad, self.good + self.pending, self.spec.max_bad_fraction,
-                           self.spec.bad_fraction_min_samples, self.last_bad_shard,
-                           f"rank {self.spec.rank}, worker {self.worker}")
+        self._check_usable()
+
+    def _remember(self, url: str) -> None:
+        self.bad_shards[url] = self.bad_shards.get(url, 0) + 1
+        if len(self.bad_shards) > WORST_SHARDS_KEPT:  # forget the least bad shard (not this one)
+            least = min((u for u in self.bad_shards if u != url), key=self.bad_shards.__getitem__)
+            del self.bad_shards[least]
+
+    def _check_usable(self) -> None:
+        """The per-worker guard, for a worker that reads nothing usable: no sample trained yet,
+        `bad_fraction_min_samples` read and nearly all of them (USELESS_FRACTION) unusable, the
+        rest still waiting in its shuffle buffer. The ceiling itself is judged over the whole
+        job (`BadSampleCeiling`), where a worker's share of broken shards is diluted by the rest."""
+        n_bad = sum(self.bad.values())
+        if self.good == 0 and self.read >= self.spec.bad_fraction_min_samples and n_bad >= USELESS_FRACTION * self.read:
+            kinds = ", ".join(f"{k}={v}" for k, v in self.bad.items() if v)
+            raise DataError(
+                f"rank {self.spec.rank} worker {self.worker}: not one usable sample yet, and {n_bad} of the "
+                f"{self.read} samples read were unusable ({kinds}); worst shards: {format_shards(self.bad_shards)}. "
+                "Check data.train (data.max_bad_fraction cannot help: nothing would train)")
 
     def note_kept(self, url: str, what: str) -> None:
         """A sample kept although part of it is unreadable (a corrupt json beside a fine txt):
@@ -111,17 +147,55 @@ class _Counts:
                         what[:300], more)
 
 
-def check_bad_fraction(bad: dict[str, int], good: int, ceiling: float, min_samples: int,
-                       last_bad_shard: str | None, where: str) -> None:
-    """Raise DataError when more than `ceiling` of at least `min_samples` samples were bad."""
-    n_bad = sum(bad.values())
-    read = n_bad + good
-    if read >= min_samples and n_bad > ceiling * read:
+def format_shards(bad_shards: dict[str, int], top: int = 5) -> str:
+    """`url (n bad), ...` for the `top` shards with the most bad samples."""
+    worst = sorted(bad_shards.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return ", ".join(f"{url} ({n} bad)" for url, n in worst) or "none recorded"
+
+
+def merge_bad_shards(per_worker: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for shards in per_worker:
+        for url, n in shards.items():
+            merged[url] = merged.get(url, 0) + n
+    return merged
+
+
+class BadSampleCeiling:
+    """`data.max_bad_fraction` judged over every process's samples: over the whole job, and
+    over a recent window of at least `window_samples` samples (so bad data that starts late
+    is caught too), both once the job has read `min_samples`.
+
+    Call `judge` with the job's cumulative totals (summed over processes) at the same steps on
+    every process; it keeps the totals of past calls to measure the window.
+    """
+
+    def __init__(self, max_fraction: float, min_samples: int, window_samples: int):
+        self.max_fraction, self.min_samples, self.window_samples = max_fraction, min_samples, window_samples
+        self._history: deque[tuple[int, int]] = deque()  # (read, bad) at past calls, oldest first
+
+    def judge(self, read: int, bad: int) -> str | None:
+        """None, or what is above the ceiling (the start of the stop message)."""
+        self._history.append((read, bad))
+        # Keep the newest past totals that still leave at least a full window before `read`.
+        while len(self._history) > 2 and read - self._history[1][0] >= self.window_samples:
+            self._history.popleft()
+        if read < self.min_samples:
+            return None
+        if bad > self.max_fraction * read:
+            return f"{bad} of the {read} samples read by all processes ({bad / read:.1%}) were unusable"
+        read_0, bad_0 = self._history[0]
+        w_read, w_bad = read - read_0, bad - bad_0
+        if w_read >= self.window_samples and w_bad > self.max_fraction * w_read:
+            return (f"{w_bad} of the last {w_read} samples read by all processes ({w_bad / w_read:.1%}) "
+                    f"were unusable ({bad} of {read} in the whole run)")
+        return None
+
+    def message(self, verdict: str, bad: dict[str, int], bad_shards: dict[str, int]) -> str:
         kinds = ", ".join(f"{k}={v}" for k, v in bad.items() if v)
-        raise DataError(
-            f"{n_bad} of {read} samples read ({n_bad / read:.1%}) were unusable ({where}: {kinds}), "
-            f"above data.max_bad_fraction={ceiling}; latest bad shard: {last_bad_shard}. "
-            "Check the shards (or raise data.max_bad_fraction if this is expected).")
+        return (f"{verdict}, above data.max_bad_fraction={self.max_fraction} ({kinds}); worst shards: "
+                f"{format_shards(bad_shards)}. Check the shards (or raise data.max_bad_fraction if "
+                "this is expected)")
 
 
 def _open_stream(url: str):
@@ -197,21 +271,28 @@ def _worker_seed(rank: int, worker: int) -> int:
     return make_seed(rank, worker)
 
 
-def _unit_shards(spec: _StreamSpec, worker: int, epoch: int, pass_: int, borrow: bool) -> Iterator[str]:
-    """The shard urls of one pass: endless draws (resampled) or this worker's share of the epoch
-    (`borrow`: its share held no usable sample, so one draw per shard from the whole list)."""
+def _unit_shards(spec: _StreamSpec, worker: int, epoch: int, pass_: int,
+                 borrow: bool) -> Iterator[tuple[str, int, int | None]]:
+    """(url, first sample, end sample or None) pieces of one pass: endless whole-shard draws
+    (resampled), this worker's part of the epoch (a contiguous range of samples of the epoch's
+    shard sequence, or whole shards), or (`borrow`: its part held no usable sample) one draw per
+    shard from the whole list."""
     if borrow:
         rng = random.Random(make_seed(spec.seed, spec.rank, worker, epoch, pass_, 0xB0))
-        return iter([rng.choice(spec.urls) for _ in spec.urls])
+        return iter([(rng.choice(spec.urls), 0, None) for _ in spec.urls])
     if spec.resampled:
         if spec.weights is None:
             shards = wds.ResampledShards(list(spec.urls), seed=spec.seed, deterministic=True,
                                          worker_seed=partial(_worker_seed, spec.rank, worker))
-            return (s["url"] for s in shards)
+            return ((s["url"], 0, None) for s in shards)
         rng = random.Random(make_seed(spec.seed, spec.rank, worker, 0xD2A))
-        return iter(lambda: rng.choices(spec.urls, weights=spec.weights)[0], None)
+        return ((url, 0, None) for url in iter(lambda: rng.choices(spec.urls, weights=spec.weights)[0], None))
+    if spec.split == "samples":
+        return iter(epoch_pieces(spec.urls, spec.shard_sizes, spec.seed, epoch, spec.rank, spec.world_size,
+                                 worker, spec.num_workers, spec.steps_per_epoch, spec.local_batch_size))
     order = epoch_shard_order(list(spec.urls), spec.seed, epoch)
-    return islice(islice(order, spec.rank, None, spec.world_size), worker, None, spec.num_workers)
+    return ((url, 0, None) for url in islice(islice(order, spec.rank, None, spec.world_size),
+                                             worker, None, spec.num_workers))
 
 
 class _Pass:
@@ -287,15 +368,22 @@ class _Pass:
         want = set(self.resume_buffer)
         first = min([p[0] for p in self.resume_buffer] + [resume_at[0]])
         found: dict[tuple[int, int], dict] = {}
-        for k, url in enumerate(_unit_shards(self.spec, self.worker, self.epoch, self.pass_, self.borrow)):
+        for k, (url, start, stop) in enumerate(_unit_shards(self.spec, self.worker, self.epoch, self.pass_, self.borrow)):
             if k < first:
                 continue
-            # Count shard-level errors only past the resume point: earlier ones were counted.
-            counting = k > resume_at[0] or (k == resume_at[0] and resume_at[1] == 0)
+            # Count shard-level errors only past the resume point: earlier ones were counted. A
+            # shard split between workers is judged by the one that reads it to its end (from
+            # its start, so it sees every error); the others stop at their part's end.
+            owner = stop is None
+            counting = owner and (k > resume_at[0] or (k == resume_at[0] and resume_at[1] == 0))
             reader = _ShardReader(url, self.counts if counting else None)
             for off, sample in enumerate(reader):
-                if (k, off + 1) >= resume_at:  # errors after this sample were not counted yet
+                if stop is not None and off >= stop:
+                    break  # the rest of the shard is another worker's
+                if owner and (k, off + 1) >= resume_at:  # errors after this sample were not counted yet
                     reader.counts = self.counts
+                if off < start:
+                    continue  # another worker's part of the shard
                 # Samples after a tar error are the incomplete one that was being read: part of
                 # the `bad_tar` already counted, not a missing caption/image of their own.
                 if reader.failed and not (self.spec.text_key in sample and any(
@@ -311,6 +399,7 @@ class _Pass:
                     self._restore_buffer(found)
                     restoring = False
                 self.next = (k, off + 1)
+                self.counts.read += 1
                 checked = self._checked(sample, url, count=True, pos=(k, off))
                 if checked is not None:
                     yield (k, off), checked
@@ -344,6 +433,7 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
     """The endless batch stream of one logical worker (runs inside the DataLoader worker)."""
     state = spec.resume[worker] or _fresh_worker_state()
     state = {**_fresh_worker_state(), **state}
+    state.pop("last_bad_shard", None)  # written by older versions
     counts = _Counts(spec, worker, state)
     decode = _Decoder(spec, worker, counts, in_main_process=get_worker_info() is None)
     images: list[torch.Tensor] = []
@@ -367,8 +457,8 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
             if len(images) < spec.local_batch_size:
                 continue
             state["batches_in_epoch"] += 1
-            state.update(shuffle.position(), good=counts.good, bad=dict(counts.bad),
-                         last_bad_shard=counts.last_bad_shard)
+            state.update(shuffle.position(), good=counts.good, bad=dict(counts.bad), read=counts.read,
+                         bad_shards=dict(counts.bad_shards))
             batch_images, batch_texts = stack_images(images), spec.tokenizer(captions)
             images, captions = [], []
             yield batch_images, batch_texts, {"worker": worker, "state": _copy_state(state)}
