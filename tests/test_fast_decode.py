@@ -215,3 +215,12 @@ def test_batches_stack_channels_last_and_arrive_contiguous():
     assert moved.is_contiguous() and torch.equal(moved, torch.stack(images))
     contiguous = [x.contiguous() for x in images]  # e.g. a float transform's output: plain stack
     assert stack_images(contiguous).is_contiguous()
+
+
+def test_a_truncated_jpeg_fails_in_fast_as_in_exact():
+    data = jpeg_bytes(photo(np.random.default_rng(2), 640, 480))[:20000]  # cut in the scan data
+    fast, _ = fast_transform(split_normalize(open_clip.image_transform(64, is_train=True))[0])
+    with pytest.raises(OSError, match="truncated"):
+        PILRGB("x.jpg", data)
+    with pytest.raises(OSError, match="truncated"):  # -> counted as corrupt_image by the loader
+        fast(open_image(data))
