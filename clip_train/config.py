@@ -48,7 +48,9 @@ class AugConfig:
     # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
     color_jitter: list[float] | None = None
     # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
-    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 1, 3 or 4 values (one
+    # value, e.g. [0.4], is open_clip's single number: that strength for brightness, contrast and
+    # saturation, no hue).
     color_jitter_prob: float | None = None
     # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
     gray_scale_prob: float | None = None
@@ -94,6 +96,9 @@ class AugConfig:
         keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
                 "re_count", "use_timm")
         values = {k: getattr(self, k) for k in keys}
+        if self.color_jitter is not None and len(self.color_jitter) == 1:
+            # open_clip's AugmentationCfg takes one number (timm asserts that a sequence holds 3 or 4).
+            values["color_jitter"] = float(self.color_jitter[0])
         return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
@@ -102,20 +107,27 @@ class ModelConfig:
     name: str = "ViT-B-32"
     # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
     # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json),
-    # or `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo).
+    # `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo), or
+    # `local-dir:FOLDER` (the same from a folder on disk, e.g. the model/ folder of a finished run).
     pretrained: str | None = None
     # Weights to start from: a local file (an open_clip state dict or a `clip-train export`
     # file), an open_clip pretrained tag of model.name (e.g. laion2b_s34b_b79k for ViT-B-32; see
     # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
     # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
     # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
-    # interpolation, resize mode) comes with them unless set below.
+    # interpolation, resize mode, and a hub repo's fill colour for resize_mode=longest padding)
+    # comes with them unless set below.
     pretrained_image_path: str | None = None
     # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
-    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    # visual.* weights are taken) or a state dict of the image tower. Converted as open_clip's
+    # full load does (position embeddings resized to force_image_size), then loaded strictly.
+    # Preprocessing follows the image tower: a tag's or hub repo's here wins, key by key, over
+    # model.pretrained's (a local file carries none: model.pretrained's, else open_clip's, apply).
     pretrained_text_path: str | None = None
     # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
     # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    # Converted as open_clip's full load does (a CLIP-layout text tower into a CustomTextCLIP
+    # model's text.*, position embeddings resized to the context length), then loaded strictly.
     pretrained_image: bool = False
     # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
     # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
@@ -128,6 +140,11 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     # With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
     # lock_image_tower: 1 = the projection, 2 = + last block and final norm, ...).
+    lock_image_freeze_bn_stats: bool = False
+    # With lock_image: also freeze the BatchNorm running statistics of the locked groups (open_clip's
+    # --lock-image-freeze-bn-stats; they become FrozenBatchNorm2d). Without it a locked BN tower
+    # (RN50, a timm ConvNet) has no trainable parameters, yet its statistics follow the new data
+    # in every training forward. No effect on towers without BatchNorm (ViTs).
     lock_text: bool = False
     # Freeze the text tower.
     lock_text_unlocked_layers: int = 0
@@ -145,7 +162,13 @@ class ModelConfig:
     # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
     force_image_size: int | None = None
     # Train and evaluate at this image size instead of the model config's (open_clip's
-    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    # force_image_size). Pretrained weights of an open_clip ViT (full or per tower) get their
+    # position embeddings resized as open_clip does; a timm trunk's checkpoint must match the size.
+    force_quick_gelu: bool = False
+    # Build the model with QuickGELU whatever its config says (open_clip's --force-quick-gelu),
+    # for weights trained with it (OpenAI's, open_clip's *-quickgelu tags). An open_clip tag
+    # whose activation differs from the model's is refused, naming the -quickgelu model or this
+    # key (open_clip itself only warns, and the model would run with the wrong activation).
     aug: AugConfig = field(default_factory=AugConfig)
     # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
@@ -155,8 +178,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
-        _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
-                 "must be null with model.name=hf-hub:... (the weights come from that repo)")
+        _require(not (self.name.startswith(("hf-hub:", "local-dir:")) and self.pretrained), "model.pretrained",
+                 "must be null with model.name=hf-hub:... or local-dir:... (the weights come from there)")
         for key in ("image_mean", "image_std"):
             value = getattr(self, key)
             _require(value is None or len(value) in (1, 3), f"model.{key}", "must hold 1 or 3 values (per channel)")
@@ -171,6 +194,8 @@ class ModelConfig:
                  "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
+        _require(not self.lock_image_freeze_bn_stats or self.lock_image, "model.lock_image_freeze_bn_stats",
+                 "freezes the statistics of the locked image tower: set model.lock_image=true too")
 
 
 @dataclass
@@ -188,17 +213,30 @@ class DataConfig:
     # source's weight, so a source's share is proportional to weight x number of shards.
     resampled: bool = True
     # True: shards drawn with replacement, an endless stream that is a function of the seed
-    # (open_clip's --dataset-resampled). False: epoch mode, every shard once per epoch.
+    # (open_clip's --dataset-resampled). False: epoch mode, every sample once per epoch when
+    # the shard sizes are known (sizes.json), whole shards per worker otherwise (docs/data.md).
     shuffle_buffer: int = 1000
     # Samples held in the shuffle buffer per worker.
     workers: int = 2
     # Data-loader worker processes per training process (0: decode in the training process).
     max_bad_fraction: float = 0.05
-    # Stop the run when more than this fraction of the samples read so far were unusable
-    # (corrupt images, missing captions, ...): then the data, not a sample, is broken.
-    bad_fraction_min_samples: int = 1000
-    # ... counting only once a process (or one of its workers) has read this many samples, so
-    # that one bad sample among the first few does not stop the run.
+    # Stop the run when more than this fraction of the samples read were unusable (corrupt
+    # images, missing/empty/undecodable captions, unreadable shards): then the data, not a
+    # sample, is broken. Fraction = bad / read, summed over every process and worker, where
+    # "read" is every raw sample taken from a shard (including those still in the shuffle
+    # buffer; an unreadable shard or broken tar counts once) and a sample is bad when a check
+    # rejects it on reading or its image fails to decode as it leaves the buffer. Judged at
+    # every train.stop_check_every_steps over the whole run and over the last
+    # bad_fraction_window_samples; the logged data/bad_samples / data/samples_read is the same
+    # fraction. The stop message names the shards with the most bad samples.
+    bad_fraction_min_samples: int = 20000
+    # ... judged only once all processes together have read this many samples, so that a bad
+    # shard among the first few does not stop the run (a wholly broken shard weighs about
+    # 1 / (processes x data.workers) of the stream while it is read). A worker that finds not
+    # one usable sample in this many stops the run by itself.
+    bad_fraction_window_samples: int = 200000
+    # The recent window: the ceiling is also judged over the last (at least) this many samples
+    # read by all processes, so data that breaks late in a long run still stops it.
     image_key: str = "jpg;png;webp;jpeg"
     # Image extensions tried in order (webdataset's `;` alternatives).
     text_key: str = "txt"
@@ -207,14 +245,26 @@ class DataConfig:
     # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
     # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
     # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
-    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    # resampled mode adds the stream position), so a resumed run draws the same captions. An
+    # unreadable part (corrupt json, non-UTF-8 txt) loses only its own captions: the sample
+    # trains on the other part's (warned, not counted bad); with neither, it is skipped.
     caption_list_with_text: bool = True
     # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
     # false: only the list (the text_key caption is used when a sample has no list).
     caption_probs: list[float] | None = None
     # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
     # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
-    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates. A
+    # weight of 0 is never drawn ([1.0, 0.0]: only the txt caption): a sample with no candidate
+    # of positive weight is skipped, counted as missing_caption (the txt fallback of
+    # caption_list_with_text=false excepted).
+    decode: str = "fast"
+    # fast: draw the augmentation's crop first, decode a JPEG at the smallest DCT scale (1/2,
+    # 1/4, 1/8) that still covers the crop at the model's resolution, resample once: the same
+    # crop and augmentation parameters as exact, pixels within 30+ dB PSNR of it, 1.2-2.8x less
+    # CPU per sample (docs/data.md). exact: full decode + the model's transform, bit for bit as
+    # open_clip. A transform fast cannot reproduce (no RandomResizedCrop, ...) decodes exactly
+    # (logged).
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -223,6 +273,8 @@ class DataConfig:
         _require(self.workers >= 0, "data.workers", "must be >= 0")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         _require(self.bad_fraction_min_samples >= 1, "data.bad_fraction_min_samples", "must be >= 1")
+        _require(self.bad_fraction_window_samples >= 1, "data.bad_fraction_window_samples",
+                 "must be >= 1 samples (e.g. 200000)")
         _require(bool(self.image_key.strip(" ;")), "data.image_key",
                  "must name at least one image extension, e.g. jpg;png;webp")
         _require(bool(self.text_key.strip()), "data.text_key", "must name the caption extension, e.g. txt")
@@ -230,6 +282,7 @@ class DataConfig:
                  "must name a key of the sample's json, e.g. captions (or be null)")
         _require(self.caption_probs is None or self.caption_list_key is not None, "data.caption_probs",
                  "needs data.caption_list_key (the captions to draw from)")
+        _one_of(self.decode, "data.decode", ("fast", "exact"))
         _require(self.caption_probs is None or (len(self.caption_probs) > 0 and all(p >= 0 for p in self.caption_probs)
                                                 and sum(self.caption_probs) > 0),
                  "data.caption_probs", "must be non-negative weights with a positive sum, e.g. [0.5, 0.5]")
@@ -309,7 +362,8 @@ class OptimConfig:
     # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
     # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
     #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
-    #   *token_embedding*, *cls_emb*;
+    #   *token_embedding*, *cls_emb*, plus a timm trunk's own no_weight_decay() names
+    #   (visual.trunk.pos_embed, cls_token, reg_token, dist_token);
     # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
     #   does decay the token and positional embeddings.
     no_decay_patterns: list[str] = field(default_factory=list)
@@ -323,12 +377,16 @@ class OptimConfig:
     schedule: str = "cosine"
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
+    # Linear warmup to `lr` over the first N steps, lr/N at the first (every schedule).
     cooldown_steps: int = 0
-    # const-cooldown: decay to `min_lr` over the last N steps.
+    # const-cooldown: decay towards `min_lr` over the last N steps, as open_clip_train's
+    # const_lr_cooldown: the first of them still runs at lr, the last at
+    # min_lr + (lr - min_lr) * (1/N)^power (min_lr itself would be the step after the run).
     cooldown_power: float = 1.0
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
-    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
+    # (1 - k/N)^power at the k-th (0-based) cooldown step; 1 is linear, 0.5 stays high longer.
     min_lr: float = 0.0
+    # The learning rate at the end of the cosine schedule and of the const-cooldown decay.
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
     image_lr_scale: float = 1.0
@@ -377,14 +435,18 @@ class TrainConfig:
     # the last chunk, then reduces once (less communication, a full gradient copy per process).
     precision: str = "auto"
     # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
-    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision. On the CPU fp16 is
+    # refused and bf16 runs (several times slower than fp32), saying so in the run's first line.
     tf32: bool = True
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
     seed: int = 0
+    # Seeds the initial weights (the same on every process), the data stream, augmentation and
+    # dropout (per process): a run is a function of its seed and process count.
     output_dir: str = "runs/default"
     # Checkpoints, metrics.jsonl, the resolved config and evaluation results go here.
     log_every_steps: int = 10
+    # Write a metrics.jsonl line (and feed the trackers) every N steps, and at the last one.
     checkpoint_every_steps: int = 0
     # Save a resumable checkpoint every N steps (0: only at the end).
     keep_checkpoints: int = 2
@@ -392,6 +454,11 @@ class TrainConfig:
     resume: str | None = None
     # latest (the newest checkpoint in output_dir or remote_dir, or start fresh if none), a
     # checkpoint path, or the URL of a checkpoint in a bucket (downloaded into output_dir).
+    resume_data: str = "exact"
+    # exact: the data stream continues exactly where the checkpoint's stopped (refused if
+    # data.train, its weights, data.workers, shuffle_buffer, the batch size or the process count
+    # changed). fresh: model, optimizer and step are restored and the stream restarts from a new
+    # seed derived from train.seed and the step: the way to continue after the data changed.
     max_nonfinite_steps: int = 5
     # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
     # the next stop check, below).
@@ -435,7 +502,7 @@ class TrainConfig:
     # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
     # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the
     # main process in the background, published by a marker object written last; resume=latest
-    # also looks there. output_dir may then be node-local (see README "Checkpoints in a bucket").
+    # also looks there. output_dir may then be node-local (docs/checkpoints.md, "Checkpoints in a bucket").
     remote_keep_checkpoints: int | None = None
     # Keep the last K complete checkpoints in remote_dir (None: train.keep_checkpoints).
     remote_max_unsynced_s: float = 3600.0
@@ -457,6 +524,7 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
         _require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
+        _one_of(self.resume_data, "train.resume_data", ("exact", "fresh"))
         _require(self.stop_check_every_steps > 0, "train.stop_check_every_steps",
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",
@@ -624,9 +692,13 @@ class WandbConfig:
     # Track the run in Weights & Biases through Accelerate's tracker (same as listing wandb in
     # tracking.report_to).
     project: str = "clip-train"
+    # W&B project of the run.
     entity: str | None = None
+    # W&B team or user (null: your default entity).
     name: str | None = None
+    # Display name of the run (null: W&B picks one).
     tags: list[str] = field(default_factory=list)
+    # W&B tags of the run, e.g. [baseline, b32].
     mode: str = "auto"
     # auto: online when an API key is configured, offline otherwise | online | offline
 
@@ -751,6 +823,9 @@ def check_paths(cfg: Config, training: bool = True) -> None:
                               "tag such as laion2b_s34b_b79k, or hf-hub:org/repo)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")
+    folder = cfg.model.name.removeprefix("local-dir:")
+    if cfg.model.name.startswith("local-dir:") and not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        raise ConfigError(f"model.name: {folder!r} is not a model folder (no open_clip_config.json in it)")
 
 
 def check_eval_paths(cfg: EvalConfig) -> None:

@@ -10,6 +10,8 @@ test_recovery.py:
   --fault-rank 0    which process the kill, hang and slow-data faults hit (a rank, or "all")
   --first-attempt-only  kill and hang only on the launcher's first attempt
                         (TORCHELASTIC_RESTART_COUNT=0), so that a restart can recover
+  --attn-dropout 0.2  attention dropout of this probability in every transformer block of both
+                      towers (open_clip's model configs have no such key): train-time randomness
   --kill-in-upload 2  the main process is SIGKILLed once the first file of its 2nd checkpoint
                       upload (train.remote_dir) is in the bucket: a half-uploaded checkpoint
   --upload-delay-s 1  every file upload to train.remote_dir first sleeps this long (a slow network)
@@ -24,6 +26,8 @@ import signal
 import sys
 import tempfile
 import time
+
+import torch
 
 import clip_train.remote as remote
 import clip_train.train as trainer
@@ -40,6 +44,7 @@ parser.add_argument("--fault-rank", default="0")
 parser.add_argument("--first-attempt-only", action="store_true")
 parser.add_argument("--kill-in-upload", type=int, default=0)
 parser.add_argument("--upload-delay-s", type=float, default=0.0)
+parser.add_argument("--attn-dropout", type=float, default=0.0)
 args, rest = parser.parse_known_args()
 nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
 rank = int(os.environ.get("RANK", "0"))
@@ -49,6 +54,7 @@ if args.first_attempt_only and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 
 current = {"step": 0}  # the step being run (1-based), read from the learning-rate schedule's call
 real_loss, real_step, real_lr_at, real_to_device = (trainer.contrastive_loss, trainer.train_step, trainer.lr_at,
                                                     trainer.batch_to_device)
+real_build = trainer.build_model
 
 
 def lr_at(step, *a, **k):
@@ -88,7 +94,17 @@ def to_device(*a, **k):
     return real_to_device(*a, **k)
 
 
+def build(*a, **k):
+    bundle = real_build(*a, **k)
+    for module in bundle.model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = args.attn_dropout  # used by its forward in training mode only
+    return bundle
+
+
 trainer.contrastive_loss, trainer.train_step, trainer.lr_at, trainer.batch_to_device = loss, step, lr_at, to_device
+if args.attn_dropout:
+    trainer.build_model = build
 if args.kill_in_upload or args.upload_delay_s:
     counter = tempfile.mkstemp(prefix="uploads-")[1]
     remote.UPLOAD_COMMAND = [sys.executable, "tests/helpers/upload_with_faults.py", "--counter", counter,
