@@ -12,6 +12,9 @@ Two implementations of the same maths:
 - tiled: custom autograd Functions walk T x C tiles, keep an online log-sum-exp (clip) or a running
   softplus sum (siglip) in the forward, and recompute tiles in the backward. Peak extra memory is
   O((B + G) * D + T * C) instead of O(B * G).
+A third, `ring`, computes what `tiled` computes without the gather: the other processes'
+embeddings travel around a ring of processes in chunks, and so do the gradients owed to them;
+peak extra memory O(B * D + T * C), whatever the number of processes (see "Ring kernels").
 Both form each row's loss from its negatives relative to its positive logit (softplus of a
 shifted log-sum-exp, see "Precision" below), so the loss keeps its relative precision when it is
 ~1e-6 at a logit scale of 100, where log-sum-exp minus the positive logit would be all rounding.
@@ -26,7 +29,8 @@ implementations and any number of processes):
 
 Shape legend: B local batch (rows of this process), G global batch (world * B), K extra
 (queued) keys, D embedding dim, T row tile, C column tile (or, outside the kernels, the columns
-G + K a row is compared with).
+G + K a row is compared with; in the ring kernels, a chunk of one process's columns), X the
+embedding dim of whatever travels the ring.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "IMPLS",
+    "Ring",
     "all_gather_with_grad",
     "contrastive_loss",
     "infonce_mi_lower_bound",
@@ -362,6 +368,256 @@ class _TiledSoftplusSum(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ring kernels (impl="ring"). No process holds the global batch: each keeps its B local rows, and
+# the other processes' columns travel around the ring in chunks of at most tile_size rows, sent to
+# the next process while this one computes with them (point-to-point, asynchronous). The forward
+# accumulates each row's statistics chunk by chunk; the backward sends the columns around again,
+# and with each chunk the gradient owed to it: every process adds its rows' contribution and
+# passes it on, and after W - 1 hops it reaches the chunk's owner holding the sum over the other
+# processes' losses -- what the gather's backward (an all-reduce) gives, without G x D buffers.
+#
+# Order (every process issues the same sequence, which NCCL needs to match messages; gloo also
+# matches by tag): chunk-major, ring step-minor. At step k of chunk j, process r holds chunk j of
+# process (r - k)'s columns, received from r - 1, which held it at step k - 1. Peak extra memory:
+# the O(B * D) rows and gradients, two chunks of columns (the one in use and sent, the next one
+# arriving), three of travelling gradients, and the T x C tiles -- nothing that grows with W.
+
+RING_COLUMNS_TAG, RING_GRADIENTS_TAG = 24, 25
+
+
+class Ring:
+    """This process's neighbours on a ring over the default process group, and the one pattern
+    the ring kernels communicate with: send tensors to the next process while receiving tensors
+    of the same shapes from the previous one. Other transports (benchmarks/loss_memory.py
+    simulates the other processes of a large ring) provide `rank`, `world` and `shift`."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+
+    def shift(self, send: list[torch.Tensor], recv: list[torch.Tensor], tag: int) -> list:
+        """Start sending `send` to the next process and receiving `recv` from the previous one;
+        returns the works to wait on. Tensors must be contiguous (gloo refuses views with
+        strides); one batch, so that NCCL runs it as one group."""
+        ops = [dist.P2POp(dist.isend, t, self.next, tag=tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, tag=tag) for t in recv]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def _ring_forward(ring, cols_BX: list[torch.Tensor], chunk_size: int, visit) -> None:
+    """Call visit(cols_CX, c0, c1, own) once for every chunk [c0, c1) of every process's columns
+    (own: this process's), the next chunk arriving while visit computes."""
+    for c0, c1 in _tiles(cols_BX[0].shape[0], chunk_size):
+        cur_CX = [t[c0:c1] for t in cols_BX]  # row slices of contiguous tensors: contiguous
+        spares = [[torch.empty_like(t) for t in cur_CX] for _ in range(min(ring.world - 1, 2))]
+        for k in range(ring.world):
+            last = k == ring.world - 1  # the chunk's owner is next: nothing to send
+            nxt_CX = [] if last else spares[k % 2]
+            works = [] if last else ring.shift(cur_CX, nxt_CX, RING_COLUMNS_TAG)
+            visit(cur_CX, c0, c1, k == 0)
+            _wait(works)
+            cur_CX = nxt_CX
+
+
+def _ring_backward(
+    ring, cols_BX: list[torch.Tensor], chunk_size: int, visit, col_grads_BX: list[torch.Tensor]
+) -> None:
+    """Like `_ring_forward`, with visit returning the gradient owed to the chunk's columns (one
+    tensor per entry of col_grads_BX). The gradients of this process's own chunks, summed over
+    every process, are added into col_grads_BX."""
+    world = ring.world
+    # The gradient shift in flight: its works, the tensors it sends and receives (kept alive until
+    # it completes), and where the received one goes when it is this process's own chunk.
+    works, sent_CX, arriving_CX, own_rows = [], [], [], None
+
+    def land() -> None:
+        nonlocal works, sent_CX, own_rows
+        _wait(works)
+        if own_rows is not None:
+            for acc, g in zip(col_grads_BX, arriving_CX, strict=True):
+                acc[own_rows[0] : own_rows[1]].add_(g)
+        works, sent_CX, own_rows = [], [], None
+
+    for c0, c1 in _tiles(cols_BX[0].shape[0], chunk_size):
+        cur_CX = [t[c0:c1] for t in cols_BX]
+        spares = [[torch.empty_like(t) for t in cur_CX] for _ in range(min(world - 1, 2))]
+        for k in range(world):
+            last = k == world - 1
+            nxt_CX = [] if last else spares[k % 2]
+            col_works = [] if last else ring.shift(cur_CX, nxt_CX, RING_COLUMNS_TAG)
+            owed_CX = visit(cur_CX, c0, c1, k == 0)
+            if k == 0:
+                for acc, g in zip(col_grads_BX, owed_CX, strict=True):
+                    acc[c0:c1].add_(g)
+                land()  # the previous chunk's own gradient, which arrived meanwhile
+            elif col_grads_BX:
+                inbound_CX = arriving_CX
+                land()
+                if k >= 2:  # what the previous processes added up for this chunk
+                    for g, inbound in zip(owed_CX, inbound_CX, strict=True):
+                        g.add_(inbound)
+                # Pass the running sum on and receive the next one (after the last step: this
+                # process's own chunk, complete).
+                sent_CX, arriving_CX = owed_CX, [torch.empty_like(g) for g in owed_CX]
+                works = ring.shift(sent_CX, arriving_CX, RING_GRADIENTS_TAG)
+                own_rows = (c0, c1) if last else None
+            _wait(col_works)
+            cur_CX = nxt_CX
+    land()
+
+
+class _RingClipLogSumExp(torch.autograd.Function):
+    """Both directions of CLIP over the ring: with Q = scale * img_BD @ txt_GD^T (this process's
+    image rows against every process's texts) and Q' = scale * txt_BD @ img_GD^T,
+        r_i2t_B[i] = log sum_{c != i + offset} exp(Q_ic - shift_i),
+        r_t2i_B[i] = log sum_{c != i + offset} exp(Q'_ic - shift_i),
+    as two `_TiledLogSumExp` on gathered columns give, but with the columns passing by in chunks
+    (img and txt travel together: one ring for both directions).
+
+    Backward: per chunk, W = g_i * softmax weights (as in `_TiledLogSumExp`); this process's rows
+    get scale * W @ k, the chunk's columns scale * W^T @ q (sent back to their owner), the scale
+    sum_i <q_i, (W @ k)_i> over both directions, and the shift -(g + g')."""
+
+    @staticmethod
+    def forward(ctx, img_BD, txt_BD, scale, shift_B, tile_size: int, ring):
+        r_i2t_B = img_BD.new_full((img_BD.shape[0],), float("-inf"))
+        r_t2i_B = torch.full_like(r_i2t_B, float("-inf"))
+
+        def visit(cols_CX, c0, c1, own):
+            img_CD, txt_CD = cols_CX
+            for r0, r1 in _tiles(img_BD.shape[0], tile_size):
+                shift_T1 = shift_B[r0:r1, None]
+                for q_BD, k_CD, r_B in ((img_BD, txt_CD, r_i2t_B), (txt_BD, img_CD, r_t2i_B)):
+                    logits_TC = (q_BD[r0:r1] * scale) @ k_CD.T
+                    if own:
+                        _mask_positives_(logits_TC, r0, r1, c0, c1, 0)
+                    tile_T = torch.logsumexp(logits_TC.sub_(shift_T1), dim=1)
+                    torch.logaddexp(r_B[r0:r1], tile_T, out=r_B[r0:r1])
+
+        _ring_forward(ring, [img_BD, txt_BD], tile_size, visit)
+        ctx.save_for_backward(img_BD, txt_BD, scale, shift_B, r_i2t_B, r_t2i_B)
+        ctx.tile_size, ctx.ring = tile_size, ring
+        return r_i2t_B, r_t2i_B
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_i2t_B, grad_t2i_B):
+        img_BD, txt_BD, scale, shift_B, r_i2t_B, r_t2i_B = ctx.saved_tensors
+        need_img, need_txt, need_scale, need_shift = ctx.needs_input_grad[:4]
+        grad_i2t_B = torch.zeros_like(r_i2t_B) if grad_i2t_B is None else grad_i2t_B
+        grad_t2i_B = torch.zeros_like(r_t2i_B) if grad_t2i_B is None else grad_t2i_B
+        # Unscaled gradients of this process's embeddings: its rows' terms, then (added by the
+        # ring) the terms of every process's rows in which they are columns.
+        acc_img_BD = torch.zeros_like(img_BD) if need_img else None
+        acc_txt_BD = torch.zeros_like(txt_BD) if need_txt else None
+        grad_scale = torch.zeros((), dtype=torch.float64, device=img_BD.device)
+        # i2t rows: images against text columns (which owe the text gradient); t2i the reverse.
+        directions = (
+            (img_BD, 1, shift_B + r_i2t_B, grad_i2t_B, acc_img_BD, need_txt),
+            (txt_BD, 0, shift_B + r_t2i_B, grad_t2i_B, acc_txt_BD, need_img),
+        )
+
+        def visit(cols_CX, c0, c1, own):
+            owed = {0: torch.zeros_like(cols_CX[0]) if need_img else None,
+                    1: torch.zeros_like(cols_CX[1]) if need_txt else None}  # fmt: skip
+            for r0, r1 in _tiles(img_BD.shape[0], ctx.tile_size):
+                for q_BD, col, level_B, g_B, acc_BD, need_col in directions:
+                    q_TD, k_CD = q_BD[r0:r1], cols_CX[col]
+                    logits_TC = (q_TD * scale) @ k_CD.T
+                    if own:
+                        _mask_positives_(logits_TC, r0, r1, c0, c1, 0)
+                    # In place: the tile is the only T x C buffer alive.
+                    w_TC = logits_TC.sub_(level_B[r0:r1, None]).exp_().mul_(g_B[r0:r1, None])
+                    if acc_BD is not None or need_scale:
+                        wk_TD = w_TC @ k_CD
+                        if need_scale:
+                            grad_scale.add_(_dot(q_TD, wk_TD))
+                        if acc_BD is not None:
+                            acc_BD[r0:r1].add_(wk_TD)
+                    if need_col:
+                        owed[col].addmm_(w_TC.T, q_TD)
+            return [owed[col] for col in (0, 1) if owed[col] is not None]
+
+        _ring_backward(ctx.ring, [img_BD, txt_BD], ctx.tile_size, visit,
+                       [acc for acc in (acc_img_BD, acc_txt_BD) if acc is not None])  # fmt: skip
+        # Scale in place: no second copy of the O(B * D) accumulators.
+        grad_img = acc_img_BD.mul_(scale) if need_img else None
+        grad_txt = acc_txt_BD.mul_(scale) if need_txt else None
+        grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
+        grad_shift = -(grad_i2t_B + grad_t2i_B) if need_shift else None
+        return grad_img, grad_txt, grad_scale, grad_shift, None, None
+
+
+class _RingSoftplusSum(torch.autograd.Function):
+    """SigLIP's negative pairs over the ring: sum_{i, c != i + offset} softplus(scale * <img_i,
+    txt_c> + bias), this process's image rows against every process's texts, which travel (the
+    images stay: SigLIP's loss of a process is over its own rows). Backward as in
+    `_TiledSoftplusSum`, the text gradient owed to another process sent back to it."""
+
+    @staticmethod
+    def forward(ctx, img_BD, txt_BD, scale, bias, tile_size: int, ring):
+        total = torch.zeros((), dtype=torch.float64, device=img_BD.device)
+
+        def visit(cols_CX, c0, c1, own):
+            nonlocal total
+            (txt_CD,) = cols_CX
+            for r0, r1 in _tiles(img_BD.shape[0], tile_size):
+                logits_TC = ((img_BD[r0:r1] * scale) @ txt_CD.T).add_(bias)
+                if own:
+                    _mask_positives_(logits_TC, r0, r1, c0, c1, 0)
+                total += F.softplus(logits_TC).sum().double()
+
+        _ring_forward(ring, [txt_BD], tile_size, visit)
+        ctx.save_for_backward(img_BD, txt_BD, scale, bias)
+        ctx.tile_size, ctx.ring = tile_size, ring
+        return total.to(img_BD.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        img_BD, txt_BD, scale, bias = ctx.saved_tensors
+        need_img, need_txt, need_scale, need_bias = ctx.needs_input_grad[:4]
+        acc_img_BD = torch.zeros_like(img_BD) if need_img else None
+        acc_txt_BD = torch.zeros_like(txt_BD) if need_txt else None
+        grad_scale = torch.zeros((), dtype=torch.float64, device=img_BD.device)
+        grad_bias = torch.zeros((), dtype=torch.float64, device=img_BD.device)
+
+        def visit(cols_CX, c0, c1, own):
+            (txt_CD,) = cols_CX
+            owed_CD = torch.zeros_like(txt_CD) if need_txt else None
+            for r0, r1 in _tiles(img_BD.shape[0], ctx.tile_size):
+                img_TD = img_BD[r0:r1]
+                logits_TC = ((img_TD * scale) @ txt_CD.T).add_(bias)
+                if own:
+                    _mask_positives_(logits_TC, r0, r1, c0, c1, 0)
+                s_TC = logits_TC.sigmoid_().mul_(grad_total)
+                if need_bias:
+                    grad_bias.add_(s_TC.sum().double())
+                if need_img or need_scale:
+                    sk_TD = s_TC @ txt_CD
+                    if need_scale:
+                        grad_scale.add_(_dot(img_TD, sk_TD))
+                    if need_img:
+                        acc_img_BD[r0:r1].add_(sk_TD)
+                if need_txt:
+                    owed_CD.addmm_(s_TC.T, img_TD)
+            return [] if owed_CD is None else [owed_CD]
+
+        _ring_backward(ctx.ring, [txt_BD], ctx.tile_size, visit,
+                       [] if acc_txt_BD is None else [acc_txt_BD])  # fmt: skip
+        grad_img = acc_img_BD.mul_(scale) if need_img else None
+        grad_txt = acc_txt_BD.mul_(scale) if need_txt else None
+        grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
+        grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
+        return grad_img, grad_txt, grad_scale, grad_bias, None, None
+
+
+# ---------------------------------------------------------------------------------------------
 # The two implementations, on normalised float32 embeddings: local rows (_BD) vs columns (_CD:
 # the global batch, then any extra keys). `offset` is the global index of this process's first
 # row, so row i's positive is column i + offset.
@@ -506,6 +762,30 @@ def _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size: int, offset: i
     return (negatives + positives) / img_BD.shape[0]
 
 
+def _clip_ring(img_BD, txt_BD, scale, tile_size: int, ring, queue_img_KD=None, queue_txt_KD=None):
+    """CLIP's InfoNCE as in `_clip_infonce`, the global columns passing by on the ring; queued
+    keys (the same on every process, constants) are local extra columns whose log-sum-exp joins
+    the ring's."""
+    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
+    r_i2t_B, r_t2i_B = _RingClipLogSumExp.apply(img_BD, txt_BD, scale, positive_B, tile_size, ring)
+    if queue_img_KD is not None:
+        # No positive among the queued keys: an offset past them masks nothing.
+        k = queue_img_KD.shape[0]
+        r_i2t_B = torch.logaddexp(
+            r_i2t_B, _TiledLogSumExp.apply(img_BD, queue_txt_KD, scale, positive_B, tile_size, k)
+        )
+        r_t2i_B = torch.logaddexp(
+            r_t2i_B, _TiledLogSumExp.apply(txt_BD, queue_img_KD, scale, positive_B, tile_size, k)
+        )
+    return (F.softplus(r_i2t_B).mean() + F.softplus(r_t2i_B).mean()) / 2
+
+
+def _siglip_ring(img_BD, txt_BD, scale, bias, tile_size: int, ring) -> torch.Tensor:
+    negatives = _RingSoftplusSum.apply(img_BD, txt_BD, scale, bias, tile_size, ring)
+    positives = F.softplus(-(scale * (img_BD * txt_BD).sum(dim=1) + bias)).sum()
+    return (negatives + positives) / img_BD.shape[0]
+
+
 def _as_float32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     # .float() keeps the autograd link to a learnable parameter (whatever its dtype).
     if isinstance(value, torch.Tensor):
@@ -526,6 +806,10 @@ def _clamped_scale(logit_scale: torch.Tensor, max_logit_scale: float) -> torch.T
     return torch.where(above, torch.full_like(logit_scale, max_logit_scale), kept.exp())
 
 
+# "ring" is chosen, never automatic: it trades communication for memory (see docs/performance.md).
+IMPLS = ("auto", "plain", "tiled", "ring")
+
+
 def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int) -> str:
     """`auto` -> plain while the B x G block is no bigger than one tile, tiled beyond.
 
@@ -534,11 +818,12 @@ def resolve_impl(impl: str, local_batch: int, global_batch: int, tile_size: int)
     switch, B*G = 4096^2, plain peaks at ~0.4 GiB (a 64 MiB block, a few copies; 0.3 GiB before
     the row losses were formed relative to the positive) and the two take about the same time;
     beyond it plain grows as ~4-6 blocks (4.1 GiB at 16384 before) while tiled stays near
-    0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py."""
+    0.2 GiB + O(B*D) and is no slower. See benchmarks/loss_memory.py. `ring` is kept as asked
+    (contrastive_loss runs it as `tiled` where there is no other process)."""
     if impl == "auto":
         return "plain" if local_batch * global_batch <= tile_size * tile_size else "tiled"
-    if impl not in ("plain", "tiled"):
-        raise ValueError(f"impl: got {impl!r}, expected auto, plain or tiled")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: got {impl!r}, expected one of {', '.join(IMPLS)}")
     return impl
 
 
@@ -569,7 +854,10 @@ def contrastive_loss(
     kind: "clip" (symmetric InfoNCE; a logit_bias is ignored, it cancels in the softmax) or
     "siglip" (open_clip's SigLipLoss: sum over every pair of -log sigmoid(label * logit), divided
     by the local rows; logit_bias None means 0). impl: "plain", "tiled" or "auto" (see
-    `resolve_impl`). Every process must hold the same number of rows.
+    `resolve_impl`), or "ring": no gather, the other processes' embeddings pass by in chunks of
+    tile_size rows (memory independent of the number of processes; point-to-point traffic in
+    the forward and the backward; "tiled" where there is one process or distributed=False).
+    Every process must hold the same number of rows.
 
     clip only, all off by default:
     - queue_img_KD, queue_txt_KD: K extra keys per modality (the same on every process, e.g. a
@@ -605,11 +893,27 @@ def contrastive_loss(
             raise ValueError(
                 f"queued keys must be (K, {img_emb_BD.shape[1]}), got {tuple(queue_img_KD.shape)}"
             )
+    if impl == "ring" and reweighted:
+        raise ValueError(
+            "impl='ring' computes the plain InfoNCE / SigLIP objectives: debias_tau_plus and "
+            "hardness_beta need impl='tiled' (or 'auto')"
+        )
+    if impl == "ring" and (not distributed or _world_size() == 1):
+        impl = "tiled"  # nothing to pass around (train.py logs this once)
     device = img_emb_BD.device
     with torch.autocast(device_type=device.type, enabled=False):
         scale = _clamped_scale(_as_float32(logit_scale, device), max_logit_scale)
         img_BD = F.normalize(img_emb_BD.float(), dim=-1)
         txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
+        if impl == "ring":
+            if kind == "siglip":
+                bias = _as_float32(0.0 if logit_bias is None else logit_bias, device)
+                return _siglip_ring(img_BD, txt_BD, scale, bias, tile_size, Ring())
+            queue_img_CD = queue_txt_CD = None
+            if queued and queue_img_KD.shape[0] > 0:
+                queue_img_CD = F.normalize(queue_img_KD.detach().float(), dim=-1)
+                queue_txt_CD = F.normalize(queue_txt_KD.detach().float(), dim=-1)
+            return _clip_ring(img_BD, txt_BD, scale, tile_size, Ring(), queue_img_CD, queue_txt_CD)
         # One collective for both modalities; cheaper, and both backwards happen in one
         # all_reduce so the processes cannot disagree on the order.
         if not distributed or _world_size() == 1:
