@@ -461,6 +461,7 @@ def _ring_backward(
                 if k >= 2:  # what the previous processes added up for this chunk
                     for g, inbound in zip(owed_CX, inbound_CX, strict=True):
                         g.add_(inbound)
+                del inbound_CX  # not alive through the next visit: three chunks of gradients
                 # Pass the running sum on and receive the next one (after the last step: this
                 # process's own chunk, complete).
                 sent_CX, arriving_CX = owed_CX, [torch.empty_like(g) for g in owed_CX]
@@ -471,24 +472,58 @@ def _ring_backward(
     land()
 
 
-class _RingClipLogSumExp(torch.autograd.Function):
-    """Both directions of CLIP over the ring: with Q = scale * img_BD @ txt_GD^T (this process's
-    image rows against every process's texts) and Q' = scale * txt_BD @ img_GD^T,
-        r_i2t_B[i] = log sum_{c != i + offset} exp(Q_ic - shift_i),
-        r_t2i_B[i] = log sum_{c != i + offset} exp(Q'_ic - shift_i),
-    as two `_TiledLogSumExp` on gathered columns give, but with the columns passing by in chunks
-    (img and txt travel together: one ring for both directions).
+_NORM_EPS = 1e-12  # F.normalize's
 
-    Backward: per chunk, W = g_i * softmax weights (as in `_TiledLogSumExp`); this process's rows
-    get scale * W @ k, the chunk's columns scale * W^T @ q (sent back to their owner), the scale
-    sum_i <q_i, (W @ k)_i> over both directions, and the shift -(g + g')."""
+
+def _unit_rows(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.normalize(x, dim=1) (bitwise: the same norm, clamp and division), with the clamped norms
+    and where the clamp bound, which its backward needs."""
+    norm_B = torch.linalg.vector_norm(x_BD, dim=1)
+    clamped_B = norm_B < _NORM_EPS
+    norm_B = norm_B.clamp_min(_NORM_EPS)
+    return x_BD / norm_B[:, None], norm_B, clamped_B
+
+
+def _unit_rows_backward_(grad_BD, y_BD, norm_B, clamped_B) -> torch.Tensor:
+    """In place on grad_BD (the gradient w.r.t. y = x / max(||x||, eps)): the gradient w.r.t. x,
+    (g - y <g, y>) / ||x||, or g / eps where the norm was clamped. No B x D temporary."""
+    dot_B = torch.einsum("bd,bd->b", grad_BD, y_BD).masked_fill_(clamped_B, 0.0)
+    return grad_BD.addcmul_(y_BD, dot_B[:, None], value=-1.0).div_(norm_B[:, None])
+
+
+def _row_dot(a_BD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bd,bd->b", a_BD, b_BD)  # (a * b).sum(1) without the B x D product
+
+
+class _RingClip(torch.autograd.Function):
+    """CLIP's two directions over the ring, from the RAW float32 embeddings of this process:
+    with y = the unit rows and p_i = scale * <img_i, txt_i> each row's positive logit,
+        r_i2t_B[i] = log sum_{c != i + offset} exp(scale * <img_i, txt_c> - p_i),
+        r_t2i_B[i] = log sum_{c != i + offset} exp(scale * <txt_i, img_c> - p_i),
+    over every process's columns, then the K queued keys (constants, already unit rows) if
+    given -- as `_negatives_lse` of the gathered path computes them (the loss is softplus(r)).
+    img and txt travel together: one ring for both directions.
+
+    The normalisation and the positive logits live inside so that the backward works in place:
+    per process it holds the unit rows and one gradient accumulator per modality (which becomes
+    the returned gradient), nothing else of size B x D.
+
+    Backward: per chunk, W = g_i * softmax weights over row i's negatives; this process's rows
+    get scale * W @ k, the chunk's columns scale * W^T @ q (sent back to their owner), the
+    positives -(g + g')_i * scale * (the other modality's row i), the scale the same terms with
+    <q, k> in place of k; then the normalisation's backward."""
 
     @staticmethod
-    def forward(ctx, img_BD, txt_BD, scale, shift_B, tile_size: int, ring):
+    def forward(
+        ctx, img_emb_BD, txt_emb_BD, scale, tile_size: int, ring, queue_img_KD, queue_txt_KD
+    ):
+        img_BD, img_norm_B, img_clamped_B = _unit_rows(img_emb_BD)
+        txt_BD, txt_norm_B, txt_clamped_B = _unit_rows(txt_emb_BD)
+        shift_B = scale * _row_dot(img_BD, txt_BD)
         r_i2t_B = img_BD.new_full((img_BD.shape[0],), float("-inf"))
         r_t2i_B = torch.full_like(r_i2t_B, float("-inf"))
 
-        def visit(cols_CX, c0, c1, own):
+        def visit(cols_CX, c0, c1, own, constant=False):
             img_CD, txt_CD = cols_CX
             for r0, r1 in _tiles(img_BD.shape[0], tile_size):
                 shift_T1 = shift_B[r0:r1, None]
@@ -500,33 +535,40 @@ class _RingClipLogSumExp(torch.autograd.Function):
                     torch.logaddexp(r_B[r0:r1], tile_T, out=r_B[r0:r1])
 
         _ring_forward(ring, [img_BD, txt_BD], tile_size, visit)
-        ctx.save_for_backward(img_BD, txt_BD, scale, shift_B, r_i2t_B, r_t2i_B)
+        queued = queue_img_KD is not None and queue_img_KD.shape[0] > 0
+        if queued:  # extra columns, the same on every process: nothing travels
+            for k0, k1 in _tiles(queue_img_KD.shape[0], tile_size):
+                visit([queue_img_KD[k0:k1], queue_txt_KD[k0:k1]], k0, k1, False)
+        ctx.save_for_backward(img_BD, txt_BD, img_norm_B, txt_norm_B, img_clamped_B, txt_clamped_B,
+                              scale, shift_B, r_i2t_B, r_t2i_B,
+                              *((queue_img_KD, queue_txt_KD) if queued else ()))  # fmt: skip
         ctx.tile_size, ctx.ring = tile_size, ring
         return r_i2t_B, r_t2i_B
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_i2t_B, grad_t2i_B):
-        img_BD, txt_BD, scale, shift_B, r_i2t_B, r_t2i_B = ctx.saved_tensors
-        need_img, need_txt, need_scale, need_shift = ctx.needs_input_grad[:4]
+        (img_BD, txt_BD, img_norm_B, txt_norm_B, img_clamped_B, txt_clamped_B,
+         scale, shift_B, r_i2t_B, r_t2i_B, *queue_KD) = ctx.saved_tensors  # fmt: skip
+        need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
         grad_i2t_B = torch.zeros_like(r_i2t_B) if grad_i2t_B is None else grad_i2t_B
         grad_t2i_B = torch.zeros_like(r_t2i_B) if grad_t2i_B is None else grad_t2i_B
-        # Unscaled gradients of this process's embeddings: its rows' terms, then (added by the
-        # ring) the terms of every process's rows in which they are columns.
+        # Unscaled gradients w.r.t. this process's unit rows: its rows' terms, then (added by
+        # the ring) the terms of every process's rows in which they are columns.
         acc_img_BD = torch.zeros_like(img_BD) if need_img else None
         acc_txt_BD = torch.zeros_like(txt_BD) if need_txt else None
         grad_scale = torch.zeros((), dtype=torch.float64, device=img_BD.device)
         # i2t rows: images against text columns (which owe the text gradient); t2i the reverse.
         directions = (
-            (img_BD, 1, shift_B + r_i2t_B, grad_i2t_B, acc_img_BD, need_txt),
-            (txt_BD, 0, shift_B + r_t2i_B, grad_t2i_B, acc_txt_BD, need_img),
+            (img_BD, 1, shift_B + r_i2t_B, grad_i2t_B, acc_img_BD),
+            (txt_BD, 0, shift_B + r_t2i_B, grad_t2i_B, acc_txt_BD),
         )
 
-        def visit(cols_CX, c0, c1, own):
-            owed = {0: torch.zeros_like(cols_CX[0]) if need_img else None,
-                    1: torch.zeros_like(cols_CX[1]) if need_txt else None}  # fmt: skip
+        def visit(cols_CX, c0, c1, own, constant=False):
+            owed = {0: torch.zeros_like(cols_CX[0]) if need_img and not constant else None,
+                    1: torch.zeros_like(cols_CX[1]) if need_txt and not constant else None}  # fmt: skip
             for r0, r1 in _tiles(img_BD.shape[0], ctx.tile_size):
-                for q_BD, col, level_B, g_B, acc_BD, need_col in directions:
+                for q_BD, col, level_B, g_B, acc_BD in directions:
                     q_TD, k_CD = q_BD[r0:r1], cols_CX[col]
                     logits_TC = (q_TD * scale) @ k_CD.T
                     if own:
@@ -539,29 +581,45 @@ class _RingClipLogSumExp(torch.autograd.Function):
                             grad_scale.add_(_dot(q_TD, wk_TD))
                         if acc_BD is not None:
                             acc_BD[r0:r1].add_(wk_TD)
-                    if need_col:
+                    if owed[col] is not None:
                         owed[col].addmm_(w_TC.T, q_TD)
             return [owed[col] for col in (0, 1) if owed[col] is not None]
 
+        if queue_KD:
+            for k0, k1 in _tiles(queue_KD[0].shape[0], ctx.tile_size):
+                visit([queue_KD[0][k0:k1], queue_KD[1][k0:k1]], k0, k1, False, constant=True)
         _ring_backward(ctx.ring, [img_BD, txt_BD], ctx.tile_size, visit,
                        [acc for acc in (acc_img_BD, acc_txt_BD) if acc is not None])  # fmt: skip
-        # Scale in place: no second copy of the O(B * D) accumulators.
-        grad_img = acc_img_BD.mul_(scale) if need_img else None
-        grad_txt = acc_txt_BD.mul_(scale) if need_txt else None
+        # The positive logits: d shift_i = -(g_i + g'_i).
+        grad_shift_B = -(grad_i2t_B + grad_t2i_B)
+        if need_scale:
+            grad_scale.add_(_dot(grad_shift_B, _row_dot(img_BD, txt_BD)))
+        grad_img = grad_txt = None
+        if need_img:
+            acc_img_BD.addcmul_(txt_BD, grad_shift_B[:, None]).mul_(scale)
+            grad_img = _unit_rows_backward_(acc_img_BD, img_BD, img_norm_B, img_clamped_B)
+        if need_txt:
+            acc_txt_BD.addcmul_(img_BD, grad_shift_B[:, None]).mul_(scale)
+            grad_txt = _unit_rows_backward_(acc_txt_BD, txt_BD, txt_norm_B, txt_clamped_B)
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
-        grad_shift = -(grad_i2t_B + grad_t2i_B) if need_shift else None
-        return grad_img, grad_txt, grad_scale, grad_shift, None, None
+        return grad_img, grad_txt, grad_scale, None, None, None, None
 
 
-class _RingSoftplusSum(torch.autograd.Function):
-    """SigLIP's negative pairs over the ring: sum_{i, c != i + offset} softplus(scale * <img_i,
-    txt_c> + bias), this process's image rows against every process's texts, which travel (the
-    images stay: SigLIP's loss of a process is over its own rows). Backward as in
-    `_TiledSoftplusSum`, the text gradient owed to another process sent back to it."""
+class _RingSigLip(torch.autograd.Function):
+    """SigLIP over the ring, from the RAW float32 embeddings of this process: the sum over its
+    image rows i and every process's texts c of -log sigmoid(label * (scale * <img_i, txt_c> +
+    bias)) on the unit rows, i.e. softplus(x) for the negative pairs and softplus(-x) for the
+    positives. The texts travel (a process's loss is over its own image rows). Normalisation and
+    positives inside, for an in-place backward as in `_RingClip`; the negative pairs' backward
+    as in `_TiledSoftplusSum`, the text gradient owed to another process sent back to it."""
 
     @staticmethod
-    def forward(ctx, img_BD, txt_BD, scale, bias, tile_size: int, ring):
-        total = torch.zeros((), dtype=torch.float64, device=img_BD.device)
+    def forward(ctx, img_emb_BD, txt_emb_BD, scale, bias, tile_size: int, ring):
+        img_BD, img_norm_B, img_clamped_B = _unit_rows(img_emb_BD)
+        txt_BD, txt_norm_B, txt_clamped_B = _unit_rows(txt_emb_BD)
+        # Tile sums in float64: up to B * G terms, each O(1).
+        positive_B = scale * _row_dot(img_BD, txt_BD) + bias
+        total = F.softplus(-positive_B).sum().double()
 
         def visit(cols_CX, c0, c1, own):
             nonlocal total
@@ -573,14 +631,16 @@ class _RingSoftplusSum(torch.autograd.Function):
                 total += F.softplus(logits_TC).sum().double()
 
         _ring_forward(ring, [txt_BD], tile_size, visit)
-        ctx.save_for_backward(img_BD, txt_BD, scale, bias)
+        ctx.save_for_backward(img_BD, txt_BD, img_norm_B, txt_norm_B, img_clamped_B, txt_clamped_B,
+                              scale, bias, positive_B)  # fmt: skip
         ctx.tile_size, ctx.ring = tile_size, ring
         return total.to(img_BD.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        img_BD, txt_BD, scale, bias = ctx.saved_tensors
+        (img_BD, txt_BD, img_norm_B, txt_norm_B, img_clamped_B, txt_clamped_B,
+         scale, bias, positive_B) = ctx.saved_tensors  # fmt: skip
         need_img, need_txt, need_scale, need_bias = ctx.needs_input_grad[:4]
         acc_img_BD = torch.zeros_like(img_BD) if need_img else None
         acc_txt_BD = torch.zeros_like(txt_BD) if need_txt else None
@@ -610,8 +670,19 @@ class _RingSoftplusSum(torch.autograd.Function):
 
         _ring_backward(ctx.ring, [txt_BD], ctx.tile_size, visit,
                        [] if acc_txt_BD is None else [acc_txt_BD])  # fmt: skip
-        grad_img = acc_img_BD.mul_(scale) if need_img else None
-        grad_txt = acc_txt_BD.mul_(scale) if need_txt else None
+        # The positives: d softplus(-x) / dx = -sigmoid(-x).
+        p_B = torch.sigmoid(-positive_B).mul_(-grad_total)
+        if need_bias:
+            grad_bias.add_(p_B.sum().double())
+        if need_scale:
+            grad_scale.add_(_dot(p_B, _row_dot(img_BD, txt_BD)))
+        grad_img = grad_txt = None
+        if need_img:
+            acc_img_BD.addcmul_(txt_BD, p_B[:, None]).mul_(scale)
+            grad_img = _unit_rows_backward_(acc_img_BD, img_BD, img_norm_B, img_clamped_B)
+        if need_txt:
+            acc_txt_BD.addcmul_(img_BD, p_B[:, None]).mul_(scale)
+            grad_txt = _unit_rows_backward_(acc_txt_BD, txt_BD, txt_norm_B, txt_clamped_B)
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
         return grad_img, grad_txt, grad_scale, grad_bias, None, None
@@ -762,28 +833,23 @@ def _siglip_tiled(img_BD, txt_BD, scale, bias, txt_GD, tile_size: int, offset: i
     return (negatives + positives) / img_BD.shape[0]
 
 
-def _clip_ring(img_BD, txt_BD, scale, tile_size: int, ring, queue_img_KD=None, queue_txt_KD=None):
-    """CLIP's InfoNCE as in `_clip_infonce`, the global columns passing by on the ring; queued
-    keys (the same on every process, constants) are local extra columns whose log-sum-exp joins
-    the ring's."""
-    positive_B = scale * (img_BD * txt_BD).sum(dim=1)
-    r_i2t_B, r_t2i_B = _RingClipLogSumExp.apply(img_BD, txt_BD, scale, positive_B, tile_size, ring)
-    if queue_img_KD is not None:
-        # No positive among the queued keys: an offset past them masks nothing.
-        k = queue_img_KD.shape[0]
-        r_i2t_B = torch.logaddexp(
-            r_i2t_B, _TiledLogSumExp.apply(img_BD, queue_txt_KD, scale, positive_B, tile_size, k)
-        )
-        r_t2i_B = torch.logaddexp(
-            r_t2i_B, _TiledLogSumExp.apply(txt_BD, queue_img_KD, scale, positive_B, tile_size, k)
-        )
+def _clip_ring(img_emb_BD, txt_emb_BD, scale, tile_size: int, ring, queue_img_KD=None,
+               queue_txt_KD=None) -> torch.Tensor:  # fmt: skip
+    """CLIP's InfoNCE as `_clip_infonce` forms it (softplus of each row's negatives relative to
+    its positive), from RAW float32 embeddings, the global columns passing by on the ring;
+    queued keys (unit rows, constants) are local extra columns."""
+    r_i2t_B, r_t2i_B = _RingClip.apply(
+        img_emb_BD, txt_emb_BD, scale, tile_size, ring, queue_img_KD, queue_txt_KD
+    )
     return (F.softplus(r_i2t_B).mean() + F.softplus(r_t2i_B).mean()) / 2
 
 
-def _siglip_ring(img_BD, txt_BD, scale, bias, tile_size: int, ring) -> torch.Tensor:
-    negatives = _RingSoftplusSum.apply(img_BD, txt_BD, scale, bias, tile_size, ring)
-    positives = F.softplus(-(scale * (img_BD * txt_BD).sum(dim=1) + bias)).sum()
-    return (negatives + positives) / img_BD.shape[0]
+def _siglip_ring(img_emb_BD, txt_emb_BD, scale, bias, tile_size: int, ring) -> torch.Tensor:
+    """open_clip's SigLipLoss of this process's rows, from RAW float32 embeddings."""
+    return (
+        _RingSigLip.apply(img_emb_BD, txt_emb_BD, scale, bias, tile_size, ring)
+        / img_emb_BD.shape[0]
+    )
 
 
 def _as_float32(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
@@ -903,17 +969,20 @@ def contrastive_loss(
     device = img_emb_BD.device
     with torch.autocast(device_type=device.type, enabled=False):
         scale = _clamped_scale(_as_float32(logit_scale, device), max_logit_scale)
-        img_BD = F.normalize(img_emb_BD.float(), dim=-1)
-        txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
         if impl == "ring":
+            # The ring normalises inside its kernel (see `_RingClip`): no B x D copies here.
+            img_emb_BD, txt_emb_BD = img_emb_BD.float(), txt_emb_BD.float()
             if kind == "siglip":
                 bias = _as_float32(0.0 if logit_bias is None else logit_bias, device)
-                return _siglip_ring(img_BD, txt_BD, scale, bias, tile_size, Ring())
+                return _siglip_ring(img_emb_BD, txt_emb_BD, scale, bias, tile_size, Ring())
             queue_img_CD = queue_txt_CD = None
             if queued and queue_img_KD.shape[0] > 0:
                 queue_img_CD = F.normalize(queue_img_KD.detach().float(), dim=-1)
                 queue_txt_CD = F.normalize(queue_txt_KD.detach().float(), dim=-1)
-            return _clip_ring(img_BD, txt_BD, scale, tile_size, Ring(), queue_img_CD, queue_txt_CD)
+            return _clip_ring(img_emb_BD, txt_emb_BD, scale, tile_size, Ring(), queue_img_CD,
+                              queue_txt_CD)  # fmt: skip
+        img_BD = F.normalize(img_emb_BD.float(), dim=-1)
+        txt_BD = F.normalize(txt_emb_BD.float(), dim=-1)
         # One collective for both modalities; cheaper, and both backwards happen in one
         # all_reduce so the processes cannot disagree on the order.
         if not distributed or _world_size() == 1:

@@ -48,13 +48,12 @@ def ring_in_threads(kind, world, img64, txt64, log_scale64, bias64, tile):
         rows = slice(rank * local, (rank + 1) * local)
         leaves = [img64[rows].float().requires_grad_(), txt64[rows].float().requires_grad_(),
                   log_scale64.float().requires_grad_(), bias64.float().requires_grad_()]  # fmt: skip
-        img, txt = F.normalize(leaves[0], dim=-1), F.normalize(leaves[1], dim=-1)
         scale = _clamped_scale(leaves[2], 100.0)
         if kind == "clip":
-            loss = _clip_ring(img, txt, scale, tile, ring)
+            loss = _clip_ring(leaves[0], leaves[1], scale, tile, ring)
             leaves.pop()
         else:
-            loss = _siglip_ring(img, txt, scale, leaves[3], tile, ring)
+            loss = _siglip_ring(leaves[0], leaves[1], scale, leaves[3], tile, ring)
         grads = torch.autograd.grad(loss, leaves)
         return loss.detach(), grads, max(ring.rows_sent, default=0), ring.messages
 
@@ -111,26 +110,27 @@ def test_ring_equals_tiled_in_threads():
     """The same numbers as the gathered tiled loss, process by process (loss, gradients)."""
     world, local, tile = 4, 6, 4
     img, txt, _, _ = aligned_pairs(world * local, 16, 100.0, seed=1, margin=14.0)
-    img_GD, txt_GD = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    img, txt = img.float(), txt.float()
+    img_GD, txt_GD = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     scale = torch.tensor(50.0)
 
     def one(rank, ring, impl):
         rows = slice(rank * local, (rank + 1) * local)
-        i, t, s = img_GD[rows].clone().requires_grad_(), txt_GD[rows].clone().requires_grad_(), scale.clone().requires_grad_()
-        if impl == "ring":
-            loss = _clip_ring(i, t, s, tile, ring)
+        s = scale.clone().requires_grad_()
+        if impl == "ring":  # from the raw embeddings
+            loss = _clip_ring(img[rows], txt[rows], s, tile, ring)
         else:
-            loss = loss_module._clip_tiled(i, t, img_GD, txt_GD, s, tile, rank * local)
-        return loss.detach(), torch.autograd.grad(loss, (i, s))  # own rows' terms: both agree on them
+            loss = loss_module._clip_tiled(img_GD[rows], txt_GD[rows], img_GD, txt_GD, s, tile, rank * local)
+        return loss.detach(), torch.autograd.grad(loss, s)
 
     ring = run_ring(world, lambda r, ring: one(r, ring, "ring"))
     tiled = [one(r, None, "tiled") for r in range(world)]
     for (l_ring, g_ring), (l_tiled, g_tiled) in zip(ring, tiled, strict=True):
-        assert abs(float(l_ring - l_tiled)) <= 1e-6 * abs(float(l_tiled))
-        # The image rows of a gathered loss get only this process's terms; the ring's get every
-        # process's (the gather's backward adds the rest later): compare the scale only here,
-        # and the whole gradients in the real-process test.
-        assert rel_err(g_ring[1], g_tiled[1]) < 1e-5
+        assert abs(float(l_ring - l_tiled)) <= TOL * abs(float(l_tiled))  # float32 rounding at scale 50
+        # The embeddings of a gathered loss get only this process's terms here (the gather's
+        # backward adds the rest); the ring's get every process's: the scale only here, the
+        # whole gradients in the real-process test.
+        assert rel_err(g_ring[0], g_tiled[0]) < 1e-5
 
 
 def test_ring_saves_only_local_tensors():
@@ -144,7 +144,7 @@ def test_ring_saves_only_local_tensors():
         scale = torch.tensor(10.0, requires_grad=True)
         hooks = (lambda t: saved.append(t.numel()) or t, lambda t: t)
         with torch.autograd.graph.saved_tensors_hooks(*hooks):
-            loss = _clip_ring(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, 3, ring)
+            loss = _clip_ring(img, txt, scale, 3, ring)
         loss.backward()
         return img.grad.shape
 
