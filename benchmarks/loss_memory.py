@@ -370,6 +370,8 @@ def main() -> None:
     impls = args.impls.split(",")
     if "ring" not in impls:
         ring_sim, ring_real, ring_ab = [], [], []
+    if not {"open_clip", "tiled"} <= set(impls):
+        ab = []
     impls = [impl for impl in impls if impl != "ring"]
 
     rows, ab_rows = [], []

@@ -5,13 +5,16 @@ gathered `tiled` loss. Fast tests run W simulated processes as threads of this o
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from aligned_pairs import aligned_pairs, siglip_bias
-from conftest import launch_result
+from conftest import REPO, launch_result
 from test_loss import TOL, precision_tol
 from thread_ring import run_ring
 
@@ -202,3 +205,19 @@ def test_ring_processes_match_float64_and_tiled(nproc):
     for kind, case in res["grad_cache"].items():  # every parameter, temperature and bias included
         assert case["max_rel_err"] < TOL, (kind, case)
     assert res["refused"] and "\n" not in res["refused"]
+
+
+@pytest.mark.slow
+def test_ring_benchmark_smoke(tmp_path):
+    """benchmarks/loss_memory.py's simulated ring rows run (it imports the private kernels)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/loss_memory.py"), "--quick", "--impls", "ring",
+           "--ring-sim", "64:64,64:256,128:256", "--ring-real", "", "--ring-ab", "", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = result["ring_rows"]
+    assert [(r["processes"], r["global_batch"], r["local_batch"]) for r in rows] == [
+        ("1 (simulated)", 64, 64), ("4 (simulated)", 256, 64), ("2 (simulated)", 256, 128)]  # fmt: skip
+    assert all(r["time_s"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)
+    assert result["ring_fit"] is None and result["rows"] == [] and result["ab"] == []
