@@ -279,12 +279,14 @@ def ring_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def fit_ring_memory(rows: list[dict]) -> dict | None:
+def fit_ring_memory(rows: list[dict], tile_size: int) -> dict | None:
     """Least-squares line peak = a * local_batch + c through the simulated ring rows at 2 ranks
-    (the peak does not depend on the number of ranks: the 1024-local rows show it), evaluated
-    at local 131072, a 1048576 batch over 8 ranks. None with fewer than 2 such rows."""
+    (the peak does not depend on the number of ranks: the 1024-local rows show it) with a local
+    batch of at least one tile (below, the chunks and tiles shrink with it), evaluated at local
+    131072, a 1048576 batch over 8 ranks. None with fewer than 2 such rows."""
     points = [(r["local_batch"], r["peak_extra_bytes"]) for r in rows
-              if r["impl"] == "ring" and r.get("processes") == "2 (simulated)" and "peak_extra_bytes" in r]  # fmt: skip
+              if r["impl"] == "ring" and r.get("processes") == "2 (simulated)"
+              and r["local_batch"] >= tile_size and "peak_extra_bytes" in r]  # fmt: skip
     if len({x for x, _ in points}) < 2:
         return None
     mean_x = statistics.fmean(x for x, _ in points)
@@ -404,7 +406,7 @@ def main() -> None:
         ring_ab_rows.append({"processes": processes, "global_batch": b, "local_batch": b_local,
                              **(result or {"skipped": failure})})  # fmt: skip
         print(ring_ab_rows[-1], flush=True)
-    fit = fit_ring_memory(ring_rows)
+    fit = fit_ring_memory(ring_rows, args.tile_size)
 
     print()
     print(f"{args.kind} loss, D={EMBED_DIM}, tile {args.tile_size}, device {args.device}, "
@@ -437,7 +439,11 @@ def main() -> None:
     out = args.out or RESULTS_DIR / f"loss_memory_{args.kind}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"embed_dim": EMBED_DIM, "tile_size": args.tile_size, "device": args.device,
-            "cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick}  # fmt: skip
+            "cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick,
+            # glibc's dynamic mmap threshold keeps freed blocks in the heap, so RSS can exceed the
+            # live tensors; a fixed threshold (MALLOC_MMAP_THRESHOLD_) returns them at once.
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows, "ab": ab_rows, "ring_rows": ring_rows,
                                "ring_ab": ring_ab_rows, "ring_fit": fit}, indent=1))  # fmt: skip
     print(f"\nwrote {out}")
