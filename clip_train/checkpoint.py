@@ -141,19 +141,26 @@ def _gather_rng_states(accelerator, tmp: Path) -> None:
 
 
 def _model_state_from_dir(path: Path) -> dict[str, torch.Tensor]:
+    """The model's state dict in any layout accelerate's save_state writes for our configs:
+    DDP or one process (model.safetensors, or pytorch_model.bin without safe serialization),
+    FSDP2 with SHARDED_STATE_DICT (pytorch_model_fsdp_0/, torch.distributed.checkpoint) and
+    FSDP2 with FULL_STATE_DICT (pytorch_model_fsdp.bin, written by the main process)."""
+    from accelerate.utils.constants import FSDP_MODEL_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
     from clip_train.sharding import sharded_checkpoint_state
 
     sharded = sharded_checkpoint_state(str(path))  # an FSDP2 run's torch.distributed.checkpoint
     if sharded is not None:
         return sharded
-    safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
-    if safetensors_file.is_file():
+    if (path / SAFE_WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(safetensors_file))
-    if torch_file.is_file():
-        return torch.load(torch_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this checkpoint")
+        return load_file(str(path / SAFE_WEIGHTS_NAME))
+    for name in (WEIGHTS_NAME, f"{FSDP_MODEL_NAME}.bin"):
+        if (path / name).is_file():
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model weights in this checkpoint (looked for {FSDP_MODEL_NAME}_0/, "
+                            f"{SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} and {FSDP_MODEL_NAME}.bin)")
 
 
 def load_model_weights(model: nn.Module, path: str) -> None:

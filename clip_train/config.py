@@ -48,7 +48,9 @@ class AugConfig:
     # RandomResizedCrop aspect-ratio range (timm only: needs use_timm; timm's default 3/4-4/3).
     color_jitter: list[float] | None = None
     # Brightness, contrast, saturation[, hue] strengths. Without use_timm it needs 4 values and
-    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 3 or 4 values.
+    # color_jitter_prob (open_clip's SimCLR-style jitter); with use_timm 1, 3 or 4 values (one
+    # value, e.g. [0.4], is open_clip's single number: that strength for brightness, contrast and
+    # saturation, no hue).
     color_jitter_prob: float | None = None
     # Probability of applying color_jitter to a sample (open_clip's path only, not timm).
     gray_scale_prob: float | None = None
@@ -94,6 +96,9 @@ class AugConfig:
         keys = ("scale", "ratio", "color_jitter", "color_jitter_prob", "gray_scale_prob", "re_prob",
                 "re_count", "use_timm")
         values = {k: getattr(self, k) for k in keys}
+        if self.color_jitter is not None and len(self.color_jitter) == 1:
+            # open_clip's AugmentationCfg takes one number (timm asserts that a sequence holds 3 or 4).
+            values["color_jitter"] = float(self.color_jitter[0])
         return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
@@ -109,13 +114,19 @@ class ModelConfig:
     # open_clip.list_pretrained_tags_by_model), or `hf-hub:org/repo`. Tags and hub repos are
     # fetched by open_clip/huggingface_hub into the Hugging Face cache (HF_HOME): pre-fetch on a
     # login node, run compute nodes with HF_HUB_OFFLINE=1. Their preprocessing (mean, std,
-    # interpolation, resize mode) comes with them unless set below.
+    # interpolation, resize mode, and a hub repo's fill colour for resize_mode=longest padding)
+    # comes with them unless set below.
     pretrained_image_path: str | None = None
     # The image tower only (after `pretrained`), in the same forms: a full CLIP checkpoint (its
-    # visual.* weights are taken) or a state dict of the image tower. Loaded strictly.
+    # visual.* weights are taken) or a state dict of the image tower. Converted as open_clip's
+    # full load does (position embeddings resized to force_image_size), then loaded strictly.
+    # Preprocessing follows the image tower: a tag's or hub repo's here wins, key by key, over
+    # model.pretrained's (a local file carries none: model.pretrained's, else open_clip's, apply).
     pretrained_text_path: str | None = None
     # The text tower only (after `pretrained`), in the same forms: a full CLIP checkpoint
     # (everything but visual.* and the logit scale/bias) or a state dict of the text tower.
+    # Converted as open_clip's full load does (a CLIP-layout text tower into a CustomTextCLIP
+    # model's text.*, position embeddings resized to the context length), then loaded strictly.
     pretrained_image: bool = False
     # timm image towers (`timm_model_name` in the model config): start from timm's pretrained
     # weights (open_clip's pretrained_image), unless a checkpoint sets that tower.
@@ -128,6 +139,11 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     # With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
     # lock_image_tower: 1 = the projection, 2 = + last block and final norm, ...).
+    lock_image_freeze_bn_stats: bool = False
+    # With lock_image: also freeze the BatchNorm running statistics of the locked groups (open_clip's
+    # --lock-image-freeze-bn-stats; they become FrozenBatchNorm2d). Without it a locked BN tower
+    # (RN50, a timm ConvNet) has no trainable parameters, yet its statistics follow the new data
+    # in every training forward. No effect on towers without BatchNorm (ViTs).
     lock_text: bool = False
     # Freeze the text tower.
     lock_text_unlocked_layers: int = 0
@@ -145,7 +161,13 @@ class ModelConfig:
     # squash (null: the weights' own, else shortest). Training always uses RandomResizedCrop.
     force_image_size: int | None = None
     # Train and evaluate at this image size instead of the model config's (open_clip's
-    # force_image_size; ViTs interpolate nothing: train from scratch or use a matching checkpoint).
+    # force_image_size). Pretrained weights of an open_clip ViT (full or per tower) get their
+    # position embeddings resized as open_clip does; a timm trunk's checkpoint must match the size.
+    force_quick_gelu: bool = False
+    # Build the model with QuickGELU whatever its config says (open_clip's --force-quick-gelu),
+    # for weights trained with it (OpenAI's, open_clip's *-quickgelu tags). An open_clip tag
+    # whose activation differs from the model's is refused, naming the -quickgelu model or this
+    # key (open_clip itself only warns, and the model would run with the wrong activation).
     aug: AugConfig = field(default_factory=AugConfig)
     # Training augmentation (model.aug.scale=[0.5,1.0] ...); evaluation is never augmented.
     grad_checkpointing: bool = False
@@ -171,6 +193,8 @@ class ModelConfig:
                  "must be > 0 pixels")
         _require(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0")
         _require(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0")
+        _require(not self.lock_image_freeze_bn_stats or self.lock_image, "model.lock_image_freeze_bn_stats",
+                 "freezes the statistics of the locked image tower: set model.lock_image=true too")
 
 
 @dataclass
@@ -188,17 +212,30 @@ class DataConfig:
     # source's weight, so a source's share is proportional to weight x number of shards.
     resampled: bool = True
     # True: shards drawn with replacement, an endless stream that is a function of the seed
-    # (open_clip's --dataset-resampled). False: epoch mode, every shard once per epoch.
+    # (open_clip's --dataset-resampled). False: epoch mode, every sample once per epoch when
+    # the shard sizes are known (sizes.json), whole shards per worker otherwise (docs/data.md).
     shuffle_buffer: int = 1000
     # Samples held in the shuffle buffer per worker.
     workers: int = 2
     # Data-loader worker processes per training process (0: decode in the training process).
     max_bad_fraction: float = 0.05
-    # Stop the run when more than this fraction of the samples read so far were unusable
-    # (corrupt images, missing captions, ...): then the data, not a sample, is broken.
-    bad_fraction_min_samples: int = 1000
-    # ... counting only once a process (or one of its workers) has read this many samples, so
-    # that one bad sample among the first few does not stop the run.
+    # Stop the run when more than this fraction of the samples read were unusable (corrupt
+    # images, missing/empty/undecodable captions, unreadable shards): then the data, not a
+    # sample, is broken. Fraction = bad / read, summed over every process and worker, where
+    # "read" is every raw sample taken from a shard (including those still in the shuffle
+    # buffer; an unreadable shard or broken tar counts once) and a sample is bad when a check
+    # rejects it on reading or its image fails to decode as it leaves the buffer. Judged at
+    # every train.stop_check_every_steps over the whole run and over the last
+    # bad_fraction_window_samples; the logged data/bad_samples / data/samples_read is the same
+    # fraction. The stop message names the shards with the most bad samples.
+    bad_fraction_min_samples: int = 20000
+    # ... judged only once all processes together have read this many samples, so that a bad
+    # shard among the first few does not stop the run (a wholly broken shard weighs about
+    # 1 / (processes x data.workers) of the stream while it is read). A worker that finds not
+    # one usable sample in this many stops the run by itself.
+    bad_fraction_window_samples: int = 200000
+    # The recent window: the ceiling is also judged over the last (at least) this many samples
+    # read by all processes, so data that breaks late in a long run still stops it.
     image_key: str = "jpg;png;webp;jpeg"
     # Image extensions tried in order (webdataset's `;` alternatives).
     text_key: str = "txt"
@@ -207,14 +244,19 @@ class DataConfig:
     # Several captions per sample (e.g. the alt-text plus synthetic recaptions): the key of a
     # list of captions (or one string) in the sample's `json`, e.g. captions. One candidate is
     # drawn per sample per epoch, reproducibly (from train.seed, the sample key and the epoch;
-    # resampled mode adds the stream position), so a resumed run draws the same captions.
+    # resampled mode adds the stream position), so a resumed run draws the same captions. An
+    # unreadable part (corrupt json, non-UTF-8 txt) loses only its own captions: the sample
+    # trains on the other part's (warned, not counted bad); with neither, it is skipped.
     caption_list_with_text: bool = True
     # With caption_list_key: the `text_key` caption is candidate 0, before the list's entries;
     # false: only the list (the text_key caption is used when a sample has no list).
     caption_probs: list[float] | None = None
     # Draw weights by candidate position ([txt, list[0], list[1], ...]); the last weight is
     # shared equally by every candidate from its position on, e.g. [0.5, 0.5]: the original
-    # half of the time, one of the recaptions otherwise. null: uniform over the candidates.
+    # half of the time, one of the recaptions otherwise. null: uniform over the candidates. A
+    # weight of 0 is never drawn ([1.0, 0.0]: only the txt caption): a sample with no candidate
+    # of positive weight is skipped, counted as missing_caption (the txt fallback of
+    # caption_list_with_text=false excepted).
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -223,6 +265,8 @@ class DataConfig:
         _require(self.workers >= 0, "data.workers", "must be >= 0")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         _require(self.bad_fraction_min_samples >= 1, "data.bad_fraction_min_samples", "must be >= 1")
+        _require(self.bad_fraction_window_samples >= 1, "data.bad_fraction_window_samples",
+                 "must be >= 1 samples (e.g. 200000)")
         _require(bool(self.image_key.strip(" ;")), "data.image_key",
                  "must name at least one image extension, e.g. jpg;png;webp")
         _require(bool(self.text_key.strip()), "data.text_key", "must name the caption extension, e.g. txt")
@@ -317,7 +361,8 @@ class OptimConfig:
     # Which parameters get no weight decay (besides every 1-D tensor: biases, norm gains):
     # clip-train: the logit scale/bias and every embedding (token, positional, class) — their
     #   names match *logit_scale*, *logit_bias*, *positional_embedding*, *class_embedding*,
-    #   *token_embedding*, *cls_emb*;
+    #   *token_embedding*, *cls_emb*, plus a timm trunk's own no_weight_decay() names
+    #   (visual.trunk.pos_embed, cls_token, reg_token, dist_token);
     # open_clip: open_clip_train's rule (names matching *bn*, *ln*, *bias*, *logit_scale*), which
     #   does decay the token and positional embeddings.
     no_decay_patterns: list[str] = field(default_factory=list)
@@ -332,10 +377,12 @@ class OptimConfig:
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
     cooldown_steps: int = 0
-    # const-cooldown: decay to `min_lr` over the last N steps.
+    # const-cooldown: decay towards `min_lr` over the last N steps, as open_clip_train's
+    # const_lr_cooldown: the first of them still runs at lr, the last at
+    # min_lr + (lr - min_lr) * (1/N)^power (min_lr itself would be the step after the run).
     cooldown_power: float = 1.0
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
-    # (1 - progress)^power; 1 is linear, 0.5 stays high longer (sqrt cooldown).
+    # (1 - k/N)^power at the k-th (0-based) cooldown step; 1 is linear, 0.5 stays high longer.
     min_lr: float = 0.0
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
@@ -385,7 +432,8 @@ class TrainConfig:
     # the last chunk, then reduces once (less communication, a full gradient copy per process).
     precision: str = "auto"
     # auto (bf16 on GPUs with native bf16, Ampere or newer; fp16 with loss scaling on older ones;
-    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision.
+    # fp32 on CPU) | no | fp16 | bf16, through Accelerate's mixed precision. On the CPU fp16 is
+    # refused and bf16 runs (several times slower than fp32), saying so in the run's first line.
     tf32: bool = True
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
@@ -400,6 +448,11 @@ class TrainConfig:
     resume: str | None = None
     # latest (the newest checkpoint in output_dir or remote_dir, or start fresh if none), a
     # checkpoint path, or the URL of a checkpoint in a bucket (downloaded into output_dir).
+    resume_data: str = "exact"
+    # exact: the data stream continues exactly where the checkpoint's stopped (refused if
+    # data.train, its weights, data.workers, shuffle_buffer, the batch size or the process count
+    # changed). fresh: model, optimizer and step are restored and the stream restarts from a new
+    # seed derived from train.seed and the step: the way to continue after the data changed.
     max_nonfinite_steps: int = 5
     # A non-finite loss or gradient skips the step; this many in a row stop the run (noticed at
     # the next stop check, below).
@@ -436,6 +489,7 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
         _require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
+        _one_of(self.resume_data, "train.resume_data", ("exact", "fresh"))
         _require(self.stop_check_every_steps > 0, "train.stop_check_every_steps",
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",

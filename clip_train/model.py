@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision.transforms import Compose
 
@@ -22,6 +24,7 @@ from clip_train.config import AugConfig, ConfigError, ModelConfig
 from clip_train.pretrained import (
     HF_HUB_PREFIX,
     PretrainedError,
+    check_quick_gelu,
     fetch_hub_model_config,
     hub_offline,
     load_tower,
@@ -67,14 +70,20 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model (on CPU, fp32), its transforms and tokenizer; apply locking."""
     name = resolve_model_name(cfg.name)
     hub_name = name.startswith(HF_HUB_PREFIX)
+    sources = {"model.pretrained": cfg.pretrained, "model.pretrained_image_path": cfg.pretrained_image_path,
+               "model.pretrained_text_path": cfg.pretrained_text_path}
+    for key, spec in sources.items():  # before any download
+        if spec is not None:
+            check_quick_gelu(name, spec, cfg.force_quick_gelu, key)
     weights = resolve_weights(cfg.pretrained, name, "model.pretrained") if cfg.pretrained else None
     towers = {tower: resolve_weights(spec, name, f"model.pretrained_{tower}_path")
               for tower, spec in (("image", cfg.pretrained_image_path), ("text", cfg.pretrained_text_path))
               if spec is not None}
-    preprocess = weights.preprocess if weights is not None else {}
-    if "image" in towers and weights is None:
-        preprocess = towers["image"].preprocess  # the image tower decides its preprocessing
-    # The config's preprocessing wins over the weights' own; unset everywhere: open_clip's.
+    # The image tower decides its preprocessing: key by key, the preprocessing that comes with
+    # pretrained_image_path (a tag or hub repo; a local file carries none) wins over
+    # model.pretrained's, and the config's wins over both; unset everywhere: open_clip's.
+    preprocess = {**(weights.preprocess if weights is not None else {}),
+                  **(towers["image"].preprocess if "image" in towers else {})}
     preprocess = {**preprocess, **{k: v for k, v in (
         ("mean", cfg.image_mean), ("std", cfg.image_std), ("interpolation", cfg.image_interpolation),
         ("resize_mode", cfg.image_resize_mode)) if v is not None}}
@@ -94,8 +103,8 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
                 image_mean=_channels(preprocess.get("mean")), image_std=_channels(preprocess.get("std")),
                 image_interpolation=preprocess.get("interpolation"),
                 image_resize_mode=preprocess.get("resize_mode"),
-                force_image_size=cfg.force_image_size, aug_cfg=cfg.aug.open_clip_cfg(),
-                output_dict=False,
+                force_image_size=cfg.force_image_size, force_quick_gelu=cfg.force_quick_gelu,
+                aug_cfg=cfg.aug.open_clip_cfg(), output_dict=False,
             )
     except OSError as err:  # timm / transformers base weights that could not be fetched
         if not hub_offline():
@@ -105,6 +114,14 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
                               f"same config once with internet access to fill HF_HOME") from None
     if hub_name and weights is not None:
         open_clip.load_checkpoint(model, weights.path)
+    if "fill_color" in preprocess:
+        # create_model_and_transforms takes no fill colour (padding of resize_mode=longest): set
+        # the weights' own on the model and rebuild the evaluation transform with open_clip's
+        # function (training crops, it never pads).
+        fill = preprocess["fill_color"]
+        pp = {**model.visual.preprocess_cfg, "fill_color": tuple(fill) if isinstance(fill, list) else fill}
+        set_model_preprocess_cfg(model, pp)
+        eval_transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
     if cfg.aug.auto_augment is not None:
         train_transform = timm_train_transform(model, cfg.aug)
     if cfg.aug.use_timm:
@@ -115,7 +132,8 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
         load_tower(model, tower_weights.path, tower, f"model.pretrained_{tower}_path")
     tokenizer = open_clip.get_tokenizer(name)
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=False)
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
     if cfg.grad_checkpointing:

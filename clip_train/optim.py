@@ -76,10 +76,22 @@ def layer_ids(model: nn.Module, tower: str) -> dict[str, int]:
     return {prefix + n: i for n, i in ids.items()}
 
 
+def trunk_no_decay_patterns(model: nn.Module) -> tuple[str, ...]:
+    """A timm trunk's own no-decay names (`no_weight_decay()`: pos_embed, cls_token, reg_token,
+    dist_token for a ViT), as full-model patterns: timm's names for the embeddings that the
+    clip-train preset's open_clip names (*positional_embedding*, *class_embedding*) miss."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if trunk is None or not hasattr(trunk, "no_weight_decay"):
+        return ()
+    return tuple(f"visual.trunk.{name}" for name in sorted(trunk.no_weight_decay()))
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups over the trainable parameters: by tower (per-tower LR), weight decay and, with
     layer-wise decay, layer. Each group's `lr_scale` multiplies the scheduled learning rate."""
     patterns = NO_DECAY_PRESETS[cfg.no_decay] + tuple(cfg.no_decay_patterns)
+    if cfg.no_decay == "clip-train":  # the open_clip preset stays open_clip_train's rule exactly
+        patterns += trunk_no_decay_patterns(model)
     lr_scale = {"image": cfg.image_lr_scale, "text": cfg.text_lr_scale, "shared": 1.0}
     layer_decay = {"image": cfg.image_layer_decay, "text": cfg.text_layer_decay}
     layers: dict[str, tuple[dict[str, int], int]] = {}
@@ -152,10 +164,13 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "const-cooldown":
+        # As open_clip_train's const_lr_cooldown (so that a recipe ported from open_clip gets
+        # the same rates): the first cooldown step still runs at lr, the last at
+        # min_lr + (lr - min_lr) * (1 / cooldown_steps)^power; min_lr is the step after the run.
         cooldown_start = total_steps - cfg.cooldown_steps
         if step < cooldown_start:
             return cfg.lr
-        frac = min((step - cooldown_start + 1) / cfg.cooldown_steps, 1.0)
+        frac = min((step - cooldown_start) / cfg.cooldown_steps, 1.0)
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - frac) ** cfg.cooldown_power
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)

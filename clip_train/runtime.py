@@ -13,11 +13,14 @@ only every `train.stop_check_every_steps` steps and at log and checkpoint steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
+import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
@@ -41,17 +44,48 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, cuda: bool, bf16_native: Callable[[], bool] = lambda: False) -> str:
     """Accelerate's mixed_precision value. auto: bf16 where the GPU has it natively, else fp16
-    (with loss scaling); fp32 on the CPU unless bf16 is asked for explicitly."""
+    (with loss scaling); fp32 on the CPU unless bf16 is asked for explicitly. fp16 on the CPU is
+    refused (ConfigError)."""
     if precision == "auto":
         if not cuda:
             return "no"
         return "bf16" if bf16_native() else "fp16"
     if not cuda and precision == "fp16":
-        log.warning("train.precision=fp16 needs CUDA; falling back to fp32 on the CPU")
-        return "no"
-    if not cuda and precision == "bf16":
-        log.warning("train.precision=bf16 on the CPU runs much slower than fp32 (use train.precision=no)")
+        # A silent fall-back to fp32 would make a CPU run look like the fp16 run it is not.
+        from clip_train.config import ConfigError
+
+        raise ConfigError("train.precision=fp16 needs CUDA GPUs (fp16 autocast with loss scaling); on the "
+                          "CPU use train.precision=no (fp32, what auto picks) or bf16")
     return precision
+
+
+def cpu_precision_note(precision: str, cuda: bool) -> str | None:
+    """The line a CPU run with bf16 autocast starts with (allowed: it checks bf16 numerics where
+    there is no GPU, but runs several times slower than fp32)."""
+    if not cuda and precision == "bf16":
+        return ("train.precision=bf16 on the CPU: bf16 autocast, several times slower than fp32 "
+                "(train.precision=no for fp32)")
+    return None
+
+
+@contextlib.contextmanager
+def rng_isolated(device: torch.device) -> Iterator[None]:
+    """Run what is not the training step (evaluation, trackers, the metrics file) without moving the
+    training's random streams: torch's CPU generator and `device`'s, Python's `random` and
+    numpy's global state are as they were afterwards.
+
+    Why: dropout, patch dropout (open_clip draws its patch choice from the CPU generator even on
+    a GPU) and drop-path consume these streams; one extra draw elsewhere (a DataLoader's base
+    seed, a model built for evaluation) shifts every later mask, so a resumed run or a run with
+    evaluation would no longer repeat the uninterrupted run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    accel = device.type not in ("cpu", "meta")
+    try:
+        with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def configure_matmul_precision(tf32: bool, cuda: bool) -> None:

@@ -17,7 +17,8 @@ What this module adds around Accelerate's path:
 - Mixed precision: bf16 parameters for compute, gradients reduced in float32, float32 master
   parameters and AdamW state (FSDP2 MixedPrecisionPolicy through Accelerate's plugin).
 - Full tensors when needed: the open_clip state dict for export (gathered to the main process on
-  CPU) and an unsharded copy of the model for evaluation (gathered once per evaluation).
+  CPU) and an unsharded copy of the model for evaluation (`EvalCopy`: made from the training
+  model before sharding, filled with the gathered weights once per evaluation).
 """
 
 from __future__ import annotations
@@ -194,23 +195,47 @@ def open_clip_state_dict(model: nn.Module, *, to_all: bool = False) -> dict[str,
     return {k.removeprefix("clip."): v for k, v in state.items()}
 
 
-def unsharded_model(model: nn.Module, clip: nn.Module, name: str, device: torch.device,
-                    needed: bool = True) -> nn.Module:
-    """A plain open_clip model with the current weights on every process (for evaluation).
+class EvalCopy:
+    """The plain open_clip model that evaluates a sharded run, on every process.
 
-    Unsharded runs, or not `needed` (no evaluation configured): `clip` itself, nothing gathered.
-    Sharded: a fresh open_clip model `name` (its
-    non-persistent buffers such as the text attention mask come with it) that receives the full
-    weights, gathered once; it holds one copy of the parameters, without gradients or optimizer
-    state. Collective when sharded."""
-    if not (needed and is_sharded(model)):
-        return clip
-    state = open_clip_state_dict(model, to_all=True)
-    import open_clip
+    Made once, before sharding, from the training model itself: the same modules, options
+    (model.force_image_size, locked towers, a Hugging Face text tower...), frozen parameters and
+    constant buffers (the text causal mask), so nothing is rebuilt, downloaded or randomly
+    initialised at an evaluation (an initialisation would draw from training's generators).
+    Between evaluations it holds no weights (meta tensors): `load` fills it with the current
+    full weights (collective), `release` frees them. It is the same object at every evaluation,
+    so a frozen text tower's zero-shot classifiers stay cached (evaluate.ClassifierCache)."""
 
-    plain = open_clip.create_model(name)
-    plain.load_state_dict(state, strict=True)
-    return plain.to(device)
+    def __init__(self, clip: nn.Module):
+        import copy
+
+        memo: dict[int, torch.Tensor] = {}
+        self._constant: dict[str, torch.Tensor] = {}  # non-persistent buffers: not in a state dict
+        for prefix, module in clip.named_modules():
+            for p in module.parameters(recurse=False):
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for name, b in module.named_buffers(recurse=False):
+                if name in module._non_persistent_buffers_set:
+                    self._constant[f"{prefix}.{name}" if prefix else name] = b.detach().clone()
+                else:
+                    memo[id(b)] = torch.empty_like(b, device="meta")
+        # deepcopy takes every tensor found in `memo` as its own copy: the weights are never copied.
+        self.model = copy.deepcopy(clip, memo)
+        self.model.eval()
+
+    def load(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The copy with `model`'s current weights on `device` (collective when sharded)."""
+        state = open_clip_state_dict(model, to_all=True)
+        self.model.to_empty(device=device)
+        for name, value in self._constant.items():
+            owner, _, buffer = name.rpartition(".")
+            self.model.get_submodule(owner)._buffers[buffer] = value.to(device)
+        self.model.load_state_dict(state, strict=True)
+        return self.model
+
+    def release(self) -> None:
+        """Free the weights until the next `load`."""
+        self.model.to("meta")
 
 
 def sharded_checkpoint_state(path: str) -> dict[str, torch.Tensor] | None:

@@ -21,7 +21,13 @@ from clip_train.checkpoint import (
     save_checkpoint,
 )
 from clip_train.config import ClipTrainError, Config
-from clip_train.data import BAD_KINDS, batch_to_device, build_train_loader
+from clip_train.data import (
+    BadSampleCeiling,
+    batch_to_device,
+    build_train_loader,
+    check_bad_samples,
+    fresh_stream_seed,
+)
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
@@ -41,21 +47,23 @@ from clip_train.runtime import (
     accelerator_kwargs,
     buffers_change_in_training,
     configure_matmul_precision,
+    cpu_precision_note,
     cuda_bf16_native,
     freeze_unused_logit_bias,
     optimizer_step,
     own_cuda_device,
     resolve_precision,
+    rng_isolated,
     sync_buffers_every_forward,
 )
 from clip_train.sharding import (
+    EvalCopy,
     check_mirror_disk,
     check_supported,
     enable_fsdp2,
     open_clip_state_dict,
     prepare_model,
     reduce_replicated_grads,
-    unsharded_model,
 )
 
 log = logging.getLogger("clip_train")
@@ -73,9 +81,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
     configure_matmul_precision(cfg.train.tf32, cuda)
-    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
-                       project_dir=cfg.train.output_dir,
-                       kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+    accelerator = Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
+                              project_dir=cfg.train.output_dir,
+                              kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+    note = cpu_precision_note(precision, cuda)
+    if note and accelerator.is_main_process:
+        log.warning(note)  # the run's first line
+    return accelerator
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -133,6 +145,8 @@ def train(cfg: Config) -> dict[str, float]:
         bundle.model.encode_image = torch.compile(bundle.model.encode_image)
         bundle.model.encode_text = torch.compile(bundle.model.encode_text)
     optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
+    # FSDP2 evaluates a plain copy of the model: its structure taken now, before sharding.
+    eval_copy = EvalCopy(bundle.model) if sharded and has_evaluation(cfg) else None
     model = DualEncoder(bundle.model)
     if sharded:
         prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
@@ -159,17 +173,28 @@ def train(cfg: Config) -> dict[str, float]:
         set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    data_state, stream_seed = progress.data_states[rank] if progress.data_states else None, None
+    if data_state is not None and cfg.train.resume_data == "fresh":  # the data changed: a new stream
+        data_state, stream_seed = None, fresh_stream_seed(cfg.train.seed, progress.step)
+        if accelerator.is_main_process:
+            log.info("train.resume_data=fresh: model, optimizer and step %d restored; the data stream "
+                     "restarts from seed %d (from train.seed and the step), epoch 0", progress.step, stream_seed)
     loader = build_train_loader(
         cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
         local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
-        world_size=world, state=progress.data_states[rank] if progress.data_states else None,
-        pin_memory=accelerator.device.type == "cuda")
+        world_size=world, state=data_state, pin_memory=accelerator.device.type == "cuda",
+        stream_seed=stream_seed)
+    bad_ceiling = BadSampleCeiling(cfg.data.max_bad_fraction, cfg.data.bad_fraction_min_samples,
+                                   cfg.data.bad_fraction_window_samples)
+    data_metrics: dict[str, float] = {}
     loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
                                 tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale,
                                 debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
     # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
     infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
-    progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id, progress.step)
+    isolated = functools.partial(rng_isolated, accelerator.device)  # not the training step's randomness
+    with isolated():
+        progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id, progress.step)
     metrics_log = MetricsLog(accelerator, cfg)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
     global_batch = cfg.train.local_batch_size * world
@@ -238,6 +263,8 @@ def train(cfg: Config) -> dict[str, float]:
         stop_now = False
         if log_now or save_now or progress.step % cfg.train.stop_check_every_steps == 0:
             stop_now = check_health(health, accelerator, stop, progress, cfg, checkpoint, syncer)
+            # Every process's bad-sample counts; DataError above data.max_bad_fraction.
+            data_metrics = check_bad_samples(accelerator, loader, bad_ceiling)
         if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
             metrics = {
@@ -253,12 +280,15 @@ def train(cfg: Config) -> dict[str, float]:
                 **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
                 "health/candidates": candidates,
                 **({"health/mi_lower_bound": infonce_mi_lower_bound(loss, candidates)} if infonce else {}),
-                **bad_sample_metrics(accelerator, loader),
+                **data_metrics,
             }
-            metrics_log.log(metrics, progress.step)
+            with isolated():
+                metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
         if not last and cfg.eval.due(progress.step):  # only the entries due at this step
-            metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step), progress.step)
+            with isolated():
+                metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step,
+                                               eval_copy), progress.step)
         if save_now or stop_now:
             checkpoint()
         if stop_now and not last:
@@ -267,7 +297,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     display.close()
     if progress.step == cfg.train.steps:
-        results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache)
+        results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, eval_copy=eval_copy)
         metrics_log.log(results, progress.step)
         final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
@@ -303,17 +333,27 @@ def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest
     return stop_now
 
 
+def has_evaluation(cfg: Config) -> bool:
+    return bool(cfg.eval.zeroshot_sets() or cfg.eval.retrieval_sets() or cfg.eval.validation_sets())
+
+
 def run_evaluation(accelerator: Accelerator, model, clip, cfg: Config, bundle,
-                   cache: ClassifierCache | None = None, step: int | None = None) -> dict[str, float]:
+                   cache: ClassifierCache | None = None, step: int | None = None,
+                   eval_copy: EvalCopy | None = None) -> dict[str, float]:
     """Every evaluation (step None: the end of training) or those due at `step`. Only the encoders
-    run in the training precision: under autocast the similarities would be bf16 too."""
-    # FSDP2: a plain copy of the weights, gathered once, only if there is anything to evaluate.
-    has_eval = bool(cfg.eval.zeroshot_sets() or cfg.eval.retrieval_sets() or cfg.eval.validation_sets())
-    clip = unsharded_model(model, clip, bundle.name, accelerator.device, needed=has_eval)
-    results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
-                       device=accelerator.device, rank=accelerator.process_index,
-                       world_size=accelerator.num_processes, show_progress=accelerator.is_main_process,
-                       autocast=accelerator.autocast, loss=cfg.loss, step=step, cache=cache)
+    run in the training precision: under autocast the similarities would be bf16 too.
+
+    FSDP2 (`eval_copy`): the copy holds the weights, gathered once, only during the evaluation."""
+    if eval_copy is not None:
+        clip = eval_copy.load(model, accelerator.device)
+    try:
+        results = evaluate(clip, cfg.eval, transform=bundle.eval_transform, tokenizer=bundle.tokenizer,
+                           device=accelerator.device, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes, show_progress=accelerator.is_main_process,
+                           autocast=accelerator.autocast, loss=cfg.loss, step=step, cache=cache)
+    finally:
+        if eval_copy is not None:
+            eval_copy.release()
     if results and accelerator.is_main_process:
         log.info("eval: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
@@ -326,16 +366,3 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def bad_sample_metrics(accelerator: Accelerator, loader) -> dict[str, float]:
-    """Bad-sample counts summed over processes (every process calls this at the same step).
-
-    BAD_KINDS fixes the tensor's layout, so every process reduces the same shape."""
-    counts = loader.bad_counts()
-    values = torch.tensor([float(loader.samples_read())] + [float(counts[k]) for k in BAD_KINDS],
-                          device=accelerator.device)
-    totals = accelerator.reduce(values, "sum")
-    out = {"data/samples_read": totals[0].item(), "data/bad_samples": totals[1:].sum().item()}
-    out.update({f"data/bad/{k}": totals[i + 1].item() for i, k in enumerate(BAD_KINDS)})
-    return out

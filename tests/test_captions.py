@@ -67,7 +67,7 @@ def test_caption_weights_by_position():
     assert caption_weights([1, 2], (0.3, 0.7)) == pytest.approx([0.35, 0.35])  # no txt: the list only
     assert caption_weights([0], (0.3, 0.7)) == [0.3]
     assert caption_weights([0, 1], None) == [1.0, 1.0]
-    assert caption_weights([1, 2], (1.0, 0.0)) == [1.0, 1.0]  # nothing weighted is present: uniform
+    assert caption_weights([1, 2], (1.0, 0.0)) == [0.0, 0.0]  # a weight of 0 stays 0, even alone
 
 
 def test_draws_follow_the_probabilities():
@@ -115,3 +115,62 @@ def test_caption_config_errors():
     draw_caption({"txt": b"0 orig", "json": b'{"captions": ["0 syn-a"]}'}, "txt",
                  CaptionSpec("captions", None, True), 1, lambda *a: None)
     assert random.random() == random.Random(0).random()
+
+
+def test_zero_weight_captions_are_never_drawn():
+    """data.caption_probs=[1, 0] means "only the txt caption": a sample whose txt is empty or
+    missing is skipped and counted (as a missing caption), never given a zero-weight recaption."""
+    only_txt = CaptionSpec("captions", (1.0, 0.0), True)
+    listed = json.dumps({"captions": ["0 syn-a", "0 syn-b"]}).encode()
+    for sample in ({"txt": b"  ", "json": listed}, {"json": listed},
+                   {"json": json.dumps({"captions": ["0 syn-a"]}).encode()}):  # one candidate, weight 0
+        bad = []
+        assert draw_caption(sample, "txt", only_txt, 0, lambda kind, what, out=bad: out.append((kind, what))) is None
+        assert bad[0][0] == "missing_caption" and "data.caption_probs" in bad[0][1]
+    assert draw_caption({"txt": b"0 orig", "json": listed}, "txt", only_txt, 0, lambda *a: None) == "0 orig"
+    # Only the recaptions: [0, 1]; a sample without them is skipped, the others never give txt.
+    only_list = CaptionSpec("captions", (0.0, 1.0), True)
+    bad = []
+    assert draw_caption({"txt": b"0 orig"}, "txt", only_list, 0, lambda kind, what: bad.append(kind)) is None
+    assert bad == ["missing_caption"]
+    sample = {"txt": b"0 orig", "json": listed}
+    assert {draw_caption(sample, "txt", only_list, s, lambda *a: None) for s in range(50)} == {"0 syn-a", "0 syn-b"}
+    # caption_list_with_text=false: the txt caption of a sample without a list is its documented
+    # fallback, whatever the weights.
+    no_text = CaptionSpec("captions", (0.0, 1.0), False)
+    assert draw_caption({"txt": b"1 orig"}, "txt", no_text, 0, lambda *a: None) == "1 orig"
+
+
+def test_an_unreadable_part_loses_only_its_own_captions(tmp_path, caplog):
+    """A corrupt json beside a fine txt keeps the sample with its txt; a non-UTF-8 txt beside a fine
+    list keeps it with the list; both broken: skipped as undecodable. A kept sample is warned
+    about, not counted as bad."""
+    # Through the loader (in-process): every sample trains, no bad count, a warning in the log.
+    def samples():
+        for i in range(6):
+            sample = {"__key__": f"u{i}", "png": png_bytes(i), "txt": f"{i} orig".encode(),
+                      "json": json.dumps({"captions": [f"{i} syn-a"]}).encode()}
+            if i % 3 == 1:
+                sample["json"] = b"{not json"
+            if i % 3 == 2:
+                sample["txt"] = b"\xff\xfe"
+            yield sample
+
+    write_samples(samples(), str(tmp_path), 6, prefix="u", progress=False)
+    train = loader(f"{tmp_path}/u-000000.tar", workers=0)
+    with caplog.at_level("WARNING", logger="clip_train.data.stream"):
+        got = draws(take(train, 1))
+    assert sorted(got) == list(range(6)) and train.bad_counts() == dict.fromkeys(train.bad_counts(), 0)
+    assert got[1] == 0 and got[2] == 1  # corrupt json: its txt; non-UTF-8 txt: its list
+    assert sum("kept with its readable captions" in r.getMessage() for r in caplog.records) == 3
+    # draw_caption itself: which part is lost, and the note.
+    spec = CaptionSpec("captions", None, True)
+    notes, bad = [], []
+    corrupt_json = {"txt": b"3 orig", "json": b'{"captions": ["3 syn-a"'}
+    assert draw_caption(corrupt_json, "txt", spec, 0, lambda *a: bad.append(a), notes.append) == "3 orig"
+    bad_txt = {"txt": b"\xff\xfe orig", "json": b'{"captions": ["4 syn-a"]}'}
+    assert draw_caption(bad_txt, "txt", spec, 0, lambda *a: bad.append(a), notes.append) == "4 syn-a"
+    assert not bad and len(notes) == 2 and "json" in notes[0] and "txt" in notes[1]
+    both = {"txt": b"\xff orig", "json": b"{"}
+    assert draw_caption(both, "txt", spec, 0, lambda kind, what: bad.append(kind), notes.append) is None
+    assert bad == ["undecodable_text"]

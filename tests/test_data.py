@@ -9,6 +9,7 @@ import logging
 import pickle
 import random
 import tarfile
+import types
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -32,9 +33,11 @@ from PIL import Image
 from clip_train.config import ConfigError, DataConfig, ModelConfig
 from clip_train.data import (
     BAD_KINDS,
+    BadSampleCeiling,
     DataError,
     batch_to_device,
     build_train_loader,
+    check_bad_samples,
     dataset_size,
     epoch_quota,
     epoch_shard_order,
@@ -46,6 +49,7 @@ from clip_train.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+ONE_PROCESS = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"))  # for check_bad_samples
 
 
 def loader(train: str, *, batch: int = 6, seed: int = 0, rank: int = 0, world: int = 1,
@@ -199,10 +203,40 @@ def test_resume_over_bad_data_repeats_neither_batches_nor_counts(tmp_path, resam
 def test_resume_refuses_a_changed_stream(even_shards):
     first = loader(even_shards)
     take(first, 2)
-    with pytest.raises(ConfigError, match="data.workers"):
+    with pytest.raises(ConfigError, match="data.workers.*set train.resume_data=fresh"):
         loader(even_shards, workers=1, state=first.state_dict())
     with pytest.raises(ConfigError, match="train.seed"):
         loader(even_shards, seed=5, state=first.state_dict())
+
+
+def test_resume_refuses_changed_source_weights(tmp_path):
+    a = write_id_shards(tmp_path / "a", [6, 6])
+    b = write_id_shards(tmp_path / "b", [6, 6], first_id=12)
+    first = loader(f"{a}::{b}", train_data_weights="1::9", train_num_samples=24)
+    take(first, 2)
+    state = first.state_dict()
+    same = loader(f"{a}::{b}", train_data_weights="1.0::9", train_num_samples=24, state=state)
+    assert same.batches_consumed == 2  # the same weights, written differently
+    with pytest.raises(ConfigError, match=r"data.train_data_weights: changed.*train.resume_data=fresh"):
+        loader(f"{a}::{b}", train_data_weights="9::1", train_num_samples=24, state=state)
+
+
+def test_fresh_stream_seed_is_new_per_step_and_resumes_exactly(even_shards):
+    from clip_train.data import fresh_stream_seed
+
+    assert fresh_stream_seed(0, 100) == fresh_stream_seed(0, 100) != fresh_stream_seed(0, 101)
+    base = take(loader(even_shards), 4)[0]
+    fresh = build_train_loader(DataConfig(train=even_shards, shuffle_buffer=20), transform=to_tensor,
+                               tokenizer=id_tokenizer, local_batch_size=6, seed=0, rank=0, world_size=1,
+                               stream_seed=fresh_stream_seed(0, 100))
+    full = take(fresh, 6)[0]
+    assert full[:4] != base
+    # A checkpoint of the fresh stream resumes it exactly, with only train.seed given.
+    again = build_train_loader(DataConfig(train=even_shards, shuffle_buffer=20), transform=to_tensor,
+                               tokenizer=id_tokenizer, local_batch_size=6, seed=0, rank=0, world_size=1,
+                               stream_seed=fresh_stream_seed(0, 100))
+    take(again, 4)
+    assert take(loader(even_shards, state=again.state_dict()), 2)[0] == full[4:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,9 +298,74 @@ def test_bad_fraction_ceiling_stops_the_run(tmp_path, workers):
                 sample["txt"] = str(i)
             sink.write(sample)
     L = loader(str(tmp_path / "half-000000.tar"), batch=2, workers=workers, train_num_samples=40,
-               max_bad_fraction=0.2, bad_fraction_min_samples=10)
-    with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*half-000000.tar"):
-        take(L, 10)
+               bad_fraction_min_samples=10)
+    take(L, 10)  # half the data is bad, yet this worker trains: no per-worker stop
+    ceiling = BadSampleCeiling(0.2, min_samples=10, window_samples=1000)
+    with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*half-000000.tar \(\d+ bad\)"):
+        check_bad_samples(ONE_PROCESS, L, ceiling)
+
+
+def test_bad_sample_ceiling_over_the_whole_run_and_a_recent_window():
+    ceiling = BadSampleCeiling(0.05, min_samples=1000, window_samples=10000)
+    assert ceiling.judge(500, 400) is None  # too few samples read to judge
+    assert ceiling.judge(1000, 40) is None  # one bad shard early: 4%
+    for read in range(2000, 1_000_001, 1000):  # a long run of good data
+        assert ceiling.judge(read, 40) is None
+    # Data that breaks late, 20% bad from 1e6 on: stops once the last 10000 samples are over 5%
+    # (after 3000 broken ones), while the whole run is at 0.06%.
+    verdicts = [ceiling.judge(1_000_000 + k, 40 + k // 5) for k in range(1000, 4001, 1000)]
+    assert verdicts[:2] == [None, None] and verdicts[2] == (
+        "600 of the last 10000 samples read by all processes (6.0%) were unusable (640 of 1003000 in the whole run)")
+    # Mostly broken data from the start stops at the first judged check.
+    verdict = BadSampleCeiling(0.05, 1000, 10000).judge(1000, 300)
+    assert verdict == "300 of the 1000 samples read by all processes (30.0%) were unusable"
+    line = ceiling.message(verdict, {**dict.fromkeys(BAD_KINDS, 0), "corrupt_image": 300},
+                           {"s/a.tar": 10, "s/b.tar": 290})
+    assert "data.max_bad_fraction=0.05 (corrupt_image=300); worst shards: s/b.tar (290 bad), s/a.tar (10 bad)" in line
+
+
+def test_epoch_ranges_and_pieces_split_every_sample_once():
+    from clip_train.data import epoch_pieces, epoch_ranges
+
+    for world, workers, batch, sizes in [(2, 2, 3, [12] * 5), (2, 2, 3, [12] * 6), (3, 2, 4, [7, 30, 1, 12, 9]),
+                                         (1, 3, 5, [100]), (2, 4, 2, [13, 5, 22, 8, 17, 9, 30])]:
+        urls = tuple(f"s{i}.tar" for i in range(len(sizes)))
+        steps = sum(sizes) // (world * batch)
+        for epoch in range(3):
+            ranges = epoch_ranges(world, workers, epoch, steps, batch, sum(sizes))
+            assert ranges[0][0] == 0 and ranges[-1][1] == sum(sizes)
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
+            for u, (lo, hi) in enumerate(ranges):  # each unit's range holds its batch quota
+                assert hi - lo >= epoch_quota(epoch, u % workers, steps, workers) * batch
+            seen = Counter()
+            for rank in range(world):
+                for worker in range(workers):
+                    for url, first, end in epoch_pieces(urls, tuple(sizes), 0, epoch, rank, world, worker,
+                                                        workers, steps, batch):
+                        n = sizes[urls.index(url)]
+                        seen.update((url, i) for i in range(first, n if end is None else end))
+            assert seen == Counter((u, i) for u, n in zip(urls, sizes, strict=True) for i in range(n))
+
+
+def test_a_broken_shard_split_between_workers_is_counted_once(tmp_path):
+    write_id_shards(tmp_path, [6, 14])  # sizes.json: 20 samples, cut into 10 + 10 for 2 workers
+    truncate_inside_sample(tmp_path / "t-000001.tar", keep_samples=2)  # both workers read into it
+    L = loader(f"{tmp_path}/t-{{000000..000001}}.tar", batch=2, workers=2, shuffle_buffer=100, resampled=False)
+    take(L, 2)  # one batch per worker: each has read its whole part once (the buffer holds it)
+    assert L.bad_counts()["bad_tar"] == 1 and L.samples_read() == 6 + 2 + 1
+
+
+def test_epoch_mode_with_unknown_shard_sizes_warns_with_the_numbers(tmp_path, caplog):
+    train = write_id_shards(tmp_path, [12] * 6, sizes_file=False)
+    caplog.set_level(logging.WARNING, logger="clip_train.data")
+    loader(train, resampled=False, world=2, train_num_samples=72, batch=3)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "no sizes.json" in line and "6 shards over 2 processes x 2 workers = 4: 2 workers read one shard more" in line
+    caplog.clear()
+    sized = write_id_shards(tmp_path / "sized", [12] * 6)
+    loader(sized, resampled=False, world=2, batch=5)  # 72 samples, 7 global batches of 10: 2 unseen
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "72 samples, 70 per epoch in whole global batches: 2 samples" in line
 
 
 def test_a_worker_whose_shards_are_all_broken_borrows_shards(tmp_path, caplog):
@@ -303,8 +402,8 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, even_shards):
     no_sizes = write_id_shards(tmp_path / "nosizes", [4, 4], sizes_file=False)
     with pytest.raises(ConfigError, match="data.train_num_samples: the dataset size is unknown"):
         loader(no_sizes)
-    with pytest.raises(ConfigError, match=r"8 shards for 2 processes x 5 workers in epoch mode"):
-        loader(even_shards, resampled=False, world=2, workers=5)
+    with pytest.raises(ConfigError, match=r"2 shards for 2 processes x 5 workers in epoch mode without known"):
+        loader(no_sizes, resampled=False, world=2, workers=5, train_num_samples=24)
     with pytest.raises(ConfigError, match="less than one global batch"):
         loader(even_shards, batch=50, world=2)
     with pytest.raises(ConfigError, match="one weight per source"):
@@ -535,9 +634,9 @@ def test_write_samples_encodes_pil_images_ints_and_text(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_two_processes_split_epochs_exactly_and_never_hang(tmp_path):
-    proc = launch(["tests/helpers/dist_data_check.py", str(tmp_path)], timeout=200)
+    proc = launch(["tests/helpers/dist_data_check.py", str(tmp_path)], timeout=440)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
@@ -551,3 +650,65 @@ def test_two_processes_split_epochs_exactly_and_never_hang(tmp_path):
     assert result["uneven_allreduce_sum"] == 2 * 2 * result["uneven_steps_per_epoch"]
     # Resampled mode: different streams per rank, each reproducible.
     assert result["resampled_ranks_differ"] and result["resampled_reproducible"] == [True, True]
+    # Epoch mode over 5 and 6 equal shards (not a multiple of 2 x 2 workers): every sample
+    # exactly once in each of 2 epochs (the shards' sizes are known, so the split is by sample).
+    assert result["shards_5"] == [True, True] and result["shards_6"] == [True, True]
+    # 3.1% of the captions missing, default shuffle buffer (1000, so most samples read are
+    # still in it): no stop, and the fraction the metrics report is the truth (1/32) at every check.
+    b3 = result["b3"]
+    assert b3["stop"] is None and b3["max_fraction"] < 0.035, b3
+    assert b3["final"]["data/samples_read"] == 4000 and b3["final"]["data/bad_samples"] == 125, b3
+    assert b3["final"]["data/bad/missing_caption"] == 125
+    # 30% missing: both processes stop at the same check, with one line naming the worst shards.
+    stop_0, stop_1 = result["b30"]
+    assert stop_0 == stop_1 and "above data.max_bad_fraction=0.05" in stop_0, stop_0
+    assert "missing_caption=" in stop_0 and stop_0.count("b30/t-") == 5 and "(30 bad)" in stop_0
+    # One shard among 100 without any caption, drawn 4th, default settings: judged, no stop.
+    one = result["one_bad_shard"]
+    assert one["stop"] is None, one["stop"]
+    assert one["final"]["data/samples_read"] >= one["judged_from"]
+    # The bad shard once in each epoch read so far (its worker, 100 samples short of its batch
+    # quota, reads part of its range twice): about 1% of the samples read.
+    final = one["final"]
+    assert final["data/bad/missing_caption"] >= 200 and final["data/bad_samples"] / final["data/samples_read"] < 0.015
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing after the data changed (train.resume_data)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_data_fresh_continues_after_shards_are_added(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_color_shards
+
+    first = write_color_shards(tmp_path / "a", n_shards=2, per_shard=16)
+    added = write_color_shards(tmp_path / "b", n_shards=2, per_shard=16)
+    out = tmp_path / "run"
+    common = ["model.name=configs/models/tiny-vit.json", "train.local_batch_size=8", "train.log_every_steps=1",
+              "data.workers=1", "data.shuffle_buffer=8", f"train.output_dir={out}", "train.resume=latest"]
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+        env.pop("WORLD_SIZE", None)
+        return subprocess.run([sys.executable, "-m", "clip_train", "train", *common, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    proc = train(f"data.train={first}", "train.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # More shards: the exact stream cannot continue, and the refusal names the way forward.
+    proc = train(f"data.train={first}::{added}", "train.steps=6")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clip-train: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "data.train: changed since the checkpoint" in errors[0] and "train.resume_data=fresh" in errors[0]
+    proc = train(f"data.train={first}::{added}", "train.steps=6", "train.resume_data=fresh")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.resume_data=fresh: model, optimizer and step 3 restored; the data stream restarts" in proc.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert all(m["data/samples_read"] > 0 for m in metrics if "loss" in m)
+    assert (out / "checkpoints" / "step_00000006").is_dir()

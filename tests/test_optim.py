@@ -50,7 +50,8 @@ def test_schedules():
     assert [lr_at(s, const, 10) for s in (0, 1, 2, 9)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
     cool = OptimConfig(lr=1.0, schedule="const-cooldown", cooldown_steps=4, min_lr=0.0)
     got = [lr_at(s, cool, 10) for s in range(10)]
-    assert got[:6] == pytest.approx([1.0] * 6) and got[6:] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    # open_clip's cooldown: the first of the 4 steps still at lr, min_lr is the step after the run.
+    assert got[:7] == pytest.approx([1.0] * 7) and got[7:] == pytest.approx([0.75, 0.5, 0.25])
     assert all(math.isfinite(x) for x in got)
 
 
@@ -159,18 +160,25 @@ def test_layer_wise_lr_decay(tiny):
     assert got["visual.conv1.weight"] == pytest.approx(2e-3 * 0.1 * 0.125)
 
 
-def test_cooldown_power_matches_open_clip():
+@pytest.mark.parametrize("warmup, steps, cooldown, power, min_lr", [
+    (0, 10, 4, 1.0, 0.1),  # the issue's example: open_clip gives ..., 1.0, 1.0, 0.775, 0.55, 0.325
+    (2, 20, 8, 2.0, 0.1),
+    (3, 12, 9, 0.5, 0.0),  # warmup ends where the cooldown starts; sqrt cooldown
+    (0, 5, 5, 1.0, 0.2),  # the whole run is cooldown
+])
+def test_const_cooldown_matches_open_clip(warmup, steps, cooldown, power, min_lr):
+    """Every step's rate equals open_clip_train's const_lr_cooldown on the same arguments."""
     from open_clip_train.scheduler import const_lr_cooldown
 
-    cfg = OptimConfig(lr=1.0, schedule="const-cooldown", warmup_steps=2, cooldown_steps=8, cooldown_power=2.0,
-                      min_lr=0.1)
+    cfg = OptimConfig(lr=1.0, schedule="const-cooldown", warmup_steps=warmup, cooldown_steps=cooldown,
+                      cooldown_power=power, min_lr=min_lr)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = const_lr_cooldown(opt, 1.0, 2, 20, 8, cooldown_power=2.0, cooldown_end_lr=0.1)
-    # Ours gives step s the rate open_clip gives step s + 1 in the cooldown: it reaches min_lr
-    # on the last step instead of one step after the run.
-    for step in range(12, 20):
-        assert lr_at(step, cfg, 20) == pytest.approx(reference(step + 1))
-    assert lr_at(19, cfg, 20) == pytest.approx(0.1) and lr_at(12, cfg, 20) == pytest.approx(0.1 + 0.9 * (7 / 8) ** 2)
+    reference = const_lr_cooldown(opt, 1.0, warmup, steps, cooldown, cooldown_power=power, cooldown_end_lr=min_lr)
+    ours = [lr_at(step, cfg, steps) for step in range(steps)]
+    theirs = [reference(step) for step in range(steps)]
+    assert ours == pytest.approx(theirs, rel=0, abs=1e-15)
+    if (warmup, steps, cooldown) == (0, 10, 4):
+        assert ours[-5:] == pytest.approx([1.0, 1.0, 0.775, 0.55, 0.325], abs=1e-15)
 
 
 @pytest.mark.parametrize("opt", ["lion", "lamb"])
@@ -222,3 +230,74 @@ def test_adafactor_keeps_its_own_eps_and_betas(tiny):
     assert opt.defaults["eps"] == 1e-30 and opt.defaults["beta1"] is None
     opt = build_optimizer(tiny, OptimConfig(opt="adafactor", lr=1e-3, kwargs={"eps": 1e-20}))
     assert opt.defaults["eps"] == 1e-20
+
+
+def test_timm_trunk_embeddings_get_no_decay_as_timm_says(tmp_path):
+    """The clip-train preset leaves a timm trunk's embeddings undecayed, as the trunk's own
+    no_weight_decay() does through timm's param_groups_weight_decay (the reference)."""
+    import json
+
+    from timm.optim import param_groups_weight_decay
+
+    tiny_text = json.loads(open(TINY).read())["text_cfg"]
+    path = tmp_path / "tiny-timm-vit.json"
+    path.write_text(json.dumps({"embed_dim": 32, "text_cfg": tiny_text, "vision_cfg": {
+        "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "token",
+        "timm_proj": "linear", "image_size": 224}}))
+    model = build_model(ModelConfig(name=str(path))).model
+    trunk = model.visual.trunk
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours = {names[id(p)] for g in param_groups(model, OptimConfig(weight_decay=0.2)) if g["weight_decay"] == 0
+            for p in g["params"]}
+    trunk_names = {id(p): f"visual.trunk.{n}" for n, p in trunk.named_parameters()}
+    theirs = {trunk_names[id(p)] for g in param_groups_weight_decay(trunk, 0.2, no_weight_decay_list=trunk.no_weight_decay())
+              if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"visual.trunk.pos_embed", "visual.trunk.cls_token"} <= theirs
+    assert {n for n in ours if n.startswith("visual.trunk.")} == theirs
+    # The open_clip preset stays open_clip_train's name rule: it decays the trunk's embeddings.
+    open_clip_no_decay = {names[id(p)] for g in param_groups(model, OptimConfig(no_decay="open_clip"))
+                          if g["weight_decay"] == 0 for p in g["params"]}
+    assert "visual.trunk.pos_embed" not in open_clip_no_decay
+
+
+def test_lock_image_freeze_bn_stats_is_open_clips(tmp_path):
+    """model.lock_image_freeze_bn_stats: the locked BatchNorm tower is open_clip's
+    lock_image_tower(freeze_bn_stats=True) on the same model, and a training-mode forward
+    leaves its running statistics where they were (without the key they move)."""
+    import json
+
+    import open_clip
+
+    tiny_text = json.loads(open(TINY).read())["text_cfg"]
+    path = tmp_path / "tiny-rn.json"
+    path.write_text(json.dumps({"embed_dim": 32, "text_cfg": tiny_text, "vision_cfg": {
+        "image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}}))
+
+    def stats(model):
+        return {n: b.clone() for n, b in model.visual.named_buffers() if "running_" in n}
+
+    def train_forward(model):
+        model.train()
+        with torch.no_grad():
+            model.encode_image(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(name=str(path), lock_image=True, lock_image_freeze_bn_stats=True)).model
+    torch.manual_seed(0)
+    reference = open_clip.create_model("tiny-rn")
+    reference.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    assert repr(ours.visual) == repr(reference.visual) and "FrozenBatchNorm2d" in repr(ours.visual)
+    before = stats(ours)
+    assert before and before.keys() == stats(reference).keys()
+    train_forward(ours)
+    train_forward(reference)
+    for name, value in stats(ours).items():
+        assert torch.equal(value, before[name]) and torch.equal(value, stats(reference)[name]), name
+    assert tower_trainable(ours) == (False, True)
+    # Without the key (open_clip's default) the locked tower's statistics follow the data.
+    moving = build_model(ModelConfig(name=str(path), lock_image=True)).model
+    start = stats(moving)
+    train_forward(moving)
+    assert any(not torch.equal(v, start[n]) for n, v in stats(moving).items())
+    with pytest.raises(ConfigError, match="model.lock_image_freeze_bn_stats"):
+        load_config(None, ["model.lock_image_freeze_bn_stats=true"])

@@ -175,3 +175,128 @@ def test_base_tower_flags_reach_open_clip(monkeypatch, tmp_path):
                             pretrained_text_path=str(path)))
     # A checkpoint for the text tower replaces the Hugging Face base weights.
     assert seen["pretrained_image"] is True and seen["pretrained_text"] is False
+
+
+def serve_tag(hub, monkeypatch, repo_id: str, state_dict: dict, **tag_cfg) -> str:
+    """A fake open_clip tag `tiny_tag` of tiny-vit whose weights live in the offline hub cache."""
+    add_hub_repo(hub, repo_id, state_dict, config=False)
+    build_model(ModelConfig(name=TINY))
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, "tiny-vit", {
+        "tiny_tag": oc_pretrained._pcfg(hf_hub=f"{repo_id}/", **tag_cfg)})
+    return "tiny_tag"
+
+
+def test_quick_gelu_tag_is_refused_or_forced_like_open_clip(hub, monkeypatch):
+    """A tag trained with QuickGELU on a GELU model: open_clip warns 'QuickGELU mismatch'; we refuse
+    in one line naming the fix. With force_quick_gelu both build the same QuickGELU model."""
+    weights = tiny_weights(8)
+    tag = serve_tag(hub, monkeypatch, "test-org/tiny-quickgelu", weights, quick_gelu=True)
+    with pytest.warns(UserWarning, match="QuickGELU mismatch"):
+        open_clip.create_model("tiny-vit", pretrained=tag)
+    with pytest.raises(ClipTrainError, match=r"model.pretrained: open_clip tag 'tiny_tag' was trained with "
+                                             r"QuickGELU.*model.force_quick_gelu=true"):
+        build_model(ModelConfig(name=TINY, pretrained=tag))
+    with pytest.raises(ClipTrainError, match="model.pretrained_image_path: .*QuickGELU"):
+        build_model(ModelConfig(name=TINY, pretrained_image_path=tag))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no mismatch left for open_clip to warn about
+        reference = open_clip.create_model("tiny-vit", pretrained=tag, force_quick_gelu=True)
+    model = build_model(ModelConfig(name=TINY, pretrained=tag, force_quick_gelu=True)).model
+    assert_same(model, weights)
+    act = type(model.visual.transformer.resblocks[0].mlp.gelu)
+    assert act is type(reference.visual.transformer.resblocks[0].mlp.gelu) and act.__name__ == "QuickGELU"
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), reference.encode_image(image), rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=0, atol=0)
+    # The real registry: checked before any download, naming open_clip's -quickgelu model.
+    with pytest.raises(ClipTrainError, match=r"'laion400m_e31'.*use model.name=ViT-B-32-quickgelu"):
+        build_model(ModelConfig(name="ViT-B-32", pretrained="laion400m_e31"))
+    # A GELU tag on a forced-QuickGELU model is refused the other way round.
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, "tiny-vit", {
+        "tiny_tag": oc_pretrained._pcfg(hf_hub="test-org/tiny-quickgelu/")})
+    with pytest.raises(ClipTrainError, match="trained with GELU.*model.force_quick_gelu=false"):
+        build_model(ModelConfig(name=TINY, pretrained=tag, force_quick_gelu=True))
+
+
+def test_per_tower_loading_converts_as_open_clips_full_load(tmp_path):
+    """pretrained_image_path at another image size and a CLIP-layout text tower into a
+    CustomTextCLIP model: the towers equal open_clip.load_checkpoint's on the same file."""
+    source = tiny_weights(9)  # 32 px: a 4 x 4 grid of patches; CLIP layout (no text.*)
+    path = tmp_path / "tiny.pt"
+    torch.save(source, path)
+    # Image tower at 64 px (8 x 8 grid): open_clip resizes visual.positional_embedding.
+    reference = open_clip.create_model("tiny-vit", force_image_size=64)
+    open_clip.load_checkpoint(reference, str(path))
+    ours = build_model(ModelConfig(name=TINY, force_image_size=64, pretrained_image_path=str(path))).model
+    want = {k: v for k, v in reference.state_dict().items() if k.startswith("visual.")}
+    assert want["visual.positional_embedding"].shape[0] == 65 != source["visual.positional_embedding"].shape[0]
+    assert_same(ours, want, "visual.")
+    # Text tower into a CustomTextCLIP model (text.*): open_clip converts the CLIP layout.
+    custom = json.loads(Path(TINY).read_text()) | {"custom_text": True}
+    custom_path = tmp_path / "tiny-custom-text.json"
+    custom_path.write_text(json.dumps(custom))
+    ours = build_model(ModelConfig(name=str(custom_path), pretrained_text_path=str(path))).model
+    reference = open_clip.create_model("tiny-custom-text")
+    open_clip.load_checkpoint(reference, str(path))
+    want = {k: v for k, v in reference.state_dict().items() if k.startswith("text.")}
+    assert len(want) > 20 and "text.positional_embedding" in want
+    assert_same(ours, want, "text.")
+    # The other way (a CustomTextCLIP text tower into a CLIP model) open_clip does not convert:
+    # refused in one line that names the fix.
+    custom_weights = tmp_path / "custom.pt"
+    torch.save(reference.state_dict(), custom_weights)
+    with pytest.raises(PretrainedError, match=r"text tower .*CustomTextCLIP.*\"custom_text\": true"):
+        build_model(ModelConfig(name=TINY, pretrained_text_path=str(custom_weights)))
+    # A timm trunk at another size: open_clip resizes it (timm's set_input_size) only in a full
+    # load, which model.pretrained is; per tower it is refused in one line naming that fix.
+    timm_cfg = tmp_path / "tiny-timm.json"
+    timm_cfg.write_text(json.dumps({"embed_dim": 32, "text_cfg": custom["text_cfg"], "vision_cfg": {
+        "timm_model_name": "vit_tiny_patch16_224", "timm_pool": "token", "timm_proj": "linear", "image_size": 224}}))
+    timm_weights = tmp_path / "timm.pt"
+    torch.save(build_model(ModelConfig(name=str(timm_cfg))).model.state_dict(), timm_weights)
+    with pytest.raises(PretrainedError, match=r"'visual.trunk.pos_embed' is \(1, 197, 192\) in the file, "
+                                              r"\(1, 50, 192\) in the model.*as model.pretrained"):
+        build_model(ModelConfig(name=str(timm_cfg), force_image_size=112, pretrained_image_path=str(timm_weights)))
+    full = build_model(ModelConfig(name=str(timm_cfg), force_image_size=112, pretrained=str(timm_weights))).model
+    assert full.visual.trunk.pos_embed.shape == (1, 50, 192)
+
+
+def test_hub_fill_color_reaches_the_eval_transform(hub):
+    """A hub repo's preprocess_cfg.fill_color (resize_mode=longest pads with it): our eval transform
+    is open_clip's for that repo, pixel for pixel, on a non-square image."""
+    weights = tiny_weights(10)
+    add_hub_repo(hub, "test-org/tiny-longest", weights, config=False)
+    snap = next((hub / "models--test-org--tiny-longest" / "snapshots").iterdir())
+    (snap / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": json.loads(Path(TINY).read_text()),
+        "preprocess_cfg": {"mean": MEAN, "std": [0.5, 0.5, 0.5], "resize_mode": "longest", "fill_color": 128}}))
+    _, _, reference = open_clip.create_model_and_transforms("hf-hub:test-org/tiny-longest")
+    ours = build_model(ModelConfig(name=TINY, pretrained="hf-hub:test-org/tiny-longest"))
+    from PIL import Image
+    image = Image.new("RGB", (64, 16), (10, 200, 30))
+    expected = reference(image)
+    assert not torch.equal(expected[:, 0], expected[:, 16])  # padded rows differ from the image's
+    torch.testing.assert_close(ours.eval_transform(image), expected, rtol=0, atol=0)
+    assert ours.model.visual.preprocess_cfg["fill_color"] == 128
+
+
+def test_preprocessing_follows_the_image_tower(hub, tmp_path):
+    """model.pretrained and pretrained_image_path both set: the image tower's preprocessing wins
+    (key by key); a local tower file carries none, so model.pretrained's applies."""
+    add_hub_repo(hub, "test-org/full", tiny_weights(11))  # mean MEAN
+    image_repo = "test-org/image-tower"
+    add_hub_repo(hub, image_repo, tiny_weights(12), config=False)
+    snap = next((hub / "models--test-org--image-tower" / "snapshots").iterdir())
+    (snap / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": json.loads(Path(TINY).read_text()), "preprocess_cfg": {"mean": [0.1, 0.2, 0.3]}}))
+    both = build_model(ModelConfig(name=TINY, pretrained="hf-hub:test-org/full",
+                                   pretrained_image_path=f"hf-hub:{image_repo}"))
+    assert normalize_mean(both.eval_transform) == pytest.approx([0.1, 0.2, 0.3])
+    std = next(t for t in both.eval_transform.transforms if type(t).__name__ == "Normalize").std
+    assert list(std) == [0.5, 0.5, 0.5]  # not set by the tower's repo: model.pretrained's
+    local = tmp_path / "tower.pt"
+    torch.save(tiny_weights(13), local)
+    with_file = build_model(ModelConfig(name=TINY, pretrained="hf-hub:test-org/full", pretrained_image_path=str(local)))
+    assert normalize_mean(with_file.eval_transform) == MEAN

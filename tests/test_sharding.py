@@ -60,6 +60,8 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
                          *eval_args(tmp_path, color_shards)], options=ac)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ", bf16, " in proc.stderr  # the run's start line
+    ours = [line for line in proc.stderr.splitlines() if "[rank 0]" in line]
+    assert "train.precision=bf16 on the CPU" in ours[0], ours[:3]  # the run's first line says it
     results = json.loads((straight / "eval.json").read_text())  # evaluation on the gathered weights
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
     proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"], options=ac)
@@ -160,3 +162,49 @@ def test_check_world_size_admits_fsdp2_only(monkeypatch):
         with pytest.raises(LaunchError, match="not supported"):
             check_world_size(types.SimpleNamespace(num_processes=2, distributed_type=mode, is_fsdp2=fsdp2))
     check_world_size(types.SimpleNamespace(num_processes=2, distributed_type="DistributedType.FSDP", is_fsdp2=True))
+
+
+@pytest.mark.slow
+def test_fsdp2_full_state_dict_force_image_size_with_evaluation(tmp_path, color_shards):
+    """FSDP2 with fsdp_state_dict_type FULL_STATE_DICT (accelerate writes pytorch_model_fsdp.bin)
+    and model.force_image_size, evaluating during training: the evaluation copy keeps the forced
+    size (it was open_clip.create_model(name): a positional-embedding size mismatch), `clip-train
+    eval`/`export` read the checkpoint and agree with the run's own evaluation and export, and
+    the run resumes from it."""
+    common = [*TINY, f"data.train={color_shards}", "train.local_batch_size=8", "train.chunk_size=4",
+              "model.force_image_size=48", "model.lock_text=true", *eval_args(tmp_path, color_shards),
+              f"eval.validation={color_shards}", "eval.every_steps=2", "eval.val_batch_size=16",
+              "train.checkpoint_every_steps=2"]
+    full = ("--fsdp_state_dict_type", "FULL_STATE_DICT")
+    out = tmp_path / "run"
+    proc = launch_fsdp2(["-m", "clip_train", "train", *common, "train.steps=4", f"train.output_dir={out}"],
+                        options=full)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out) if "val/loss" in m] == [2, 4]
+    checkpoint = out / "checkpoints" / "step_00000004"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and not (checkpoint / "pytorch_model_fsdp_0").exists()
+    results = json.loads((out / "eval.json").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cli = [sys.executable, "-m", "clip_train"]
+    proc = subprocess.run([*cli, "export", "--config", str(out / "config.yaml"), "--checkpoint", str(checkpoint),
+                           "--output", str(tmp_path / "exported.pt")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = torch.load(tmp_path / "exported.pt", weights_only=True)
+    final = torch.load(out / "open_clip_model.pt", weights_only=True)
+    assert exported["visual.positional_embedding"].shape[0] == (48 // 8) ** 2 + 1
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    proc = subprocess.run([*cli, "eval", "--config", str(out / "config.yaml"), "--checkpoint", str(checkpoint),
+                           "--output", str(tmp_path / "eval.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert alone.keys() == {k for k in results if k != "step"}
+    for key, value in alone.items():  # 1 process on the checkpoint = 2 FSDP2 processes in training
+        assert value == pytest.approx(results[key], rel=1e-5, abs=1e-6), (key, value, results[key])
+    proc = launch_fsdp2(["-m", "clip_train", "train", *common, "train.steps=5", f"train.output_dir={out}",
+                         "train.resume=latest"], options=full)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step 4" in proc.stderr
+    assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 5

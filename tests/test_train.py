@@ -159,13 +159,24 @@ def test_one_line_unwraps_worker_errors():
     assert one_line("data.train: missing") == "data.train: missing"
 
 
-def test_precision_falls_back_to_fp32_on_the_cpu(caplog):
+def test_precision_on_the_cpu_fp16_refused_bf16_said(tmp_path, color_shards):
+    """fp16 on the CPU: one line, no run (it used to fall back to fp32 with a warning, so a CPU
+    run looked like the fp16 run it was not). bf16 runs, and the run's first line says so."""
+    from clip_train.config import ConfigError
+    from clip_train.runtime import cpu_precision_note
     from clip_train.train import resolve_precision
 
     assert resolve_precision("auto", cuda=False) == "no"
     assert resolve_precision("no", cuda=False) == "no"
-    with caplog.at_level("WARNING", logger="clip_train"):
-        assert resolve_precision("fp16", cuda=False) == "no"
-    assert "falling back to fp32" in caplog.text
-    assert resolve_precision("bf16", cuda=False) == "bf16"  # allowed, with a slowness warning
+    with pytest.raises(ConfigError, match=r"^train.precision=fp16 needs CUDA GPUs .*train.precision=no"):
+        resolve_precision("fp16", cuda=False)
+    assert resolve_precision("bf16", cuda=False) == "bf16"
+    assert "bf16 on the CPU" in cpu_precision_note("bf16", cuda=False)
+    assert cpu_precision_note("bf16", cuda=True) is None and cpu_precision_note("no", cuda=False) is None
     assert resolve_precision("fp16", cuda=True) == "fp16"
+    proc = run_cli(["train", *TINY, f"data.train={color_shards}", "train.precision=fp16",
+                    f"train.output_dir={tmp_path}/fp16"], timeout=120, env={"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clip-train: error:")]
+    assert len(errors) == 1 and "train.precision=fp16 needs CUDA" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "fp16" / "metrics.jsonl").exists()

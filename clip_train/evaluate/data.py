@@ -272,7 +272,7 @@ def shard_loader(
         functools.partial(_batched_per_shard, batch_size=batch_size, collate=collate),
     )
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, num_workers=min(workers, len(urls))
+        pipeline, batch_size=None, num_workers=min(workers, len(urls)), generator=_own_generator()
     )
 
 
@@ -301,7 +301,14 @@ def imagefolder_loader(
         )
     # A strided subset: every rank gets a disjoint share, together all images exactly once.
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                       generator=_own_generator())
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed when it starts: from this generator, not the
+    global one, so an evaluation during training leaves the training's random stream alone."""
+    return torch.Generator().manual_seed(0)
 
 
 # --------------------------------------------------------------------------------------------

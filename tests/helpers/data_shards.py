@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,23 @@ def png_bytes(value: int, size: int = 8) -> bytes:
 
 
 def write_id_shards(out_dir: Path, per_shard: list[int], prefix: str = "t", first_id: int = 0,
-                    sizes_file: bool = True) -> str:
+                    sizes_file: bool = True, bad: Callable[[int], str | None] | None = None) -> str:
     """Shards of `per_shard[s]` samples each; sample `id` has caption str(id) and a PNG whose red
-    and green channels hold the id. Returns the brace pattern."""
+    and green channels hold the id. `bad(id)`: "caption" leaves that sample's caption out,
+    "image" makes its image undecodable. Returns the brace pattern."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes, sample_id = {}, first_id
     for s, n in enumerate(per_shard):
         name = f"{prefix}-{s:06d}.tar"
         with wds.TarWriter(str(out_dir / name), mtime=0) as sink:
             for _ in range(n):
-                sink.write({"__key__": f"{sample_id:06d}", "png": png_bytes(sample_id), "txt": str(sample_id)})
+                sample = {"__key__": f"{sample_id:06d}", "png": png_bytes(sample_id), "txt": str(sample_id)}
+                kind = bad(sample_id) if bad is not None else None
+                if kind == "caption":
+                    del sample["txt"]
+                elif kind == "image":
+                    sample["png"] = b"not an image"
+                sink.write(sample)
                 sample_id += 1
         sizes[name] = n
     if sizes_file:

@@ -61,6 +61,7 @@ def main() -> None:
     set_seed(0)
     clip = open_clip.create_model(name)
     initial = copy.deepcopy(clip)
+    eval_copy = sharding.EvalCopy(clip)  # before sharding, as train.py makes it
     model = DualEncoder(clip)
     sharding.prepare_model(acc, model)
     opt = build_optimizer(clip, OptimConfig(lr=1e-3))
@@ -138,8 +139,9 @@ def main() -> None:
     else:
         assert state == {}, "the full state dict should reach the main process only"
     # Evaluation copy: every process gets the same plain model.
-    plain = sharding.unsharded_model(model, clip, name, acc.device)
+    plain = eval_copy.load(model, acc.device)
     assert all(torch.equal(p.detach(), trained[f"clip.{n}"]) for n, p in plain.named_parameters())
+    eval_copy.release()
 
     # Sharded checkpoint round trip through accelerate (torch.distributed.checkpoint).
     ckpt = [tempfile.mkdtemp(prefix="fsdp_ckpt_")] if acc.is_main_process else [None]

@@ -1,0 +1,94 @@
+"""Decode and augmentation: PIL decode + the train transform with a per-sample seed; the
+transform split before ToTensor + Normalize so that batches travel as uint8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from webdataset.autodecode import ImageHandler
+from webdataset.utils import make_seed
+
+if TYPE_CHECKING:
+    from clip_train.data.stream import _Counts, _StreamSpec
+
+log = logging.getLogger(__name__)
+
+
+class _Decoder:
+    """PIL decode (RGB) + train transform with a per-sample seed, so augmentations are reproducible."""
+
+    def __init__(self, spec: _StreamSpec, worker: int, counts: _Counts, in_main_process: bool):
+        self.spec, self.worker, self.counts = spec, worker, counts
+        self.pil = ImageHandler("pilrgb", extensions=list(spec.image_keys))
+        self.in_main_process = in_main_process
+
+    def __call__(self, epoch: int, pass_: int, pos: tuple[int, int], sample: dict) -> torch.Tensor | None:
+        seed = make_seed(self.spec.seed, self.spec.rank, self.worker, epoch, pass_, pos[0], pos[1])
+        # In the training process (workers=0) keep the global RNGs untouched for dropout etc.
+        guard = _preserved_rngs() if self.in_main_process else contextlib.nullcontext()
+        try:
+            with guard:
+                image = self.pil(f"x.{sample['image_key']}", sample["image"])
+                if image is None:
+                    raise ValueError(f"no image decoder for extension {sample['image_key']!r}")
+                random.seed(seed)
+                torch.random.default_generator.manual_seed(seed)  # CPU only: leave CUDA alone
+                return self.spec.transform(image)
+        except Exception as exn:  # noqa: BLE001 - any decode/transform failure skips the sample
+            self.counts.add_bad("corrupt_image", sample["url"], f"sample {sample['key']!r}: {exn!r}")
+            return None
+
+
+@contextlib.contextmanager
+def _preserved_rngs() -> Iterator[None]:
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py_state)
+
+
+# --------------------------------------------------------------------------------------------
+# uint8 batches, normalised on the device
+
+
+@dataclass(frozen=True)
+class ImageNormalization:
+    """Per-channel mean and std that the train transform's Normalize would have applied."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# The steps that turn a PIL image into a float tensor in [0, 1]: torchvision's, open_clip's and
+# timm's. They consume no random numbers, so dropping them keeps every augmentation identical.
+_TO_FLOAT_TENSOR = ("ToTensor", "MaybeToTensor")
+
+
+def split_normalize(transform: Callable) -> tuple[Callable, ImageNormalization | None]:
+    """(`transform` stopped at uint8 CHW, the Normalize it ended with), or (`transform`, None).
+
+    Splits a Compose that ends in [..., ToTensor, Normalize] (open_clip's train and eval
+    transforms, timm's without random erasing): the returned transform ends in timm's
+    `MaybePILToTensor` (uint8, unscaled) instead, as timm's own GPU prefetcher does. Anything
+    else (a custom callable, steps after Normalize that need float images, e.g. timm's
+    RandomErasing) is returned unchanged with None: the loader then ships float32 as it is.
+    """
+    steps = list(getattr(transform, "transforms", None) or [])
+    if len(steps) < 2:
+        return transform, None
+    to_tensor, normalize = steps[-2], steps[-1]
+    if type(to_tensor).__name__ not in _TO_FLOAT_TENSOR or type(normalize).__name__ != "Normalize":
+        return transform, None
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision.transforms import Compose
+
+    mean, std = (tuple(float(x) for x in torch.as_tensor(v).flatten()) for v in (normalize.mean, normalize.std))
+    return Compose([*steps[:-2], MaybePILToTensor()]), ImageNormalization(mean, std)
+
+
