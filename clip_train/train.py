@@ -207,6 +207,8 @@ def train(cfg: Config) -> dict[str, float]:
         log.info(run_line)
         if queue is not None and key_encoder is None:
             log.warning(STALE_KEYS_WARNING)
+        if cfg.loss.impl == "ring" and world == 1:
+            log.info("loss.impl=ring with 1 process: nothing to pass around, the loss runs as tiled")
 
     def checkpoint() -> None:
         progress.data_states = gather_object([loader.state_dict()])
