@@ -296,7 +296,12 @@ class LossConfig:
     impl: str = "auto"
     # plain: the B_local x B_global logit block at once; tiled: never materialises it (memory
     # linear in the batch, same loss and gradients); auto: plain while B_local * B_global <=
-    # tile_size^2 (the block is no bigger than one tile), tiled beyond.
+    # tile_size^2 (the block is no bigger than one tile), tiled beyond. ring: like tiled, but no
+    # process gathers the global batch: the other processes' embeddings (and the gradients owed
+    # to them) pass around a ring in chunks of tile_size rows, so memory stays flat in the
+    # number of processes at the cost of point-to-point traffic in forward and backward (see
+    # docs/performance.md); with one process it runs as tiled. Not with debias_tau_plus or
+    # hardness_beta.
     tile_size: int = 4096
     # Rows/columns per tile of the tiled implementation: peak extra memory is a few
     # tile_size^2 float32 buffers (4096: ~64 MiB each) plus O(batch * embed_dim).
@@ -322,7 +327,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", ("clip", "siglip"))
-        _one_of(self.impl, "loss.impl", ("auto", "plain", "tiled"))
+        _one_of(self.impl, "loss.impl", ("auto", "plain", "tiled", "ring"))
+        _require(self.impl != "ring" or (self.debias_tau_plus == 0 and self.hardness_beta == 0),
+                 "loss.impl", "ring computes the plain InfoNCE / SigLIP objectives: with "
+                 "loss.debias_tau_plus or loss.hardness_beta set loss.impl=tiled")
         _require(self.tile_size > 0, "loss.tile_size", "must be > 0")
         _require(self.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
         _require(self.queue_size >= 0, "loss.queue_size", "must be >= 0 (0: no queue)")

@@ -239,6 +239,8 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
         log.info(run_line)
         if queue is not None and key_encoder is None:
             log.warning(STALE_KEYS_WARNING)
+        if cfg.loss.impl == "ring" and world == 1:
+            log.info("loss.impl=ring with 1 process: nothing to pass around, the loss runs as tiled")
 
     def checkpoint() -> None:
         watchdog.phase(f"the checkpoint at step {progress.step}", cfg.train.hang_checkpoint_timeout_s)

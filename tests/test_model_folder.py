@@ -4,7 +4,6 @@ test_train.py and test_clip_benchmark.py), and the run's first line in words."""
 from __future__ import annotations
 
 import json
-import types
 
 import open_clip
 import pytest
@@ -58,7 +57,8 @@ def test_first_line_in_words():
     assert line(["train.chunk_size=8", "train.steps=100"]) == (
         "training ViT-B-32: DDP over 8 GPU processes (full replicas, gradients all-reduced); global batch 256 "
         "(8 x 32); bf16 autocast, TF32 float32 matmuls; gradient cache on (chunks of 8 of 32 samples per "
-        "process); data: 2 loader workers per process, uint8 batches normalised on the device; 100 steps; "
+        "process); data: fast decode, 2 loader workers per process, uint8 batches normalised on the device; "
+        "100 steps; "
         "outputs in runs/x")
     fsdp = line(["train.chunk_size=16", "train.sharded_grad_reduce=last_chunk", "train.tf32=false",
                  "train.remote_dir=s3://b/x"], sharded=True, mixed_precision="fp16", start_step=40)
@@ -66,12 +66,11 @@ def test_first_line_in_words():
     assert "; fp16 autocast with loss scaling; " in fsdp and "gradients reduced last chunk)" in fsdp
     assert "1000 steps (resuming at step 40); outputs in runs/x (mirrored to s3://b/x)" in fsdp
     one = line(["data.workers=0"], processes=1, device_type="cpu", mixed_precision="no", uint8_batches=False)
-    assert "one process on the CPU; global batch 32 (1 x 32); fp32; gradient cache off; data: decoded in the " \
-           "training process, float32 batches" in one
-    # A data.decode key (where the config has one) is named.
-    cfg = load_config(None, [])
-    cfg.data = types.SimpleNamespace(**vars(cfg.data), decode="pil")
-    assert "data: pil decode, 2 loader workers" in describe_run(
+    assert "one process on the CPU; global batch 32 (1 x 32); fp32; gradient cache off; data: fast decode, decoded " \
+           "in the training process, float32 batches" in one
+    # The data.decode path is named.
+    cfg = load_config(None, ["data.decode=exact"])
+    assert "data: exact decode, 2 loader workers" in describe_run(
         cfg, model_name="m", processes=1, device_type="cpu", mixed_precision="no", sharded=False,
         uint8_batches=True)
 

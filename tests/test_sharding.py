@@ -40,7 +40,7 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
 def test_fsdp2_gradient_cache_is_exact_and_state_round_trips():
     """One launch (tests/helpers/fsdp_check.py): its assertions run inside; the numbers are re-checked here."""
     res = result_of(launch_fsdp2(["tests/helpers/fsdp_check.py"]))
-    for label in ("nochunk", "chunk1_every", "chunk3_last"):  # vs float64 one-process ClipLoss
+    for label in ("nochunk", "chunk1_every", "chunk3_last", "chunk3_last_ring"):  # vs float64 one-process ClipLoss
         assert res[label]["max_rel_err"] < 1e-5 and res[label]["logit_scale_rel_err"] < 1e-5, res[label]
     assert res["fsdp_vs_ddp_5_steps"]["max_rel_err"] < 1e-5, res["fsdp_vs_ddp_5_steps"]
     assert res["fsdp_chunked_vs_ddp_5_more_steps"]["whole_model_rel_err"] < 1e-5
