@@ -1,26 +1,37 @@
-"""Data-loader throughput: samples per second per worker for decode + augment + tokenize, at 64 and
-224 px, from local shards: clip_train's loader next to the raw tar-read rate and to open_clip's own
-`open_clip_train.data.get_wds_dataset` on the same shards, same transforms and tokenizer.
+"""Data-loader throughput: samples per worker-CPU-second for decode + augment + tokenize, at 224
+and 64 px, from local shards of three families, each loader built the way train.py builds it
+(ViT-B-32's train transform and tokenizer from `build_model`, `build_train_loader`):
 
-Shards: synthetic 256x256 JPEGs (smooth colour fields with noise, ~img2dataset's 256-px output)
-with short captions, written once per run to a temp folder. Each loader runs resampled (both
-pipelines' cluster mode) with `--workers` DataLoader workers and batch 64; the first batches
-(worker start-up, shuffle-buffer fill) are not timed. Two numbers per row:
-- samples per worker-CPU-second: samples / CPU time (user+sys) the DataLoader worker processes
-  spent in the timed window. The capacity of one worker core, and robust to other jobs sharing
-  the machine (the wall clock is not);
-- wall samples/s per worker: samples / wall seconds / workers, best of the repeats.
-The two pipelines are measured alternately, `--repeats` times each. clip_train's loader ships
-uint8 images as the trainer receives them (float conversion and normalisation happen later, on the
-training device, and are not timed here); open_clip's ships normalised float32.
+- clip-train `data.decode=fast` (the default) and `data.decode=exact`;
+- open_clip's own `open_clip_train.data.get_wds_dataset`, same transform and tokenizer;
+- the decode-only limit: in this process, one thread, each image opened, its crop drawn as the
+  transform draws it and decoded at the DCT scale that crop needs (PIL `draft`: libjpeg-turbo's
+  scaled IDCT, the best decoder installed), nothing else: what any loader must spend.
+
+Shard families (JPEG quality 90, photo-like content: 1/f texture, sharp-edged objects, grain;
+see benchmarks/photos.py; `--unique` distinct images cycled through the shards):
+- `synthetic-256`: the earlier rows, 256x256 smooth colour fields with noise;
+- `datacomp-512`: longest side 512 (DataComp's / img2dataset's resize), aspect 1:2 to 2:1;
+- `web-originals`: longest side 375-1280 px, aspect 1:2 to 2:1, as photos are on the web.
+
+Each loader runs resampled (both pipelines' cluster mode) with `--workers` DataLoader workers and
+batch 64; the first batches (worker start-up, shuffle-buffer fill) are not timed. Numbers:
+- samples per worker-CPU-second: samples / CPU time (user+sys) of the DataLoader worker
+  processes in the timed window: the capacity of one worker core, robust to other jobs sharing
+  the machine (the wall clock is not). The median of `--repeats` runs, the pipelines alternating;
+- samples per total CPU-second: the same with the training process's CPU added (it receives the
+  batches: open_clip's are float32, 4x the bytes of clip-train's uint8);
+- ratio to open_clip, and fraction of the decode-only limit (same family and size).
+clip-train ships uint8 images as the trainer receives them (float conversion and normalisation
+happen later, on the training device, and are not timed here); open_clip ships normalised float32.
 
 open_clip's `get_wds_dataset` fails on webdataset 1.0.2 (its tar grouping does not expect the
 end-of-shard `{}` marker that 1.0.2 yields: KeyError 'fname', open_clip issue #935). This harness
 patches `open_clip_train.data.tarfile_to_samples_nothrow`, *in this process only*, to drop the
 marker (webdataset's `eof_value=None`); the output says so.
 
-    python benchmarks/data_throughput.py            # 2048 samples, 24 timed batches per row
-    python benchmarks/data_throughput.py --quick    # 512 samples, 6 timed batches per row
+    python benchmarks/data_throughput.py            # 3 repeats, 16 timed batches per row
+    python benchmarks/data_throughput.py --quick    # 1 repeat, 4 timed batches, few images
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import io
 import json
 import os
 import platform
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +50,34 @@ from types import SimpleNamespace
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH = 64
+MODEL = "ViT-B-32"
 WORDS = "a photo of the small large red green blue dog cat car tree house on in with near".split()
+FAMILIES = ("synthetic-256", "datacomp-512", "web-originals")
+PIPELINES = ("clip_train fast", "clip_train exact", "open_clip")
 
 
-def write_shards(folder: Path, n: int, per_shard: int = 256) -> str:
+def family_images(family: str, unique: int) -> list[bytes]:
+    """`unique` JPEGs of the family (quality 90)."""
     import numpy as np
+    from photos import jpeg_bytes, photo, web_size  # this script's folder
     from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(unique):
+        if family == "synthetic-256":
+            coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((256, 256), Image.Resampling.BICUBIC), np.float32)
+            pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+            images.append(jpeg_bytes(Image.fromarray(pixels)))
+        else:
+            longest = (512, 512) if family == "datacomp-512" else (375, 1280)
+            images.append(jpeg_bytes(photo(rng, *web_size(rng, longest))))
+    return images
+
+
+def write_shards(folder: Path, images: list[bytes], n: int, per_shard: int = 256) -> str:
+    import numpy as np
 
     from clip_train.data import write_samples
 
@@ -50,30 +85,26 @@ def write_shards(folder: Path, n: int, per_shard: int = 256) -> str:
 
     def samples():
         for i in range(n):
-            coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-            field = np.asarray(Image.fromarray(coarse).resize((256, 256), Image.Resampling.BICUBIC), np.float32)
-            pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
             caption = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 15))))
-            yield {"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption}
+            yield {"__key__": f"{i:09d}", "jpg": images[i % len(images)], "txt": caption}
 
+    folder.mkdir(parents=True, exist_ok=True)
     sizes = write_samples(samples(), str(folder), per_shard, prefix="bench", progress=False)
     return f"{folder}/bench-{{000000..{len(sizes) - 1:06d}}}.tar"
 
 
 def raw_tar_rate(pattern: str, min_seconds: float) -> float:
-    """Samples/s reading the tars into per-sample byte dicts (no decoding), in this process."""
+    """Samples per CPU-second reading the tars into per-sample byte dicts (no decoding), here."""
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
     from clip_train.config import expand_urls
 
     urls = expand_urls(pattern)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds or count == 0:
+    count, start = 0, time.process_time()
+    while time.process_time() - start < min_seconds or count == 0:
         files = tar_file_expander(url_opener([{"url": u} for u in urls]))
         count += sum(1 for _ in group_by_keys(files))
-    return count / (time.perf_counter() - start)
+    return count / (time.process_time() - start)
 
 
 def patch_open_clip_for_webdataset_1_0_2() -> None:
@@ -102,33 +133,39 @@ def _workers_cpu_seconds() -> float:
     return total
 
 
-def timed(batches, warmup: int, timed_batches: int) -> tuple[float, float]:
-    """(samples per wall second, samples per worker-CPU second) over `timed_batches` batches
-    after `warmup` untimed ones."""
+def timed(batches, warmup: int, timed_batches: int) -> dict:
+    """Rates over `timed_batches` batches after `warmup` untimed ones: samples per wall second,
+    per worker-CPU second, per total (this process + workers) CPU second."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    start, cpu_start = time.perf_counter(), _workers_cpu_seconds()
+    start, cpu_start, own_start = time.perf_counter(), _workers_cpu_seconds(), time.process_time()
     n = 0
     for _ in range(timed_batches):
         images, texts = next(it)[:2]
         n += images.shape[0]
     wall, cpu = time.perf_counter() - start, _workers_cpu_seconds() - cpu_start
-    return n / wall, n / max(cpu, 1e-9)
+    own = time.process_time() - own_start
+    return {"wall": n / wall, "worker_cpu": n / max(cpu, 1e-9), "total_cpu": n / max(cpu + own, 1e-9)}
 
 
-def measure(pipeline: str, pattern: str, num_samples: int, image_size: int, workers: int,
-            warmup: int, timed_batches: int) -> tuple[float, float]:
-    import open_clip
+def model_pieces(image_size: int):
+    """ViT-B-32's train transform and tokenizer at `image_size`, as train.py gets them."""
+    from clip_train.config import ModelConfig
+    from clip_train.model import build_model
 
-    transform = open_clip.image_transform(image_size, is_train=True)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's bundled BPE: no download
-    if pipeline == "clip_train":
+    bundle = build_model(ModelConfig(name=MODEL, force_image_size=image_size))
+    return bundle.train_transform, bundle.tokenizer
+
+
+def measure(pipeline: str, pattern: str, num_samples: int, transform, tokenizer, workers: int,
+            warmup: int, timed_batches: int) -> dict:
+    if pipeline.startswith("clip_train"):
         from clip_train.config import DataConfig
         from clip_train.data import build_train_loader
 
         cfg = DataConfig(train=pattern, train_num_samples=num_samples, workers=workers,
-                         shuffle_buffer=1000, resampled=True)
+                         shuffle_buffer=1000, resampled=True, decode=pipeline.split()[1])
         loader = build_train_loader(cfg, transform=transform, tokenizer=tokenizer,
                                     local_batch_size=BATCH, seed=0, rank=0, world_size=1)
         return timed(loader, warmup, timed_batches)
@@ -146,58 +183,161 @@ def _endless(dataloader):
         yield from dataloader
 
 
+def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
+    """Images per CPU-second (this process, one thread) of the decode alone -- open, then decode
+    at the DCT scale that the sample's crop (drawn beforehand, untimed, as the transform draws
+    it) needs -- and of a full decode to RGB."""
+    import torch
+    from PIL import Image
+
+    crop = next(t for t in transform.transforms if hasattr(t, "get_params") and hasattr(t, "scale"))
+    out_h, out_w = crop.size
+    scales = []
+    for seed, data in enumerate(images):
+        random.seed(seed)
+        torch.random.default_generator.manual_seed(seed)
+        _, _, h, w = crop.get_params(Image.open(io.BytesIO(data)), crop.scale, crop.ratio)
+        scales.append(max(s for s in (1, 2, 4, 8) if s == 1 or (w / s >= out_w and h / s >= out_h)))
+
+    def reduced(k: int) -> None:
+        image = Image.open(io.BytesIO(images[k]))
+        if scales[k] > 1:
+            image.draft(None, (image.size[0] // scales[k], image.size[1] // scales[k]))
+        image.load()
+
+    def full(k: int) -> None:
+        image = Image.open(io.BytesIO(images[k]))
+        image.load()
+        image.convert("RGB")
+
+    rates = {}
+    for name, fn in (("reduced", reduced), ("full", full)):
+        n, start = 0, time.process_time()
+        while time.process_time() - start < min_seconds or n < len(images):
+            fn(n % len(images))
+            n += 1
+        rates[name] = n / (time.process_time() - start)
+    return rates
+
+
+def batch_psnr(pattern: str, num_samples: int, transform, tokenizer, batches: int) -> dict:
+    """PSNR (dB) of data.decode=fast vs exact batches (the same samples, crops and draws), through
+    the loader in this process: over all `batches` batches, and the worst single image."""
+    import math
+
+    from clip_train.config import DataConfig
+    from clip_train.data import build_train_loader
+
+    def first(decode: str):
+        cfg = DataConfig(train=pattern, train_num_samples=num_samples, workers=0, shuffle_buffer=1000,
+                         resampled=True, decode=decode)
+        loader = build_train_loader(cfg, transform=transform, tokenizer=tokenizer,
+                                    local_batch_size=BATCH, seed=0, rank=0, world_size=1)
+        it = iter(loader)
+        return [next(it)[0].double() for _ in range(batches)]
+
+    def psnr(mse: float) -> float:
+        return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+    errors = [(e - f) ** 2 for e, f in zip(first("exact"), first("fast"), strict=True)]
+    per_image = [float(x.mean()) for err in errors for x in err]
+    return {"batch_db": psnr(sum(float(e.mean()) for e in errors) / len(errors)), "worst_image_db": psnr(max(per_image))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (a smoke test)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per loader (>= 1)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--repeats", type=int, default=None, help="runs per row (default 3, quick 1)")
+    parser.add_argument("--timed-batches", type=int, default=None, help="per run (default 16, quick 4)")
+    parser.add_argument("--unique", type=int, default=None, help="distinct images per family (default 48)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "data_throughput.json"))
+    parser.add_argument("--psnr-only", action="store_true", help="only the fast-vs-exact PSNR rows")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    n, warmup, timed_batches = (512, 3, 6) if args.quick else (2048, 4, 24)
+    n, warmup = (512, 2) if args.quick else (2048, 3)
+    timed_batches = args.timed_batches or (4 if args.quick else 16)
     repeats = args.repeats or (1 if args.quick else 3)
+    unique = args.unique or (8 if args.quick else 48)
 
     import torch
 
     torch.set_num_threads(1)
     patch_open_clip_for_webdataset_1_0_2()
+    load_start = os.getloadavg()
+    started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pattern = write_shards(Path(tmp), n)
-        raw = raw_tar_rate(pattern, 1.0 if args.quick else 3.0)
+        patterns, images, raw = {}, {}, {}
+        for family in args.families:
+            images[family] = family_images(family, unique)
+            patterns[family] = write_shards(Path(tmp) / family, images[family], n)
+            raw[family] = raw_tar_rate(patterns[family], 0.5 if args.quick else 2.0)
+        psnr_rows = []
         for size in args.sizes:
-            runs: dict[str, list[tuple[float, float]]] = {"clip_train": [], "open_clip": []}
-            for _ in range(repeats):
-                for pipeline in runs:
-                    runs[pipeline].append(measure(pipeline, pattern, n, size, args.workers, warmup, timed_batches))
-            for pipeline, results in runs.items():
-                cpu_rates = sorted(c for _, c in results)
-                rows.append({"pipeline": pipeline, "image_size": size, "workers": args.workers,
-                             "wall_samples_per_s_per_worker": max(w for w, _ in results) / args.workers,
-                             "samples_per_worker_cpu_s": cpu_rates[len(cpu_rates) // 2],
-                             "runs": results})
-    print(f"\nData-loader throughput, {n} synthetic 256-px JPEG samples, batch {BATCH}, "
-          f"{args.workers} worker(s), {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
+            transform, tokenizer = model_pieces(size)
+            for family in args.families:
+                psnr_rows.append({"family": family, "image_size": size,
+                                  **batch_psnr(patterns[family], n, transform, tokenizer, 2 if args.quick else 4)})
+                print(f"{family} {size} px: fast vs exact {psnr_rows[-1]}", flush=True)
+                if args.psnr_only:
+                    continue
+                runs: dict[str, list[dict]] = {p: [] for p in PIPELINES}
+                limits = []
+                for _ in range(repeats):  # alternate the pipelines: load changes hit them alike
+                    for pipeline in PIPELINES:
+                        runs[pipeline].append(measure(pipeline, patterns[family], n, transform, tokenizer,
+                                                      args.workers, warmup, timed_batches))
+                    limits.append(decode_limit(images[family], transform, 0.5 if args.quick else 2.0))
+                print(f"{family} {size} px: " + ", ".join(
+                    f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
+                limit = statistics.median(x["reduced"] for x in limits)
+                full = statistics.median(x["full"] for x in limits)
+                theirs = statistics.median(r["worker_cpu"] for r in runs["open_clip"])
+                for pipeline, results in runs.items():
+                    rate = statistics.median(r["worker_cpu"] for r in results)
+                    rows.append({"family": family, "image_size": size, "pipeline": pipeline,
+                                 "samples_per_worker_cpu_s": rate,
+                                 "samples_per_total_cpu_s": statistics.median(r["total_cpu"] for r in results),
+                                 "wall_samples_per_s_per_worker": max(r["wall"] for r in results) / args.workers,
+                                 "vs_open_clip": rate / theirs, "of_decode_limit": rate / limit,
+                                 "runs": results})
+                rows.append({"family": family, "image_size": size, "pipeline": "decode-only limit",
+                             "samples_per_worker_cpu_s": limit, "vs_open_clip": limit / theirs,
+                             "of_decode_limit": 1.0, "full_decode_per_cpu_s": full, "runs": limits})
+    print(f"\nData-loader throughput: {n} samples per family ({unique} distinct JPEGs, quality 90), "
+          f"{MODEL} transform and tokenizer, batch {BATCH}, {args.workers} worker(s), {repeats} repeat(s) x "
+          f"{timed_batches} timed batches, medians; {os.cpu_count()} CPU cores, "
+          f"{platform.processor() or platform.machine()}; load average {load_start[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end; {time.perf_counter() - started:.0f} s")
     print("open_clip's get_wds_dataset was patched in this benchmark only (drop webdataset 1.0.2's "
           "end-of-shard marker: KeyError 'fname', open_clip #935). clip_train ships uint8 images "
           "(normalised later on the training device), open_clip float32.\n")
-    print(f"raw tar read (no decode, 1 process): {raw:,.0f} samples/s\n")
-    print("| image px | pipeline | samples / worker-CPU-s | vs open_clip | wall samples/s per worker |")
-    print("|---:|---|---:|---:|---:|")
-    for size in args.sizes:
-        ours, theirs = (next(r for r in rows if r["pipeline"] == p and r["image_size"] == size)
-                        for p in ("clip_train", "open_clip"))
-        for r in (ours, theirs):
-            ratio = r["samples_per_worker_cpu_s"] / theirs["samples_per_worker_cpu_s"]
-            print(f"| {size} | {r['pipeline']} | {r['samples_per_worker_cpu_s']:,.0f} | {ratio:.2f}x | "
+    print("raw tar read (no decode, 1 process, per CPU-s): " + ", ".join(f"{f} {r:,.0f} samples/s" for f, r in raw.items()))
+    print("\n| family | px | fast vs exact PSNR, batches | worst image |\n|---|---:|---:|---:|")
+    for r in psnr_rows:
+        print(f"| {r['family']} | {r['image_size']} | {r['batch_db']:.1f} dB | {r['worst_image_db']:.1f} dB |")
+    print("\n| family | px | pipeline | samples / worker-CPU-s | vs open_clip | of decode limit | "
+          "samples / total CPU-s | wall samples/s per worker |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["pipeline"] == "decode-only limit":
+            print(f"| {r['family']} | {r['image_size']} | decode-only limit (full decode: "
+                  f"{r['full_decode_per_cpu_s']:,.0f}) | {r['samples_per_worker_cpu_s']:,.0f} | "
+                  f"{r['vs_open_clip']:.2f}x | 1.00 | | |")
+        else:
+            print(f"| {r['family']} | {r['image_size']} | {r['pipeline']} | {r['samples_per_worker_cpu_s']:,.0f} | "
+                  f"{r['vs_open_clip']:.2f}x | {r['of_decode_limit']:.2f} | {r['samples_per_total_cpu_s']:,.0f} | "
                   f"{r['wall_samples_per_s_per_worker']:,.0f} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "samples": n, "batch": BATCH,
-                               "raw_tar_samples_per_s": raw, "rows": rows,
-                               "repeats": repeats, "cpu_count": os.cpu_count(),
-                               "load_average": os.getloadavg()}, indent=1))
+    out.write_text(json.dumps({"quick": args.quick, "samples": n, "unique_images": unique, "batch": BATCH,
+                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows,
+                               "repeats": repeats, "timed_batches": timed_batches,
+                               "cpu_count": os.cpu_count(), "load_average_start": load_start,
+                               "load_average_end": os.getloadavg()}, indent=1))
     print(f"\nwrote {out}")
 
 

@@ -26,57 +26,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness as h  # noqa: E402
 
-try:
-    import ctypes
-
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
+REPO = h.REPO
 
 
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20
-
-
-class RssPeak:
-    """Peak resident set size (bytes) sampled in a background thread while the block runs."""
-
-    def __init__(self, period_s: float = 0.002):
-        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.period_s)
-
-    def __enter__(self) -> RssPeak:
-        # Hand freed heap pages back to the OS first, so that RSS follows the live tensors instead
-        # of what glibc kept from earlier steps (or from the full model built before sharding).
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        self.before = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
 
 
 def local_bytes(tensors) -> int:
@@ -125,7 +87,7 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        with RssPeak() as rss:
+        with h.RssPeak() as rss:
             train_step(model, images, texts, loss_fn=contrastive_loss, chunk_size=args.chunk_size,
                        accelerator=acc, grad_reduce=args.grad_reduce)
             sharding.reduce_replicated_grads(model)
@@ -162,29 +124,20 @@ def child(args: argparse.Namespace) -> None:
 def run(mode: str, nproc: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    gpus = 0
-    try:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    except ImportError:
-        pass
-    if gpus < nproc:
+    if h.cuda_device_count() < nproc:
         env["ACCELERATE_USE_CPU"] = "true"
         # glibc: tensors >= 64 KiB get their own mmap, returned to the OS when freed, so that the
         # sampled RSS follows live memory instead of heap pages kept after earlier allocations.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     launch = (["--config_file", str(REPO / "launch/accelerate/fsdp2.yaml")] if mode == "fsdp2"
               else ["--multi_gpu"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", "0", __file__, "--child",
+    cmd = [*h.launcher(nproc, tuple(launch), always=True), __file__, "--child",
            "--model", args.model, "--image-size", str(args.image_size), "--local-batch", str(args.local_batch),
            "--chunk-size", str(args.chunk_size), "--steps", str(args.steps), "--grad-reduce", args.grad_reduce]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc, result = h.run_child(cmd, env=env, prefix="RESULT ")
+    if result is None:
         raise SystemExit(f"{mode} x{nproc} failed:\n{proc.stderr[-3000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return result
 
 
 def main() -> None:

@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                "model": setting.model, "batch": setting.batch, "flops_per_step": flops,
                "peak_tflops": setting.peak, "seconds": elapsed, "results": results,
                "failed": failed, "markdown": markdown,
-               "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])}
+               "command": h.command_line("gpu_check.py", argv)}
     out = Path(args.output) if args.output else h.RESULTS_DIR / f"gpu_check{'_cpu_smoke' if setting.smoke else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1, default=str))

@@ -26,8 +26,6 @@ import argparse
 import functools
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -183,13 +181,6 @@ def step_times(
     return rows
 
 
-def _proc_status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field}")
-    return int(match.group(1))
-
-
 def child(args: argparse.Namespace) -> dict:
     """Part 2, in a fresh process: peak extra memory of two steps at one (batch, chunk)."""
     import gc
@@ -205,13 +196,11 @@ def child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        # Reset the peak-RSS high-water mark (VmHWM), so that model building does not hide the step.
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _proc_status_kib("VmRSS") * 1024
+        base = h.reset_peak_rss()  # model building must not hide the step
     for _ in range(2):
         bench.step(chunk)
     bench.sync()
-    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else h.proc_status_kib("VmHWM") * 1024
     return {
         "batch": args.child_batch,
         "chunk": chunk,
@@ -236,10 +225,10 @@ def memory_row(args: argparse.Namespace, batch: int, chunk: int | None) -> dict:
         str(args.threads),
         *(["--cpu"] if args.cpu else []),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=h.REPO)
-    if proc.returncode != 0:
+    proc, result = h.run_child(cmd, timeout=900)
+    if result is None:
         return {"batch": batch, "chunk": chunk, "failed": proc.stderr.strip()[-300:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def memory_growth(args: argparse.Namespace, b0: int, chunk: int) -> list[dict]:
@@ -482,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory": memory_rows,
             "versus_open_clip": trainer_rows,
             "markdown": markdown,
-            "command": " ".join(["python", "benchmarks/gradcache.py", *(argv or sys.argv[1:])]),
+            "command": h.command_line("gradcache.py", argv or None),
         },
         args.quick,
     )

@@ -1,5 +1,6 @@
-"""Shared pieces of the trainer benchmarks: shards, launching either trainer the same way, reading
-their step clocks and peak memory, statistics and markdown tables.
+"""Shared pieces of the benchmarks: shards, launching either trainer the same way, reading
+their step clocks and peak memory, measuring child processes (a fresh interpreter per
+configuration, its peak memory), statistics, markdown tables and result files.
 
 Both trainers run through `benchmarks/trainer_entry.py` under the same launcher (plain python for
 one process, `accelerate launch` for several), with the same thread count per process, and are
@@ -12,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -259,44 +262,43 @@ def _open_clip_args(spec: RunSpec, out: Path) -> list[str]:
     return args
 
 
-def launch_command(spec: RunSpec, out: Path) -> list[str]:
-    args = (
-        _clip_train_args(spec, out) if spec.trainer == "clip_train" else _open_clip_args(spec, out)
-    )
-    entry = [str(ENTRY), spec.trainer, *args]
-    if spec.nproc == 1:
-        return [sys.executable, *entry]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(spec.nproc),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-        *entry,
-    ]
+def launcher(nproc: int, options: tuple[str, ...] = ("--multi_gpu",), always: bool = False) -> list[str]:
+    """The command prefix that starts `nproc` processes: plain python for one (unless `always`),
+    else `accelerate launch` with `options` (e.g. an FSDP2 config file) on a free port."""
+    if nproc == 1 and not always:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, "--num_processes", str(nproc),
+            "--num_machines", "1", "--main_process_port", "0"]
 
 
-def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
+def process_env(nproc: int, cuda: bool, threads: int | None = None) -> dict[str, str]:
+    """The environment every launched benchmark run gets: no W&B, unbuffered output, the same
+    threads per process, and CPU processes made one gloo group when there is no GPU."""
     env = {
         **os.environ,
-        "BENCH_STEP_CLOCK": str(clock),
-        "BENCH_MEMORY_DIR": str(memory),
         "WANDB_MODE": "disabled",
         "PYTHONUNBUFFERED": "1",
         # The same for both trainers; by default what launch/local.sh does: one core group per process.
-        "OMP_NUM_THREADS": str(spec.threads or max(1, (os.cpu_count() or 1) // spec.nproc)),
+        "OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 1) // nproc)),
     }
-    if spec.cuda:
+    if cuda:
         env.pop("ACCELERATE_USE_CPU", None)
     else:
         env["ACCELERATE_USE_CPU"] = "true"  # else accelerate >= 1.13 runs each CPU process alone
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def launch_command(spec: RunSpec, out: Path) -> list[str]:
+    args = (
+        _clip_train_args(spec, out) if spec.trainer == "clip_train" else _open_clip_args(spec, out)
+    )
+    return [*launcher(spec.nproc), str(ENTRY), spec.trainer, *args]
+
+
+def run_env(spec: RunSpec, clock: Path, memory: Path) -> dict[str, str]:
+    return {**process_env(spec.nproc, spec.cuda, spec.threads),
+            "BENCH_STEP_CLOCK": str(clock), "BENCH_MEMORY_DIR": str(memory)}
 
 
 def run_trainer(
@@ -452,3 +454,80 @@ def write_json(name: str, payload: dict, quick: bool) -> Path:
     path = RESULTS_DIR / f"{name}{'_quick' if quick else ''}.json"
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How a benchmark was run, as its result file records it: `python benchmarks/X.py ARGS`."""
+    return " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+# ------------------------------------------------------------------------------------------------
+# Child processes and their memory
+
+
+def run_child(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
+              prefix: str = "") -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run a measuring child (a fresh interpreter: the memory it reports is its own) from the
+    repository root; its result is the JSON of its last stdout line starting with `prefix`
+    (None when it failed or printed none)."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith(prefix)]
+    if proc.returncode != 0 or not lines:
+        return proc, None
+    return proc, json.loads(lines[-1].removeprefix(prefix))
+
+
+def proc_status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB: VmRSS (resident now), VmHWM (its peak)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak-RSS high-water mark (VmHWM), so that what ran before (model building) does
+    not hide what follows; returns the resident bytes now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_kib("VmRSS") * 1024
+
+
+try:
+    import ctypes
+
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+class RssPeak:
+    """Peak resident set size (bytes) sampled in a background thread while the block runs: for
+    peaks of one phase among several (VmHWM covers the whole process since its last reset)."""
+
+    def __init__(self, period_s: float = 0.002):
+        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> RssPeak:
+        # Hand freed heap pages back to the OS first, so that RSS follows the live tensors instead
+        # of what glibc kept from earlier steps (or from the full model built before sharding).
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self.before = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())

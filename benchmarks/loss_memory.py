@@ -13,8 +13,17 @@ multi-GPU job computes; the gathered columns are built locally, no process group
 
 Plain/open_clip rows are skipped when their predicted peak would not fit the memory budget.
 
-    python benchmarks/loss_memory.py            # full: B = 1024 ... 32768 (+ per-rank rows)
+Ring rows (`loss.impl=ring`, no gather):
+- simulated: one rank of a ring of W = global / local processes whose other members are simulated
+  (every chunk it receives is made locally; it computes every tile its rank would), so its peak
+  memory is one rank's at any global batch, communication aside. A straight line fitted to the
+  rows at W = 2 (peak vs local batch) extrapolates to local batches too slow to run here;
+- real: N gloo processes (`accelerate launch`, 1 thread each), ring and tiled, the peak of the
+  largest rank; and an A/B timing, ring vs tiled alternated step by step in one launch.
+
+    python benchmarks/loss_memory.py            # full: B = 1024 ... 32768 (+ per-rank, ring rows)
     python benchmarks/loss_memory.py --quick    # seconds: small batches, a smoke test
+    python benchmarks/loss_memory.py --impls ring   # the ring rows only
 """
 
 from __future__ import annotations
@@ -43,19 +52,43 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from clip_train.loss import _clip_tiled, _siglip_tiled, contrastive_loss
+    from clip_train.loss import (
+        _clip_ring,
+        _clip_tiled,
+        _siglip_ring,
+        _siglip_tiled,
+        contrastive_loss,
+    )
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     d = EMBED_DIM
+    if args.real:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # env:// set by the launcher
+
+    class SimulatedRing:
+        """Rank 0 of a ring of `world` processes, the others simulated: what it receives is made
+        here (random unit rows, or random gradients), what it sends goes nowhere."""
+
+        def __init__(self, world: int):
+            self.rank, self.world = 0, world
+
+        def shift(self, send, recv, tag):
+            for t in recv:
+                t.normal_().div_(t.norm(dim=1, keepdim=True))
+            return []
 
     def make_step(impl: str, b: int, g: int):
         img = torch.randn(b, d, device=device, requires_grad=True)
         txt = torch.randn(b, d, device=device, requires_grad=True)
         scale = torch.tensor(2.659, device=device, requires_grad=True)
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
-        # A per-rank row (b < g): the other ranks' gathered columns, as plain tensors.
-        extra = None if b == g else [torch.randn(g - b, d, device=device) for _ in range(2)]
+        # A per-rank row (b < g): the other ranks' gathered columns, as plain tensors (not for
+        # the ring, and not in a real process group, where contrastive_loss gathers them).
+        per_rank = b != g and impl != "ring" and not args.real
+        extra = [torch.randn(g - b, d, device=device) for _ in range(2)] if per_rank else None
         leaves = (img, txt, scale, bias)
         if impl == "open_clip":
             from open_clip.loss import ClipLoss, SigLipLoss
@@ -63,7 +96,15 @@ def child(args: argparse.Namespace) -> dict:
             oc_loss = ClipLoss() if args.kind == "clip" else SigLipLoss()
 
         def step() -> None:
-            if impl == "open_clip":
+            if impl == "ring" and not args.real:
+                # What contrastive_loss runs on each rank (the kernels normalise).
+                s = scale.exp().clamp(max=100)
+                ring = SimulatedRing(g // b)
+                if args.kind == "clip":
+                    loss = _clip_ring(img, txt, s, args.tile_size, ring)
+                else:
+                    loss = _siglip_ring(img, txt, s, bias, args.tile_size, ring)
+            elif impl == "open_clip":
                 i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
                 s = scale.exp().clamp(max=100)
                 loss = oc_loss(i, t, s) if args.kind == "clip" else oc_loss(i, t, s, bias)
@@ -88,6 +129,8 @@ def child(args: argparse.Namespace) -> dict:
         return step
 
     def timed(step) -> tuple[float, float]:
+        if args.real:
+            dist.barrier()  # every rank starts together: the slowest sets the step time
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
@@ -96,13 +139,18 @@ def child(args: argparse.Namespace) -> dict:
 
     impls = args.impl.split(",")
     for impl in impls:  # warm-up: lazy inits, thread pools
-        make_step(impl, min(256, args.local_batch), min(256, args.batch))()
+        world = args.batch // args.local_batch
+        warm = min(256, args.local_batch)
+        # The simulated ring warms up with one peer: a warm-up as long as the run is no warm-up.
+        make_step(impl, warm, warm * min(world, 2) if impl == "ring" else min(256, args.batch))()
 
     if len(impls) == 2:
         # A/B: alternate the two in one process so that load from other processes on a shared
         # machine hits both alike; report the median of per-pair ratios.
         steps = [make_step(impl, args.local_batch, args.batch) for impl in impls]
         pairs = [[timed(step) for step in steps] for _ in range(args.repeats)]
+        if args.real and dist.get_rank() != 0:
+            return None
         return {
             "impls": impls,
             "wall_ratio": statistics.median(p[1][0] / p[0][0] for p in pairs),
@@ -131,22 +179,38 @@ def child(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {
+    result = {
         "time_s": statistics.median(times),
         "cpu_s": statistics.median(cpu_times),
         "repeats": len(times),
         "peak_extra_bytes": peak,
     }
+    if args.real:
+        # The largest rank's peak; the times of rank 0 (every step is collective).
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak)
+        result.update(peak_extra_bytes=max(peaks), peak_extra_bytes_per_rank=peaks)
+        if dist.get_rank() != 0:
+            return None
+    return result
 
 
-def run_child(args: argparse.Namespace, impl: str, b: int, b_local: int, repeats: int):
-    """(result dict, None) or (None, why it failed)."""
+def run_child(args: argparse.Namespace, impl: str, b: int, b_local: int, repeats: int,
+              processes: int = 0):  # fmt: skip
+    """(result dict, None) or (None, why it failed). processes > 0: that many real processes."""
     cmd = [sys.executable, __file__, "--child", "--impl", impl, "--batch", str(b),
            "--local-batch", str(b_local), "--kind", args.kind, "--device", args.device,
            "--tile-size", str(args.tile_size), "--repeats", str(repeats),
            "--max-seconds", str(args.max_seconds)]  # fmt: skip
+    env = None
+    if processes:
+        # N gloo processes on the CPU, one thread each (the machine's cores are shared).
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0"]  # fmt: skip
+        cmd = [*launch, *cmd[1:], "--real"]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timeout {args.timeout} s"
     if proc.returncode != 0:
@@ -155,14 +219,16 @@ def run_child(args: argparse.Namespace, impl: str, b: int, b_local: int, repeats
     return json.loads(proc.stdout.strip().splitlines()[-1]), None
 
 
-def measure(args: argparse.Namespace, impl: str, b: int, b_local: int) -> dict:
+def measure(args: argparse.Namespace, impl: str, b: int, b_local: int, processes: int = 0) -> dict:
     row = {"impl": impl, "kind": args.kind, "global_batch": b, "local_batch": b_local}
+    if impl == "ring" or processes:
+        row["processes"] = processes or f"{b // b_local} (simulated)"
     if impl in PLAIN_BLOCKS:
         predicted = PLAIN_BLOCKS[impl] * b_local * b * 4
         if predicted > args.max_plain_gib * 2**30:
             row["skipped"] = f"predicted {predicted / 2**30:.0f} GiB > budget"
             return row
-    result, failure = run_child(args, impl, b, b_local, args.repeats)
+    result, failure = run_child(args, impl, b, b_local, args.repeats, processes)
     if failure:
         row["skipped"] = failure
     else:
@@ -196,6 +262,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ring_table(rows: list[dict]) -> str:
+    lines = [
+        "| impl | processes | global B | local B | fwd+bwd wall s (median, n) | CPU s "
+        "| peak extra GiB (largest rank) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "time_s" not in r:
+            cells = [r["skipped"], "", ""]
+        else:
+            cells = [f"{r['time_s']:.3f} ({r['repeats']})", f"{r['cpu_s']:.2f}",
+                     f"{r['peak_extra_bytes'] / 2**30:.3f}"]  # fmt: skip
+        lines.append(f"| {r['impl']} | {r['processes']} | {r['global_batch']} | {r['local_batch']} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def fit_ring_memory(rows: list[dict], tile_size: int) -> dict | None:
+    """Least-squares line peak = a * local_batch + c through the simulated ring rows at 2 ranks
+    (the peak does not depend on the number of ranks: the 1024-local rows show it) with a local
+    batch of at least one tile (below, the chunks and tiles shrink with it), evaluated at local
+    131072, a 1048576 batch over 8 ranks. None with fewer than 2 such rows."""
+    points = [(r["local_batch"], r["peak_extra_bytes"]) for r in rows
+              if r["impl"] == "ring" and r.get("processes") == "2 (simulated)"
+              and r["local_batch"] >= tile_size and "peak_extra_bytes" in r]  # fmt: skip
+    if len({x for x, _ in points}) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    constant = mean_y - slope * mean_x
+    return {"rows": len(points), "bytes_per_row": slope, "constant_bytes": constant,
+            "predicted_131072_bytes": slope * 131072 + constant}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches, seconds")
@@ -212,6 +313,16 @@ def main() -> None:
                         help="comma-separated batches for an interleaved open_clip vs tiled "
                              "timing (default: 8192 in full mode)")  # fmt: skip
     parser.add_argument("--ab-repeats", type=int, default=5)
+    parser.add_argument("--ring-sim", type=str, default=None,
+                        help="comma-separated LOCAL:GLOBAL ring rows, other ranks simulated "
+                             "(default in full mode: 1024 local to 1048576 global, and the "
+                             "fit rows 2048..16384 at 2 ranks)")  # fmt: skip
+    parser.add_argument("--ring-real", type=str, default=None,
+                        help="comma-separated PROCESSES:LOCAL rows, ring and tiled, real gloo "
+                             "processes (default in full mode: 2:1024,4:1024,2:4096,4:4096)")  # fmt: skip
+    parser.add_argument("--ring-ab", type=str, default=None,
+                        help="comma-separated PROCESSES:LOCAL interleaved tiled vs ring "
+                             "timings, real processes (default in full mode: 2:4096)")  # fmt: skip
     parser.add_argument("--max-tiled-batch", type=int, default=32768)
     parser.add_argument("--max-plain-gib", type=float, default=12.0,
                         help="skip plain/open_clip runs predicted to need more")  # fmt: skip
@@ -225,26 +336,45 @@ def main() -> None:
     parser.add_argument("--impl", default="tiled", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--local-batch", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--real", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(child(args)))
+        result = child(args)
+        if result is not None:  # one line per measurement, from rank 0 of a real launch
+            print(json.dumps(result), flush=True)
         return
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
 
+    def pairs(text: str) -> list[tuple[int, int]]:
+        return [tuple(ints(x.replace(":", ","))) for x in text.split(",") if x]
+
     if args.quick:
         batches, per_rank, ab, args.repeats = [1024], [(256, 2048)], [], 2
+        ring_sim, ring_real, ring_ab = [(64, 64), (64, 512), (128, 256)], [(2, 64)], [(2, 64)]
     else:
         batches, per_rank, ab = [1024 * 2**i for i in range(6)], [(1024, 262144)], [8192]
+        ring_sim = [(1024, 1024), (1024, 262144), (1024, 1048576)] + [
+            (b, 2 * b) for b in (2048, 4096, 8192, 16384)
+        ]
+        ring_real, ring_ab = [(2, 1024), (4, 1024), (2, 4096), (4, 4096)], [(2, 4096)]
     if args.batches is not None:
         batches = ints(args.batches)
     if args.per_rank is not None:
-        per_rank = [tuple(ints(x.replace(":", ","))) for x in args.per_rank.split(",") if x]
+        per_rank = pairs(args.per_rank)
     if args.ab is not None:
         ab = ints(args.ab)
+    ring_sim = ring_sim if args.ring_sim is None else pairs(args.ring_sim)
+    ring_real = ring_real if args.ring_real is None else pairs(args.ring_real)
+    ring_ab = ring_ab if args.ring_ab is None else pairs(args.ring_ab)
     impls = args.impls.split(",")
+    if "ring" not in impls:
+        ring_sim, ring_real, ring_ab = [], [], []
+    if not {"open_clip", "tiled"} <= set(impls):
+        ab = []
+    impls = [impl for impl in impls if impl != "ring"]
 
     rows, ab_rows = [], []
     started = time.perf_counter()
@@ -262,6 +392,21 @@ def main() -> None:
         result, failure = run_child(args, "open_clip,tiled", b, b, args.ab_repeats)
         ab_rows.append({"global_batch": b, **(result or {"skipped": failure})})
         print(ab_rows[-1], flush=True)
+    ring_rows, ring_ab_rows = [], []
+    for b_local, b in ring_sim:
+        ring_rows.append(measure(args, "ring", b, b_local))
+        print(ring_table(ring_rows[-1:]).splitlines()[-1], flush=True)
+    for processes, b_local in ring_real:
+        for impl in ("ring", "tiled"):
+            ring_rows.append(measure(args, impl, processes * b_local, b_local, processes))
+            print(ring_table(ring_rows[-1:]).splitlines()[-1], flush=True)
+    for processes, b_local in ring_ab:
+        b = processes * b_local
+        result, failure = run_child(args, "tiled,ring", b, b_local, args.ab_repeats, processes)
+        ring_ab_rows.append({"processes": processes, "global_batch": b, "local_batch": b_local,
+                             **(result or {"skipped": failure})})  # fmt: skip
+        print(ring_ab_rows[-1], flush=True)
+    fit = fit_ring_memory(ring_rows, args.tile_size)
 
     print()
     print(f"{args.kind} loss, D={EMBED_DIM}, tile {args.tile_size}, device {args.device}, "
@@ -276,11 +421,31 @@ def main() -> None:
                   f"interleaved pairs (median): wall {r['wall_ratio']:.2f}x, "
                   f"CPU {r['cpu_ratio']:.2f}x (open_clip {r['wall_s'][0]:.2f} s, "
                   f"tiled {r['wall_s'][1]:.2f} s wall)")  # fmt: skip
+    if ring_rows:
+        print()
+        print(ring_table(ring_rows))
+    for r in ring_ab_rows:
+        if "skipped" in r:
+            print(f"\nring A/B, {r['processes']} processes: {r['skipped']}")
+        else:
+            print(f"\nring A/B, {r['processes']} processes x {r['local_batch']} (global "
+                  f"{r['global_batch']}), ring / tiled over {r['repeats']} interleaved pairs "
+                  f"(median): wall {r['wall_ratio']:.2f}x, CPU {r['cpu_ratio']:.2f}x (tiled "
+                  f"{r['wall_s'][0]:.2f} s, ring {r['wall_s'][1]:.2f} s wall per step)")  # fmt: skip
+    if fit:
+        print(f"\nring memory model (fitted to {fit['rows']} simulated rows at 2 ranks): peak = "
+              f"{fit['bytes_per_row'] / 2**20:.3f} MiB x local batch + {fit['constant_bytes'] / 2**30:.3f} GiB; "
+              f"local 131072 (a 1048576 batch over 8 ranks): {fit['predicted_131072_bytes'] / 2**30:.2f} GiB")  # fmt: skip
     out = args.out or RESULTS_DIR / f"loss_memory_{args.kind}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"embed_dim": EMBED_DIM, "tile_size": args.tile_size, "device": args.device,
-            "cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "ab": ab_rows}, indent=1))
+            "cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick,
+            # glibc's dynamic mmap threshold keeps freed blocks in the heap, so RSS can exceed the
+            # live tensors; a fixed threshold (MALLOC_MMAP_THRESHOLD_) returns them at once.
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "ab": ab_rows, "ring_rows": ring_rows,
+                               "ring_ab": ring_ab_rows, "ring_fit": fit}, indent=1))  # fmt: skip
     print(f"\nwrote {out}")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -79,15 +78,7 @@ def train_and_evaluate(variant: str, seed: int, args: argparse.Namespace, data: 
            "train.chunk_size=null", f"train.seed={seed}", f"train.output_dir={out}",
            f"train.log_every_steps={max(1, steps // 20)}", f"optim.warmup_steps={max(1, steps * 3 // 20)}",
            f"data.workers={4 if cuda else 1}", *variant_overrides(variant, args, queue_size)]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    if cuda:
-        env.pop("ACCELERATE_USE_CPU", None)
-    else:
-        env.update({"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""})
-    launcher = ([sys.executable] if nproc == 1 else
-                [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                 str(nproc), "--num_machines", "1", "--main_process_port", "0"])
+    env, launcher = h.process_env(nproc, cuda), h.launcher(nproc)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
@@ -158,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "not a bound for the debiased objective, hence –) are from the last logged step.", "", table])
     print()
     print(markdown)
-    command = " ".join(["python", "benchmarks/negatives.py", *(argv if argv is not None else sys.argv[1:])])
+    command = h.command_line("negatives.py", argv)
     payload = {"machine": info, "quick": args.quick, "rows": rows, "markdown": markdown, "command": command}
     if args.out is None:
         path = h.write_json("negatives", payload, args.quick)

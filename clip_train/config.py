@@ -107,7 +107,8 @@ class ModelConfig:
     name: str = "ViT-B-32"
     # An open_clip model name (see `open_clip.list_models()`), the path of a local open_clip
     # model-config JSON (the model is then named after the file, e.g. configs/models/tiny.json),
-    # or `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo).
+    # `hf-hub:org/repo` (architecture, weights and preprocessing of an open_clip hub repo), or
+    # `local-dir:FOLDER` (the same from a folder on disk, e.g. the model/ folder of a finished run).
     pretrained: str | None = None
     # Weights to start from: a local file (an open_clip state dict or a `clip-train export`
     # file), an open_clip pretrained tag of model.name (e.g. laion2b_s34b_b79k for ViT-B-32; see
@@ -177,8 +178,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an open_clip model or a config JSON")
-        _require(not (self.name.startswith("hf-hub:") and self.pretrained), "model.pretrained",
-                 "must be null with model.name=hf-hub:... (the weights come from that repo)")
+        _require(not (self.name.startswith(("hf-hub:", "local-dir:")) and self.pretrained), "model.pretrained",
+                 "must be null with model.name=hf-hub:... or local-dir:... (the weights come from there)")
         for key in ("image_mean", "image_std"):
             value = getattr(self, key)
             _require(value is None or len(value) in (1, 3), f"model.{key}", "must hold 1 or 3 values (per channel)")
@@ -257,6 +258,13 @@ class DataConfig:
     # weight of 0 is never drawn ([1.0, 0.0]: only the txt caption): a sample with no candidate
     # of positive weight is skipped, counted as missing_caption (the txt fallback of
     # caption_list_with_text=false excepted).
+    decode: str = "fast"
+    # fast: draw the augmentation's crop first, decode a JPEG at the smallest DCT scale (1/2,
+    # 1/4, 1/8) that still covers the crop at the model's resolution, resample once: the same
+    # crop and augmentation parameters as exact, pixels within 30+ dB PSNR of it, 1.2-2.8x less
+    # CPU per sample (docs/data.md). exact: full decode + the model's transform, bit for bit as
+    # open_clip. A transform fast cannot reproduce (no RandomResizedCrop, ...) decodes exactly
+    # (logged).
 
     def __post_init__(self) -> None:
         _require(self.train_num_samples is None or self.train_num_samples > 0,
@@ -274,6 +282,7 @@ class DataConfig:
                  "must name a key of the sample's json, e.g. captions (or be null)")
         _require(self.caption_probs is None or self.caption_list_key is not None, "data.caption_probs",
                  "needs data.caption_list_key (the captions to draw from)")
+        _one_of(self.decode, "data.decode", ("fast", "exact"))
         _require(self.caption_probs is None or (len(self.caption_probs) > 0 and all(p >= 0 for p in self.caption_probs)
                                                 and sum(self.caption_probs) > 0),
                  "data.caption_probs", "must be non-negative weights with a positive sum, e.g. [0.5, 0.5]")
@@ -287,7 +296,12 @@ class LossConfig:
     impl: str = "auto"
     # plain: the B_local x B_global logit block at once; tiled: never materialises it (memory
     # linear in the batch, same loss and gradients); auto: plain while B_local * B_global <=
-    # tile_size^2 (the block is no bigger than one tile), tiled beyond.
+    # tile_size^2 (the block is no bigger than one tile), tiled beyond. ring: like tiled, but no
+    # process gathers the global batch: the other processes' embeddings (and the gradients owed
+    # to them) pass around a ring in chunks of tile_size rows, so memory stays flat in the
+    # number of processes at the cost of point-to-point traffic in forward and backward (see
+    # docs/performance.md); with one process it runs as tiled. Not with debias_tau_plus or
+    # hardness_beta.
     tile_size: int = 4096
     # Rows/columns per tile of the tiled implementation: peak extra memory is a few
     # tile_size^2 float32 buffers (4096: ~64 MiB each) plus O(batch * embed_dim).
@@ -313,7 +327,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", ("clip", "siglip"))
-        _one_of(self.impl, "loss.impl", ("auto", "plain", "tiled"))
+        _one_of(self.impl, "loss.impl", ("auto", "plain", "tiled", "ring"))
+        _require(self.impl != "ring" or (self.debias_tau_plus == 0 and self.hardness_beta == 0),
+                 "loss.impl", "ring computes the plain InfoNCE / SigLIP objectives: with "
+                 "loss.debias_tau_plus or loss.hardness_beta set loss.impl=tiled")
         _require(self.tile_size > 0, "loss.tile_size", "must be > 0")
         _require(self.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
         _require(self.queue_size >= 0, "loss.queue_size", "must be >= 0 (0: no queue)")
@@ -368,6 +385,7 @@ class OptimConfig:
     schedule: str = "cosine"
     # cosine | constant | const-cooldown, each after `warmup_steps` of linear warmup.
     warmup_steps: int = 0
+    # Linear warmup to `lr` over the first N steps, lr/N at the first (every schedule).
     cooldown_steps: int = 0
     # const-cooldown: decay towards `min_lr` over the last N steps, as open_clip_train's
     # const_lr_cooldown: the first of them still runs at lr, the last at
@@ -376,6 +394,7 @@ class OptimConfig:
     # Shape of that decay (open_clip's --lr-cooldown-power): lr = min_lr + (lr - min_lr) *
     # (1 - k/N)^power at the k-th (0-based) cooldown step; 1 is linear, 0.5 stays high longer.
     min_lr: float = 0.0
+    # The learning rate at the end of the cosine schedule and of the const-cooldown decay.
     grad_clip_norm: float | None = None
     # Clip the global gradient norm to this value (None: no clipping; the norm is logged anyway).
     image_lr_scale: float = 1.0
@@ -430,9 +449,12 @@ class TrainConfig:
     # On CUDA, float32 matmuls (the loss, fp32 runs) use TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false: full float32 ("highest").
     seed: int = 0
+    # Seeds the initial weights (the same on every process), the data stream, augmentation and
+    # dropout (per process): a run is a function of its seed and process count.
     output_dir: str = "runs/default"
     # Checkpoints, metrics.jsonl, the resolved config and evaluation results go here.
     log_every_steps: int = 10
+    # Write a metrics.jsonl line (and feed the trackers) every N steps, and at the last one.
     checkpoint_every_steps: int = 0
     # Save a resumable checkpoint every N steps (0: only at the end).
     keep_checkpoints: int = 2
@@ -462,11 +484,40 @@ class TrainConfig:
     process_group_timeout_s: float = 1800.0
     # Seconds a collective may wait before the run fails: every process waits while the main
     # process writes a checkpoint, so this must outlast a save to a slow shared filesystem.
+    # With hang detection on (train.hang_timeout_s > 0) this holds only until the first step has
+    # completed; then every collective times out with the watchdog's allowance of the phase
+    # (a step, an evaluation, a checkpoint) plus a few seconds.
+    hang_timeout_s: float = 600.0
+    # Hang detection: a process that completes no step for this long writes every thread's
+    # Python stack to the log and to <output_dir>/faults/stacks-rank<R>.txt and exits with code 1,
+    # so that the launcher restarts the group (accelerate launch --max_restarts N; launch/local.sh
+    # RESTARTS=N). Works when the process is stuck in C code, with or without the GIL. 0: off.
+    # Size it to a few times the slowest step (GPU clusters: 600 covers a straggling node).
+    hang_startup_timeout_s: float = 1800.0
+    # The allowance from the process's start to its first step: rendezvous with every node,
+    # model build, checkpoint download and load, the loader's first batches.
+    hang_first_step_timeout_s: float = 1800.0
+    # The allowance of the first step after every start (torch.compile, CUDA and NCCL warm-up).
+    hang_eval_timeout_s: float = 3600.0
+    # The allowance of one evaluation (zero-shot, retrieval and validation sets due at a step).
+    hang_checkpoint_timeout_s: float = 3600.0
+    # The allowance of one checkpoint save (gather, write, prune); at the end of training also
+    # of the export and, with train.remote_dir, of the wait for the last upload (plus
+    # train.remote_max_unsynced_s).
+    max_restarts_without_progress: int = 3
+    # Launcher restarts in a row that complete no step past the furthest step any attempt
+    # completed (recorded at logging and checkpoint steps in <output_dir>/faults/progress.json):
+    # the next start stops with one line naming the step and stops the launcher. 0: no limit.
+    straggler_factor: float = 2.0
+    # At logging steps every process's step time and data-wait fraction reach the main process
+    # (metrics straggler/*: slowest_rank, step times, data-wait fractions); a process that waits
+    # for data this many times the other processes' median, in 3 logging windows in a row, is
+    # named in a warning.
     remote_dir: str | None = None
     # Mirror output_dir to this fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol;
     # s3/gcs need `pip install 'clip-train[s3]'` / `[gcs]`): every checkpoint is uploaded by the
     # main process in the background, published by a marker object written last; resume=latest
-    # also looks there. output_dir may then be node-local (see README "Checkpoints in a bucket").
+    # also looks there. output_dir may then be node-local (docs/checkpoints.md, "Checkpoints in a bucket").
     remote_keep_checkpoints: int | None = None
     # Keep the last K complete checkpoints in remote_dir (None: train.keep_checkpoints).
     remote_max_unsynced_s: float = 3600.0
@@ -496,6 +547,17 @@ class TrainConfig:
                  "must be > 0 (e.g. 10: a stop signal is acted on within 10 steps)")
         _require(self.process_group_timeout_s > 0, "train.process_group_timeout_s",
                  "must be > 0 seconds (e.g. 1800: long enough to write a checkpoint)")
+        for key in ("hang_timeout_s", "hang_startup_timeout_s", "hang_first_step_timeout_s",
+                    "hang_eval_timeout_s", "hang_checkpoint_timeout_s"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 seconds (train.hang_timeout_s=0: off)")
+        if self.hang_timeout_s > 0:
+            for key in ("hang_startup_timeout_s", "hang_first_step_timeout_s", "hang_eval_timeout_s",
+                        "hang_checkpoint_timeout_s"):
+                _require(getattr(self, key) > 0, f"train.{key}", "must be > 0 seconds while "
+                         "train.hang_timeout_s > 0 (set train.hang_timeout_s=0 to turn hang detection off)")
+        _require(self.max_restarts_without_progress >= 0, "train.max_restarts_without_progress",
+                 "must be >= 0 (0: no limit)")
+        _require(self.straggler_factor > 1, "train.straggler_factor", "must be > 1 (e.g. 2.0)")
         if self.remote_dir is not None:
             _require(bool(self.remote_dir.strip().rstrip("/")), "train.remote_dir",
                      "must be an fsspec URL such as s3://bucket/prefix (or null: no mirror)")
@@ -648,9 +710,13 @@ class WandbConfig:
     # Track the run in Weights & Biases through Accelerate's tracker (same as listing wandb in
     # tracking.report_to).
     project: str = "clip-train"
+    # W&B project of the run.
     entity: str | None = None
+    # W&B team or user (null: your default entity).
     name: str | None = None
+    # Display name of the run (null: W&B picks one).
     tags: list[str] = field(default_factory=list)
+    # W&B tags of the run, e.g. [baseline, b32].
     mode: str = "auto"
     # auto: online when an API key is configured, offline otherwise | online | offline
 
@@ -775,6 +841,9 @@ def check_paths(cfg: Config, training: bool = True) -> None:
                               "tag such as laion2b_s34b_b79k, or hf-hub:org/repo)")
     if cfg.model.name.endswith(".json") and not os.path.isfile(cfg.model.name):
         raise ConfigError(f"model.name: no such model-config file {cfg.model.name!r}")
+    folder = cfg.model.name.removeprefix("local-dir:")
+    if cfg.model.name.startswith("local-dir:") and not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        raise ConfigError(f"model.name: {folder!r} is not a model folder (no open_clip_config.json in it)")
 
 
 def check_eval_paths(cfg: EvalConfig) -> None:

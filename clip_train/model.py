@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.transforms import Compose
 
 from clip_train.config import AugConfig, ConfigError, ModelConfig
+from clip_train.hub import LOCAL_DIR_PREFIX, is_model_folder
 from clip_train.pretrained import (
     HF_HUB_PREFIX,
     PretrainedError,
@@ -46,9 +47,15 @@ class ModelBundle:
 def resolve_model_name(name: str) -> str:
     """Return open_clip's name for `name`, registering a local model-config JSON first.
 
-    `hf-hub:org/repo` is kept as it is, once its config and weights are in the local cache."""
+    `hf-hub:org/repo` is kept as it is, once its config and weights are in the local cache, and
+    so is `local-dir:FOLDER` (open_clip's hub layout on disk, e.g. a run's `model/` folder)."""
     if name.startswith(HF_HUB_PREFIX):
         fetch_hub_model_config(name)
+        return name
+    if name.startswith(LOCAL_DIR_PREFIX):
+        if not is_model_folder(name[len(LOCAL_DIR_PREFIX):]):
+            raise ConfigError(f"model.name: {name} is not a model folder (it needs an open_clip_config.json, "
+                              "e.g. the model/ folder of a finished run)")
         return name
     if name.endswith(".json"):
         path = Path(name)
@@ -69,7 +76,8 @@ def resolve_model_name(name: str) -> str:
 def build_model(cfg: ModelConfig) -> ModelBundle:
     """Create the open_clip model (on CPU, fp32), its transforms and tokenizer; apply locking."""
     name = resolve_model_name(cfg.name)
-    hub_name = name.startswith(HF_HUB_PREFIX)
+    # hf-hub: and local-dir: names bring their own weights and preprocessing (open_clip's).
+    hub_name = name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
     sources = {"model.pretrained": cfg.pretrained, "model.pretrained_image_path": cfg.pretrained_image_path,
                "model.pretrained_text_path": cfg.pretrained_text_path}
     for key, spec in sources.items():  # before any download

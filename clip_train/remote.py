@@ -20,7 +20,7 @@ run at once), each in a child process (`python -m clip_train.remote JOB`, at a l
 in its own session and deaf to the stop signals a cluster sends every process of a job, so that
 the stop can wait for it; killed with the trainer): s3fs's event loop and HTTP client inside the trainer would share its
 GIL with the training loop (measured on the demo model, 2 CPU cores: median step +10% while an
-upload ran in a thread of the trainer, +2% with the child process; README "Checkpoints in a bucket"). A checkpoint saved while another uploads waits in a single slot, where a newer one
+upload ran in a thread of the trainer, +2% with the child process; docs/checkpoints.md "Checkpoints in a bucket"). A checkpoint saved while another uploads waits in a single slot, where a newer one
 replaces it: the bucket needs the newest, not each one. Failures are warned about and retried with
 back-off; local pruning spares checkpoints not yet uploaded; when something has waited longer than
 `train.remote_max_unsynced_s` for its upload, `overdue()` turns true and train.py stops the run in

@@ -95,8 +95,9 @@ def configure_matmul_precision(tf32: bool, cuda: bool) -> None:
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
-def accelerator_kwargs(process_group_timeout_s: float) -> list:
-    """DDP and process-group options for `Accelerator(kwargs_handlers=...)`."""
+def accelerator_kwargs(process_group_timeout_s: float, init_method: str | None = None) -> list:
+    """DDP and process-group options for `Accelerator(kwargs_handlers=...)`; `init_method`: the
+    process group's rendezvous URL (None: torch's env://)."""
     # Every trainable parameter takes part in every step's last backward (the gradient cache
     # feeds the temperature through the forward; an unused logit bias is frozen), so DDP need
     # not search for unused parameters. Gradients as views of the all-reduce buckets: one copy
@@ -104,7 +105,7 @@ def accelerator_kwargs(process_group_timeout_s: float) -> list:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)
     # Every process waits in a collective while the main process writes a checkpoint: the
     # timeout must outlast a save to a slow shared filesystem.
-    group = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s), init_method=init_method)
     return [ddp, group]
 
 
@@ -198,3 +199,45 @@ class StepHealth:
         self.skipped_at_last_check = skipped
         self.worst_in_a_row = self.in_a_row.clone()
         return bool(stop), skipped, worst, in_a_row
+
+
+PRECISION_WORDS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling",
+                   "fp8": "fp8"}
+
+
+def describe_run(cfg, *, model_name: str, processes: int, device_type: str, mixed_precision: str,
+                 sharded: bool, uint8_batches: bool, start_step: int = 0) -> str:
+    """The run's first log line, in words: how it is distributed (and what is sharded), the
+    precision, the gradient cache, the data path, the steps and where the outputs go."""
+    local = cfg.train.local_batch_size
+    where = "GPU" if device_type == "cuda" else device_type.upper()
+    if processes == 1:
+        layout = f"one process on the {where}"
+    elif sharded:
+        layout = (f"FSDP2 over {processes} {where} processes (parameters, gradients and optimizer "
+                  "state sharded per transformer block; logit scale/bias replicated)")
+    else:
+        layout = f"DDP over {processes} {where} processes (full replicas, gradients all-reduced)"
+    precision = PRECISION_WORDS.get(mixed_precision, mixed_precision)
+    if device_type == "cuda" and cfg.train.tf32:
+        precision += ", TF32 float32 matmuls"
+    chunk = cfg.train.chunk_size
+    if chunk is None or chunk >= local:
+        cache = "gradient cache off"
+    else:
+        cache = f"gradient cache on (chunks of {chunk} of {local} samples per process"
+        if sharded and processes > 1:
+            cache += f", gradients reduced {cfg.train.sharded_grad_reduce.replace('_', ' ')}"
+        cache += ")"
+    decode = getattr(cfg.data, "decode", None)  # data.decode, where the config has it
+    workers = cfg.data.workers
+    data = (f"data: {f'{decode} decode, ' if decode else ''}"
+            + (f"{workers} loader worker{'s' if workers > 1 else ''} per process, " if workers
+               else "decoded in the training process, ")
+            + ("uint8 batches normalised on the device" if uint8_batches else "float32 batches"))
+    steps = f"{cfg.train.steps} steps" + (f" (resuming at step {start_step})" if start_step else "")
+    outputs = f"outputs in {cfg.train.output_dir}"
+    if cfg.train.remote_dir:
+        outputs += f" (mirrored to {cfg.train.remote_dir})"
+    return (f"training {model_name}: {layout}; global batch {local * processes} ({processes} x {local}); "
+            f"{precision}; {cache}; {data}; {steps}; {outputs}")

@@ -32,6 +32,7 @@ from clip_train.data import (
 )
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
+from clip_train.hub import RUN_FOLDER, RunFacts, write_model_folder
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
@@ -51,6 +52,7 @@ from clip_train.runtime import (
     configure_matmul_precision,
     cpu_precision_note,
     cuda_bf16_native,
+    describe_run,
     freeze_unused_logit_bias,
     optimizer_step,
     own_cuda_device,
@@ -66,6 +68,14 @@ from clip_train.sharding import (
     open_clip_state_dict,
     prepare_model,
     reduce_replicated_grads,
+)
+from clip_train.watchdog import (
+    Allowances,
+    RestartGuard,
+    Stragglers,
+    Watchdog,
+    attempt_rendezvous,
+    nccl_dump_env,
 )
 
 log = logging.getLogger("clip_train")
@@ -83,9 +93,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     precision = resolve_precision(cfg.train.precision, cuda, lambda: cuda_bf16_native(own_cuda_device()))
     configure_matmul_precision(cfg.train.tf32, cuda)
+    if cuda:
+        nccl_dump_env(cfg.train.output_dir)  # a timed-out collective dumps NCCL's flight recorder
+    # Store keys scoped by the launcher's attempt: a restarted group must not read the dead one's.
+    kwargs = accelerator_kwargs(cfg.train.process_group_timeout_s, init_method=attempt_rendezvous())
     accelerator = Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers(cfg) or None,
-                              project_dir=cfg.train.output_dir,
-                              kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_s))
+                              project_dir=cfg.train.output_dir, kwargs_handlers=kwargs)
     note = cpu_precision_note(precision, cuda)
     if note and accelerator.is_main_process:
         log.warning(note)  # the run's first line
@@ -103,7 +116,7 @@ def check_world_size(accelerator: Accelerator) -> None:
     if "DEEPSPEED" in mode or ("FSDP" in mode and not getattr(accelerator, "is_fsdp2", False)):
         # DeepSpeed steps only inside accelerator.backward and ignores no_sync; FSDP1's
         # parameters outside its forward are views of a flat shard. FSDP2 is supported
-        # (clip_train/sharding.py). See README "Accelerate configurations and the gradient cache".
+        # (clip_train/sharding.py). See docs/clusters.md, "Accelerate configurations and the gradient cache".
         raise LaunchError(f"distributed mode {mode} is not supported: launch with DDP "
                           "(launch/accelerate/single-node.yaml or multi-node.yaml) or FSDP2 (fsdp2.yaml)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,10 +129,17 @@ def check_world_size(accelerator: Accelerator) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (what SLURM sends before pre-emption) ask for a checkpoint and a clean exit."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before pre-emption) ask for a checkpoint and a clean exit
+    once `arm()`ed, where a checkpoint can be written: from the training loop on. Before that
+    (rendezvous, process-group init, checkpoint load) they end the process at once, as by
+    default: a process blocked in start-up must not outlive its launcher's stop or restart."""
 
     def __init__(self) -> None:
         self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def arm(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -128,7 +148,21 @@ class StopRequest:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    stop = StopRequest()  # first: a pre-emption signal during set-up must not kill the process
+    stop = StopRequest()  # a stop signal ends the set-up at once; the loop checkpoints first
+    # From here on a process that makes no progress for its phase's allowance dumps its stacks
+    # and exits, so that the launcher restarts the group (clip_train/watchdog.py).
+    rank = int(os.environ.get("RANK", "0"))
+    watchdog = Watchdog(Allowances.from_config(cfg.train), cfg.train.output_dir, rank)
+    try:
+        restarts = RestartGuard(cfg.train.output_dir, cfg.train.max_restarts_without_progress,
+                                is_main=rank == 0, record_every=cfg.train.log_every_steps)
+        restarts.start()  # too many restarts without a new step: one line, and the launcher stops
+        return run_training(cfg, stop, watchdog, restarts)
+    finally:
+        watchdog.close()  # an error too: a caller that goes on must not be ended by the watchdog
+
+
+def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: RestartGuard) -> dict[str, float]:
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
@@ -211,18 +245,23 @@ def train(cfg: Config) -> dict[str, float]:
     metrics_log = MetricsLog(accelerator, cfg, run_id=progress.run_id)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
     global_batch = cfg.train.local_batch_size * world
+    run_line = describe_run(cfg, model_name=bundle.name, processes=world, device_type=accelerator.device.type,
+                            mixed_precision=str(accelerator.mixed_precision), sharded=sharded,
+                            uint8_batches=loader.image_normalization is not None, start_step=progress.step)
     if accelerator.is_main_process:
-        log.info("training %s: %d processes x %d samples = global batch %d, chunk %s, %s, %d steps",
-                 bundle.name, world, cfg.train.local_batch_size, global_batch, cfg.train.chunk_size,
-                 accelerator.mixed_precision, cfg.train.steps)
+        log.info(run_line)
         if queue is not None and key_encoder is None:
             log.warning(STALE_KEYS_WARNING)
+        if cfg.loss.impl == "ring" and world == 1:
+            log.info("loss.impl=ring with 1 process: nothing to pass around, the loss runs as tiled")
 
     def checkpoint() -> None:
+        watchdog.phase(f"the checkpoint at step {progress.step}", cfg.train.hang_checkpoint_timeout_s)
         progress.data_states = gather_object([loader.state_dict()])
         saved = save_checkpoint(accelerator, cfg.train.output_dir, progress.step, cfg.train.keep_checkpoints,
                                 keep_also=syncer.unsynced_steps(), run_id=progress.run_id)
         syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
+        restarts.reached(progress.step)
 
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
@@ -230,7 +269,10 @@ def train(cfg: Config) -> dict[str, float]:
     results: dict[str, float] = {}
     eval_cache = ClassifierCache()  # a frozen text tower's zero-shot classifiers, kept between evaluations
     start_step = progress.step
+    stragglers = Stragglers(cfg.train.straggler_factor)
+    stop.arm()
     while progress.step < cfg.train.steps:
+        watchdog.step(progress.step + 1)
         t0 = time.perf_counter()
         images, texts = next(batches)
         # uint8 images, normalised on the device after a non-blocking copy from pinned memory.
@@ -279,13 +321,17 @@ def train(cfg: Config) -> dict[str, float]:
             data_metrics = check_bad_samples(accelerator, loader, bad_ceiling)
         if log_now:
             loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
+            rates = throughput.read()
             metrics = {
                 "loss": loss,
                 "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
                 "logit_scale": clip.logit_scale.exp().item(),
                 "temperature": 1.0 / clip.logit_scale.exp().item(),
                 "grad_norm": grad_norm.item(),
-                **throughput.read(),
+                **rates,
+                # Every process's step time and data wait: one small gather, at logging steps only.
+                **stragglers.gather(accelerator, cfg.train.local_batch_size / rates["samples_per_s_per_process"],
+                                    rates["data_wait_fraction"]),
                 "samples_seen": progress.samples_seen,
                 "skipped_steps": progress.skipped_steps,
                 **peak_memory(accelerator.device),
@@ -297,7 +343,9 @@ def train(cfg: Config) -> dict[str, float]:
             with isolated():
                 metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
+            restarts.reached(progress.step)
         if not last and cfg.eval.due(progress.step):  # only the entries due at this step
+            watchdog.phase(f"the evaluation at step {progress.step}", cfg.train.hang_eval_timeout_s)
             with isolated():
                 metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step,
                                                eval_copy), progress.step)
@@ -308,6 +356,7 @@ def train(cfg: Config) -> dict[str, float]:
             break
 
     display.close()
+    watchdog.phase("the final evaluation and export", cfg.train.hang_eval_timeout_s + cfg.train.hang_checkpoint_timeout_s)
     complete = progress.step >= cfg.train.steps
     # A resume of a complete run writes the final outputs again only if they are not that checkpoint's.
     if complete and (progress.step > start_step or broadcast_object_list(
@@ -317,6 +366,10 @@ def train(cfg: Config) -> dict[str, float]:
         final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
             export_open_clip(final_state, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
+            # The shareable folder (open_clip's hub layout, with a model card): local-dir:/hf-hub:.
+            write_model_folder(os.path.join(cfg.train.output_dir, RUN_FOLDER), final_state, model=bundle.model,
+                               tokenizer=bundle.tokenizer, name=bundle.name, cfg=cfg,
+                               facts=RunFacts(progress.step, world, run_line, results))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
             write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
@@ -327,6 +380,7 @@ def train(cfg: Config) -> dict[str, float]:
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
+    watchdog.phase("the wait for the last upload", cfg.train.hang_checkpoint_timeout_s + cfg.train.remote_max_unsynced_s)
     syncer.finish(stopped=not complete)  # no collectives: after end_training
     return results
 

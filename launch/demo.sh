@@ -15,4 +15,5 @@ print(f"  zero-shot top-1 accuracy {r['zeroshot/top1']:.3f} (chance 0.100), top-
 if "retrieval/image_to_text_R@1" in r:
     print(f"  retrieval R@1 image->text {r['retrieval/image_to_text_R@1']:.3f}, text->image {r['retrieval/text_to_image_R@1']:.3f}")
 print("Curves: runs/demo/report.png (with the final numbers and the config: runs/demo/report.html)")
+print("Model: runs/demo/model (open_clip's hub layout: open_clip.create_model_and_transforms('local-dir:runs/demo/model'))")
 PY

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.10) with the pinned torch pair and clip-train in editable mode, with
-# the test (dev) and benchmark (bench) extras: every command in the README works after this.
+# the test (dev) and benchmark (bench) extras: every command in README.md and docs/ works after this.
 # Users with their own CUDA torch can skip the pin: pyproject.toml states the supported ranges.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """Checks of the benchmarks: both trainers' command lines are accepted by the trainers' own
 parsers and say the same thing; the A/B summary takes medians of per-round ratios; every module
-the benchmarks import is installed by the set-up and every benchmark command in the README is
-accepted; and the GPU check runs end to end in its --cpu-smoke mode (the only benchmark the
+the benchmarks import is installed by the set-up and every benchmark command in README.md and
+docs/ is accepted; and the GPU check runs end to end in its --cpu-smoke mode (the only benchmark the
 suite runs)."""
 
 from __future__ import annotations
@@ -140,20 +140,22 @@ def _help_texts() -> dict[str, str]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_benchmark_commands_in_the_readme_exist_and_take_their_flags():
+def test_benchmark_commands_in_the_docs_exist_and_take_their_flags():
     import re
 
     helps = _help_texts()
     assert set(helps) >= {"run_all.py", "train_throughput.py", "gpu_check.py"}
     assert all("usage:" in text for text in helps.values())
-    readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"python (benchmarks/\w+\.py)((?: --[\w-]+(?:[ =][\w.,]+)?)*)", readme)
+    # The front page and every docs/ page (the benchmarks' figures live in docs/performance.md).
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    commands = [(page.name, *c) for page in pages for c in re.findall(
+        r"python (benchmarks/\w+\.py)((?: --[\w-]+(?:[ =][\w.,]+)?)*)", page.read_text())]
     assert len(commands) >= 6
-    for script, flags in commands:
+    for page, script, flags in commands:
         name = Path(script).name
-        assert name in helps, f"README runs {script}, which has no --help"
+        assert name in helps, f"{page} runs {script}, which has no --help"
         for flag in re.findall(r"--[\w-]+", flags):
-            assert flag in helps[name], f"README runs {script} {flag}, which it does not accept"
+            assert flag in helps[name], f"{page} runs {script} {flag}, which it does not accept"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""clip_benchmark interop, for real: the `clip_benchmark eval` command line on an exported
-clip-train model and a data set in clip_benchmark's webdataset layout must report the zero-shot
-top-1 that `clip-train eval` reports on the same folder.
+"""clip_benchmark interop, for real: the `clip_benchmark eval` command line on clip-train's model
+folder (`--model local-dir:<folder>`, nothing else) and a data set in clip_benchmark's webdataset
+layout must report the zero-shot top-1 that `clip-train eval --checkpoint <folder>` reports.
 
 clip-benchmark 1.6.2 breaks with numpy >= 2.3 (its top-k accuracy converts a 1-element array
 with float()) and imports `requests` and `pycocoevalcap` at start-up without pinning numpy, so it
@@ -106,26 +106,25 @@ def _fitted_tiny_model(samples: list[dict]):
 def test_clip_benchmark_cli_gives_clip_train_top1(clip_benchmark_env, tmp_path):
     from helpers.clip_benchmark_data import write_clip_benchmark_folder
 
-    from clip_train.checkpoint import export_open_clip
+    from clip_train.config import Config, ModelConfig
+    from clip_train.hub import RunFacts, write_model_folder
 
     samples = _color_samples(sum(SHARD_SIZES))
     folder = write_clip_benchmark_folder(tmp_path / "wds_colors", samples, list(COLORS), TEMPLATES,
                                          SHARD_SIZES)
     bundle = _fitted_tiny_model(_color_samples(96, seed=1))
-    # The exported file, and open_clip's `local-dir:` folder around it (how clip_benchmark loads
-    # a model that is not in open_clip's registry).
-    weights = tmp_path / "open_clip_model.pt"
-    export_open_clip(bundle.model, str(weights))
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(TINY.read_text())}))
-    shutil.copy(weights, model_dir / "open_clip_pytorch_model.bin")
+    # The model folder a run writes at its end (open_clip's hub layout): both tools load it alone.
+    model_dir = write_model_folder(tmp_path / "model", bundle.model, model=bundle.model, tokenizer=bundle.tokenizer,
+                                   name=bundle.name, cfg=Config(model=ModelConfig(name=str(TINY))),
+                                   facts=RunFacts(step=15))
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "open_clip_config.json",
+                                                            "open_clip_model.safetensors"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Both command lines at once: each spends most of its time importing torch.
     ours = subprocess.Popen(
-        [sys.executable, "-m", "clip_train", "eval", f"model.name={TINY}", f"eval.zeroshot.colors={folder}",
-         "eval.batch_size=16", "eval.workers=0", "--checkpoint", str(weights),
+        [sys.executable, "-m", "clip_train", "eval", f"eval.zeroshot.colors={folder}",
+         "eval.batch_size=16", "eval.workers=0", "--checkpoint", str(model_dir),
          "--output", str(tmp_path / "ours.json")],
         cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)

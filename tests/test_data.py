@@ -450,7 +450,9 @@ def test_open_clip_transform_and_tokenizer_in_workers(color_shards):
     from clip_train.model import build_model
 
     bundle = build_model(ModelConfig(name=str(REPO / "configs/models/tiny-vit.json")))
-    cfg = DataConfig(train=color_shards, workers=1, shuffle_buffer=10)
+    # exact decode: the uint8 and float paths then resample alike (fast's uint8 path may use
+    # torch's resampler; tests/test_fast_decode.py holds it to the exact path).
+    cfg = DataConfig(train=color_shards, workers=1, shuffle_buffer=10, decode="exact")
     def first_batches(uint8_images: bool):
         L = build_train_loader(cfg, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
                                local_batch_size=5, seed=0, rank=0, world_size=1,

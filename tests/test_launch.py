@@ -178,6 +178,7 @@ def test_sbatch_dry_run_two_nodes_gpus_from_slurm(tmp_path):
         assert (view.num_processes, view.num_machines, view.machine_rank) == (16, 2, rank)
         assert (view.main_process_ip, view.main_process_port) == ("gpu07", 24242)
         assert view.module and view.training_script == "clip_train"
+        assert view.max_restarts == 0  # no in-job restarts unless MAX_RESTARTS is set
     # torchrun's view of node 1 (node 0 would probe the port on this machine)
     from accelerate.utils.launch import prepare_multi_gpu_env
 
@@ -192,7 +193,7 @@ def test_sbatch_dry_run_two_nodes_gpus_from_slurm(tmp_path):
 
 def test_sbatch_dry_run_gpus_from_nvidia_smi_after_requeue(tmp_path):
     env = fake_slurm_env(tmp_path, nnodes=2, hosts="node-a node-b", job_id=31337, FAKE_GPUS="4",
-                         DRY_RUN="1", SLURM_RESTART_COUNT="2", MAIN_PROCESS_PORT="29555")
+                         DRY_RUN="1", SLURM_RESTART_COUNT="2", MAIN_PROCESS_PORT="29555", MAX_RESTARTS="3")
     proc = subprocess.run(["bash", str(SBATCH), "configs/demo.yaml", "train.resume=/ckpt/step_00000100"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -206,6 +207,8 @@ def test_sbatch_dry_run_gpus_from_nvidia_smi_after_requeue(tmp_path):
         assert option(cmd, "--main_process_port") == "29555"
         # After a requeue the run continues from its own newest checkpoint: latest comes last.
         assert cmd[-2:] == ["train.resume=/ckpt/step_00000100", "train.resume=latest"]
+        # MAX_RESTARTS: the launcher's in-job restarts, on the fixed port.
+        assert accelerate_view(cmd).max_restarts == 3
 
 
 def test_sbatch_refuses_outside_slurm(tmp_path):

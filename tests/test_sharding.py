@@ -40,7 +40,7 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
 def test_fsdp2_gradient_cache_is_exact_and_state_round_trips():
     """One launch (tests/helpers/fsdp_check.py): its assertions run inside; the numbers are re-checked here."""
     res = result_of(launch_fsdp2(["tests/helpers/fsdp_check.py"]))
-    for label in ("nochunk", "chunk1_every", "chunk3_last"):  # vs float64 one-process ClipLoss
+    for label in ("nochunk", "chunk1_every", "chunk3_last", "chunk3_last_ring"):  # vs float64 one-process ClipLoss
         assert res[label]["max_rel_err"] < 1e-5 and res[label]["logit_scale_rel_err"] < 1e-5, res[label]
     assert res["fsdp_vs_ddp_5_steps"]["max_rel_err"] < 1e-5, res["fsdp_vs_ddp_5_steps"]
     assert res["fsdp_chunked_vs_ddp_5_more_steps"]["whole_model_rel_err"] < 1e-5
@@ -73,9 +73,12 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
     proc = launch_fsdp2(["-m", "clip_train", "train", *common, f"train.output_dir={straight}",
                          *eval_args(tmp_path, color_shards)], options=ac)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ", bf16, " in proc.stderr  # the run's start line
+    # The run's first line is the bf16-on-the-CPU note; then what runs, in words.
     ours = [line for line in proc.stderr.splitlines() if "[rank 0]" in line]
     assert "train.precision=bf16 on the CPU" in ours[0], ours[:3]  # the run's first line says it
+    assert "FSDP2 over 2 CPU processes (parameters, gradients and optimizer state sharded" in proc.stderr
+    assert "; bf16 autocast; gradient cache on (chunks of 3 of 8 samples per process, gradients reduced " \
+           "every chunk)" in proc.stderr
     results = json.loads((straight / "eval.json").read_text())  # evaluation on the gathered weights
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
     proc = launch_fsdp2([FAULTS, "--kill-at-step", "6", *common, f"train.output_dir={killed}"], options=ac)
@@ -102,6 +105,13 @@ def test_fsdp2_sigkill_then_resume_follows_the_uninterrupted_run(tmp_path, color
     assert proc.returncode == 0, proc.stderr[-2000:]
     exported = torch.load(tmp_path / "exported.pt", weights_only=True)
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    # The model folder holds the same gathered weights, and open_clip loads it alone.
+    from safetensors.torch import load_file
+
+    folder = load_file(str(killed / "model" / "open_clip_model.safetensors"))
+    assert folder.keys() == final.keys() and all(torch.equal(folder[k], final[k]) for k in final)
+    loaded = open_clip.create_model(f"local-dir:{killed / 'model'}").state_dict()
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
 
 
 def open_clip_name() -> str:

@@ -56,12 +56,30 @@ def test_single_process_training_learns_and_checkpoints(tmp_path, color_shards):
     assert (out / "open_clip_model.pt").is_file()
     results = json.loads((out / "eval.json").read_text())
     assert 0.0 <= results["zeroshot/top1"] <= 1.0 and "retrieval/image_to_text_R@1" in results
-    # `clip-train export` of the final checkpoint = the file written at the end of training
+    # The shareable folder: open_clip alone loads it (local-dir:) and its own zero-shot classifier
+    # scores the held-out shards exactly as the run's evaluation did (the same predictions).
+    from model_folder import open_clip_zeroshot_top1
+    from safetensors.torch import load_file
+
+    final = torch.load(out / "open_clip_model.pt", weights_only=True)
+    folder = load_file(str(out / "model" / "open_clip_model.safetensors"))
+    assert folder.keys() == final.keys() and all(torch.equal(folder[k], final[k]) for k in final)
+    top1 = open_clip_zeroshot_top1(str(out / "model"), color_shards, ["red", "green", "blue", "yellow"],
+                                   ["a photo of a {} square"])
+    assert top1 == pytest.approx(results["zeroshot/top1"], abs=1e-12)
+    card = (out / "model" / "README.md").read_text()
+    assert "library_name: open_clip" in card and "| global batch | 16 (1 process x 16) |" in card
+    assert f"| zeroshot/top1 | {results['zeroshot/top1']:.4f} |" in card and "| steps | 12 of 12 |" in card
+    # `clip-train export` of the final checkpoint to a folder = the folder written at the end of
+    # training (weights, config and the card's final evaluation; only the paths in the card differ).
     proc = run_cli(["export", "--config", str(out / "config.yaml"), "--checkpoint",
-                    str(out / "checkpoints" / "step_00000012"), "--output", str(tmp_path / "exported.pt")])
+                    str(out / "checkpoints" / "step_00000012"), "--output", str(tmp_path / "exported")])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    exported, final = (torch.load(p, weights_only=True) for p in (tmp_path / "exported.pt", out / "open_clip_model.pt"))
+    exported = load_file(str(tmp_path / "exported" / "open_clip_model.safetensors"))
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert (tmp_path / "exported" / "open_clip_config.json").read_text() == \
+        (out / "model" / "open_clip_config.json").read_text()
+    assert f"| zeroshot/top1 | {results['zeroshot/top1']:.4f} |" in (tmp_path / "exported" / "README.md").read_text()
     # W&B (offline: no account here) received the same metrics, charted against our step.
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     rows = [r for r in history(str(run_file)) if "loss" in r]
@@ -89,7 +107,10 @@ def test_two_processes_through_local_launch_script(tmp_path, color_shards):
                            f"train.output_dir={out}"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "2 processes x 8 samples = global batch 16" in proc.stderr
+    # The first line says what runs, in words.
+    assert ("DDP over 2 CPU processes (full replicas, gradients all-reduced); global batch 16 (2 x 8); fp32; "
+            "gradient cache on (chunks of 3 of 8 samples per process); data: 1 loader worker per process, "
+            f"uint8 batches normalised on the device; 6 steps; outputs in {out}") in proc.stderr
     metrics = read_metrics(out)
     assert len([m for m in metrics if "loss" in m]) == 6
     assert [m for m in metrics if "loss" in m][-1]["samples_seen"] == 6 * 16

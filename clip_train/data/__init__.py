@@ -6,7 +6,8 @@ DataLoader takes batch i from worker i % W: batch i of a process therefore alway
 logical stream i % W, across resumes. A logical stream is
 
     shard urls -> raw samples (bytes; cheap caption checks) -> shuffle buffer of raw samples
-               -> decode (PIL, RGB) + augment + tokenize -> batches of exactly local_batch_size
+               -> decode (PIL, RGB; data.decode=fast: at the DCT scale the drawn crop needs)
+               + augment + tokenize -> batches of exactly local_batch_size
 
 and it is a pure function of (seed, rank, logical worker, epoch, pass):
 
@@ -54,7 +55,8 @@ nothing usable stops by itself. See docs/data.md.
 
 The package's modules: `sources` (shard lists, sizes, epoch order and quotas), `captions`
 (several captions per sample), `stream` (the resumable per-worker stream and its bad-sample
-accounting), `decode` (decode + augmentation, the uint8 split), `loader` (`build_train_loader`,
+accounting), `decode` (decode + augmentation, the uint8 split), `fast` (`data.decode=fast`: the
+crop drawn first, a reduced JPEG decode, one resample), `loader` (`build_train_loader`,
 `TrainLoader`, `batch_to_device`) and `writer` (`write_samples`, `make-shards`). Every public name
 is importable from `clip_train.data` as before.
 """

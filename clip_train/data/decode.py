@@ -1,5 +1,7 @@
 """Decode and augmentation: PIL decode + the train transform with a per-sample seed; the
-transform split before ToTensor + Normalize so that batches travel as uint8.
+transform split before ToTensor + Normalize so that batches travel as uint8. With a
+`fast.FastCompose` transform (`data.decode=fast`) the image is only opened here: the transform's
+crop decodes it at reduced size after drawing its parameters (see `clip_train.data.fast`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from webdataset.autodecode import ImageHandler
 from webdataset.utils import make_seed
 
+from clip_train.data.fast import FastCompose, open_image
+
 if TYPE_CHECKING:
     from clip_train.data.stream import _Counts, _StreamSpec
 
@@ -28,6 +32,8 @@ class _Decoder:
         self.spec, self.worker, self.counts = spec, worker, counts
         self.pil = ImageHandler("pilrgb", extensions=list(spec.image_keys))
         self.in_main_process = in_main_process
+        # fast: open only (size and mode); the transform decodes after drawing its crop.
+        self.fast = isinstance(spec.transform, FastCompose)
 
     def __call__(self, epoch: int, pass_: int, pos: tuple[int, int], sample: dict) -> torch.Tensor | None:
         seed = make_seed(self.spec.seed, self.spec.rank, self.worker, epoch, pass_, pos[0], pos[1])
@@ -35,7 +41,10 @@ class _Decoder:
         guard = _preserved_rngs() if self.in_main_process else contextlib.nullcontext()
         try:
             with guard:
-                image = self.pil(f"x.{sample['image_key']}", sample["image"])
+                if self.fast:
+                    image = open_image(sample["image"])
+                else:
+                    image = self.pil(f"x.{sample['image_key']}", sample["image"])
                 if image is None:
                     raise ValueError(f"no image decoder for extension {sample['image_key']!r}")
                 random.seed(seed)
@@ -44,6 +53,17 @@ class _Decoder:
         except Exception as exn:  # noqa: BLE001 - any decode/transform failure skips the sample
             self.counts.add_bad("corrupt_image", sample["url"], f"sample {sample['key']!r}: {exn!r}")
             return None
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The batch of a worker's images. Images in channels-last layout (the fast path's torch
+    resample) are stacked as (B, H, W, C), a plain copy, and returned as a (B, C, H, W) view of
+    it: a stack into (B, C, H, W) would transpose every image in the worker, ~6x slower. The
+    training process makes the batch contiguous on its device (`batch_to_device`)."""
+    first = images[0]
+    if first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1:
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 @contextlib.contextmanager

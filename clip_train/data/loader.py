@@ -20,6 +20,7 @@ from webdataset.utils import make_seed
 from clip_train.config import ConfigError, DataConfig, check_shards
 from clip_train.data.captions import CaptionSpec
 from clip_train.data.decode import ImageNormalization, split_normalize
+from clip_train.data.fast import fast_transform
 from clip_train.data.sources import _shard_weights, _split_sources, dataset_size, shard_sizes
 from clip_train.data.stream import (
     BAD_KINDS,
@@ -91,7 +92,9 @@ def batch_to_device(images: torch.Tensor, texts: torch.Tensor, device: torch.dev
                     normalization: ImageNormalization | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch to `device` without waiting (the loader pins it on CUDA); normalise uint8
     images there. Float images (a transform that could not be split) arrive ready."""
-    images = images.to(device, non_blocking=True)
+    # contiguous on the device: the fast path's workers ship channels-last batches (see
+    # `stack_images`); the copy there costs the device almost nothing.
+    images = images.to(device, non_blocking=True).contiguous()
     texts = texts.to(device, non_blocking=True)
     if normalization is not None and images.dtype == torch.uint8:
         images = normalize_images(images, normalization.mean, normalization.std)
@@ -297,6 +300,12 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
         if normalization is None:
             log.info("data: the train transform does not end in ToTensor + Normalize; batches "
                      "stay float32 (normalised in the loader workers)")
+    if cfg.decode == "fast":
+        fast, why_not = fast_transform(transform)
+        if fast is not None:
+            transform = fast
+        elif rank == 0:
+            log.info("data.decode=fast: %s, so images are decoded exactly (data.decode=exact)", why_not)
     spec = _StreamSpec(
         urls=tuple(urls), weights=None if weights is None else tuple(weights),
         resampled=cfg.resampled, seed=seed, rank=rank, world_size=world_size,

@@ -25,7 +25,7 @@ from webdataset.utils import make_seed
 
 from clip_train.config import ClipTrainError
 from clip_train.data.captions import CaptionSpec, _key_hash, draw_caption
-from clip_train.data.decode import _Decoder
+from clip_train.data.decode import _Decoder, stack_images
 from clip_train.data.sources import epoch_pieces, epoch_quota, epoch_shard_order
 
 log = logging.getLogger(__name__)
@@ -459,7 +459,7 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
             state["batches_in_epoch"] += 1
             state.update(shuffle.position(), good=counts.good, bad=dict(counts.bad), read=counts.read,
                          bad_shards=dict(counts.bad_shards))
-            batch_images, batch_texts = torch.stack(images), spec.tokenizer(captions)
+            batch_images, batch_texts = stack_images(images), spec.tokenizer(captions)
             images, captions = [], []
             yield batch_images, batch_texts, {"worker": worker, "state": _copy_state(state)}
             if quota is not None and state["batches_in_epoch"] >= quota:

@@ -448,7 +448,8 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[str, float]:
-    """`clip-train eval`: evaluate a training checkpoint directory or an exported open_clip file.
+    """`clip-train eval`: evaluate a training checkpoint directory, an exported open_clip file or a
+    model folder (open_clip's hub layout: a run's model/, or `clip-train export --output DIR`).
 
     Runs alone or under `accelerate launch` (every process evaluates its share), in float32.
     The main process prints a table and writes JSON to `output` (default:
@@ -457,6 +458,7 @@ def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[st
     from accelerate.utils import parse_flag_from_env
 
     from clip_train.checkpoint import load_model_weights
+    from clip_train.hub import LOCAL_DIR_PREFIX, is_model_folder
     from clip_train.model import build_model
 
     if not (cfg.eval.zeroshot_sets() or cfg.eval.retrieval_sets() or cfg.eval.validation_sets()):
@@ -466,14 +468,22 @@ def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[st
         )
     if checkpoint is not None and not os.path.exists(checkpoint):
         raise ConfigError(f"--checkpoint: no such file or directory {checkpoint!r}")
-    if checkpoint is not None and not os.path.isdir(checkpoint):
+    folder = checkpoint is not None and is_model_folder(checkpoint)
+    if folder:
+        # A model folder (a run's model/, `clip-train export --output DIR`, a downloaded hub repo):
+        # architecture, weights and preprocessing come from it, as clip_benchmark loads it.
+        if cfg.model.name != f"{LOCAL_DIR_PREFIX}{checkpoint}":  # logged by rank 0 only
+            log.info("eval: the model is the folder %s (its open_clip_config.json), not model.name=%s",
+                     checkpoint, cfg.model.name)
+        cfg.model.name, cfg.model.pretrained = f"{LOCAL_DIR_PREFIX}{checkpoint}", None
+    elif checkpoint is not None and not os.path.isdir(checkpoint):
         # An exported open_clip file: open_clip's loader also converts older/3rd-party layouts.
         cfg.model.pretrained = checkpoint
     # As Accelerator does: ACCELERATE_USE_CPU=true makes a launched CPU job one gloo group
     # (without it every process would run alone).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     bundle = build_model(cfg.model)
-    if checkpoint is not None and os.path.isdir(checkpoint):
+    if checkpoint is not None and os.path.isdir(checkpoint) and not folder:
         load_model_weights(bundle.model, checkpoint)
     if checkpoint is None and cfg.model.pretrained is None and state.is_main_process:
         log.warning(

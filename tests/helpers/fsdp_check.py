@@ -1,13 +1,15 @@
 """Launched with 2 CPU processes and launch/accelerate/fsdp2.yaml by test_sharding.py. In one launch,
 under Accelerate's FSDP2 path (clip_train.sharding.enable_fsdp2) with a tiny open_clip model:
-- one gradient-cache step, unchunked and chunked (both gradient-reduction modes), gives the
-  float64 single-process full-batch gradient of open_clip's ClipLoss (whole model, temperature);
+- one gradient-cache step, unchunked and chunked (both gradient-reduction modes; chunked with the
+  ring loss, loss.impl=ring, too), gives the float64 single-process full-batch gradient of
+  open_clip's ClipLoss (whole model, temperature);
 - 5 chunked AdamW steps give the parameters of 5 steps of torch DDP on the same process group;
 - the exported state dict loads into open_clip with strict=True and equals the trained weights;
 - accelerate save_state / load_state (sharded, torch.distributed.checkpoint) restores exactly.
 Prints one JSON line of measured errors; exits non-zero on failure."""
 
 import copy
+import functools
 import json
 import math
 import os
@@ -77,10 +79,13 @@ def main() -> None:
     want = {n: p.grad for n, p in ref64.named_parameters()}
 
     results = {}
-    for label, chunk, reduce in [("nochunk", None, "every_chunk"), ("chunk1_every", 1, "every_chunk"),
-                                 ("chunk3_last", 3, "last_chunk")]:
+    ring_loss = functools.partial(contrastive_loss, impl="ring", tile_size=3)  # chunks of 3 + 1
+    for label, chunk, reduce, loss_fn in [("nochunk", None, "every_chunk", contrastive_loss),
+                                          ("chunk1_every", 1, "every_chunk", contrastive_loss),
+                                          ("chunk3_last", 3, "last_chunk", contrastive_loss),
+                                          ("chunk3_last_ring", 3, "last_chunk", ring_loss)]:
         opt.zero_grad(set_to_none=True)
-        train_step(model, images[mine], texts[mine], loss_fn=contrastive_loss, chunk_size=chunk,
+        train_step(model, images[mine], texts[mine], loss_fn=loss_fn, chunk_size=chunk,
                    accelerator=acc, grad_reduce=reduce)
         sharding.reduce_replicated_grads(model)
         got = {n: full(p.grad) for n, p in model.named_parameters()}

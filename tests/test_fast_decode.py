@@ -1,0 +1,226 @@
+"""data.decode=fast against exact: the same crop and augmentation draws, pixels within 30 dB
+PSNR on photo-like JPEGs, every image kind; exact is today's decode bit for bit; the fallback."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import webdataset as wds
+from data_shards import id_tokenizer, to_tensor
+from PIL import Image, ImageFile
+from torchvision import transforms as T
+from webdataset.autodecode import ImageHandler
+from webdataset.utils import make_seed
+
+from clip_train.config import DataConfig
+from clip_train.data import build_train_loader, epoch_shard_order, split_normalize
+from clip_train.data.fast import FastCompose, fast_transform, open_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from photos import jpeg_bytes, photo, web_size  # noqa: E402 - the benchmarks' photo-like JPEGs
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unused augmentation cfg items")  # open_clip 3.3
+MIN_PSNR_DB = 30.0
+PILRGB = ImageHandler("pilrgb", ["jpg", "png", "webp"])  # the exact path's decoder
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def seed_all(seed: int) -> None:  # as the loader seeds each sample
+    random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+
+
+def exact_and_fast(transform, data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample both ways: `transform` (split to uint8) on the full decode, its fast version on
+    the opened image. Also checks that both leave the RNGs in the same state (same draws)."""
+    split, _ = split_normalize(transform)
+    fast, why = fast_transform(split)
+    assert fast is not None, why
+    seed_all(seed)
+    exact = split(PILRGB("x.jpg", data))
+    after_exact = (random.random(), torch.rand(1).item())
+    seed_all(seed)
+    quick = fast(open_image(data))
+    assert (random.random(), torch.rand(1).item()) == after_exact
+    assert quick.dtype == exact.dtype == torch.uint8 and quick.shape == exact.shape
+    return exact, quick
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    """Photo-like JPEGs at quality 90: web originals (375-1280 px, mixed aspect) and
+    DataComp-like (longest side 512)."""
+    rng = np.random.default_rng(0)
+    sizes = [web_size(rng) for _ in range(5)] + [web_size(rng, (512, 512)) for _ in range(3)]
+    return [jpeg_bytes(photo(rng, w, h)) for w, h in sizes]
+
+
+def _transforms():
+    yield "open_clip default 224", open_clip.image_transform(224, is_train=True)
+    yield "open_clip scale 0.08 64", open_clip.image_transform(64, is_train=True, aug_cfg={"scale": (0.08, 1.0)})
+    yield "open_clip jitter + gray 96", open_clip.image_transform(
+        96, is_train=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+        aug_cfg={"color_jitter_prob": 0.8, "color_jitter": (0.4, 0.4, 0.4, 0.1), "gray_scale_prob": 0.5})
+    yield "timm random interpolation + ratio 96", open_clip.image_transform(
+        96, is_train=True, interpolation="random",
+        aug_cfg={"use_timm": True, "scale": (0.3, 1.0), "ratio": (0.5, 2.0)})
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _transforms()])
+def test_fast_draws_the_same_crop_and_is_within_30_db(name, photos):
+    transform = dict(_transforms())[name]
+    crop = transform.transforms[0]
+    boxes = []
+    crop.get_params = lambda *args, get=crop.get_params: boxes.append(get(*args)) or boxes[-1]
+    exact, fast = zip(*(exact_and_fast(transform, data, seed) for seed, data in enumerate(photos)), strict=True)
+    assert boxes[0::2] == boxes[1::2]  # the same box for each sample from exact and fast
+    assert len(set(boxes)) == len(photos)  # ... and a different one per sample (seeds differ)
+    batch = psnr_db(torch.stack(exact), torch.stack(fast))
+    worst = min(psnr_db(e, f) for e, f in zip(exact, fast, strict=True))
+    print(f"{name}: batch PSNR {batch:.1f} dB, worst sample {worst:.1f} dB")
+    assert batch >= MIN_PSNR_DB + 5 and worst >= MIN_PSNR_DB
+
+
+def _image_kinds():
+    rng = np.random.default_rng(1)
+    rgb = photo(rng, 600, 400)
+    def save(image: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation "rotate 90": ignored by both paths (webdataset's decoder ignores it)
+    yield "jpeg with EXIF orientation", jpeg_bytes(rgb, exif=exif.tobytes())
+    yield "grayscale jpeg", jpeg_bytes(rgb.convert("L"))
+    yield "cmyk jpeg", jpeg_bytes(rgb.convert("CMYK"))
+    yield "progressive jpeg", jpeg_bytes(rgb, progressive=True)
+    yield "rgba png", save(rgb.convert("RGBA"), "PNG")
+    yield "palette png", save(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+    yield "webp", save(rgb, "WEBP", quality=90)
+    yield "small jpeg (upsampled)", jpeg_bytes(photo(rng, 50, 40))
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _image_kinds()])
+def test_every_image_kind_decodes_fast_like_exact(name):
+    data = dict(_image_kinds())[name]
+    for size in (64, 224):
+        exact, fast = exact_and_fast(open_clip.image_transform(size, is_train=True), data, seed=3)
+        assert psnr_db(exact, fast) >= MIN_PSNR_DB, (name, size, psnr_db(exact, fast))
+
+
+def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, monkeypatch):
+    loads = {}  # id(image) -> its size when decoded (load() is called again on a loaded image)
+    real_load = ImageFile.ImageFile.load  # decodes an opened file
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.setdefault(id(im), im.size) and real_load(im))
+    fast, _ = fast_transform(split_normalize(open_clip.image_transform(64, is_train=True))[0])
+    crop = fast.transforms[0].crop
+    boxes = []
+    crop.get_params = lambda *args, get=crop.get_params: boxes.append(get(*args)) or boxes[-1]
+    sizes = [open_image(data).size for data in photos]
+    opened = []
+    for seed, data in enumerate(photos):
+        seed_all(seed)
+        opened.append(open_image(data))  # kept alive: ids stay unique
+        fast(opened[-1])
+    used = []
+    for (w, h), (_, _, crop_h, crop_w), decoded in zip(sizes, boxes, loads.values(), strict=True):
+        s = max(s for s in (1, 2, 4, 8) if crop_w / s >= 64 and crop_h / s >= 64)
+        assert decoded == (-(-w // s), -(-h // s))  # libjpeg's scaled size: ceil(w / s)
+        used.append(s)
+    assert min(used) >= 2 and 8 in used  # 375-1280 px photos for 64 px: every one reduced
+
+
+def test_fallback_to_exact_says_why_once(color_shards, caplog):
+    odd = T.Compose([T.Grayscale(3), T.RandomResizedCrop(32), T.PILToTensor()])
+    assert fast_transform(odd) == (None, "its step Grayscale reads the pixels before the RandomResizedCrop")
+    assert fast_transform(open_clip.image_transform(32, is_train=False))[0] is None  # no crop
+    with caplog.at_level(logging.INFO, logger="clip_train.data"):
+        L = build_train_loader(DataConfig(train=color_shards, workers=0), transform=to_tensor,
+                               tokenizer=id_tokenizer, local_batch_size=4, seed=0, rank=0, world_size=1)
+    lines = [r.getMessage() for r in caplog.records if "data.decode=fast" in r.getMessage()]
+    assert lines == ["data.decode=fast: the train transform (function) is not a torchvision Compose, "
+                     "so images are decoded exactly (data.decode=exact)"]
+    assert L._spec.transform is to_tensor
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory, photos) -> str:
+    folder = tmp_path_factory.mktemp("photo_shards")
+    for s in range(2):
+        with wds.TarWriter(str(folder / f"p-{s:06d}.tar")) as sink:
+            for i in range(4):
+                n = 4 * s + i
+                sink.write({"__key__": f"{n:06d}", "jpg": photos[n], "txt": str(n)})
+    return str(folder / "p-{000000..000001}.tar")
+
+
+def _loader(shards: str, decode: str, state: dict | None = None, workers: int = 0):
+    cfg = DataConfig(train=shards, train_num_samples=8, workers=workers, shuffle_buffer=0,
+                     resampled=False, decode=decode)
+    return build_train_loader(cfg, transform=open_clip.image_transform(64, is_train=True),
+                              tokenizer=id_tokenizer, local_batch_size=2, seed=5, rank=0,
+                              world_size=1, state=state)
+
+
+def test_loader_batches_exact_bit_for_bit_fast_close_and_resumable(photo_shards, photos):
+    exact_loader, fast_loader = _loader(photo_shards, "exact"), _loader(photo_shards, "fast", workers=1)
+    assert isinstance(fast_loader._spec.transform, FastCompose)
+    exact = list(islice(exact_loader, 4))
+    fast = list(islice(fast_loader, 4))
+    # exact: the full decode + the split open_clip transform, seeded from each sample's position
+    # (epoch 0, pass 0, shard k of this worker's sequence, sample i), computed here independently.
+    split, _ = split_normalize(open_clip.image_transform(64, is_train=True))
+    urls = [photo_shards.replace("{000000..000001}", f"{s:06d}") for s in range(2)]
+    order = epoch_shard_order(urls, 5, 0)
+    reference = {}
+    for k, url in enumerate(order):
+        for i in range(4):
+            n = int(url[-10:-4]) * 4 + i
+            seed_all(make_seed(5, 0, 0, 0, 0, k, i))
+            reference[n] = split(PILRGB("x.jpg", photos[n]))
+    for (images, texts), (fast_images, fast_texts) in zip(exact, fast, strict=True):
+        assert torch.equal(texts, fast_texts)  # same samples in the same order
+        assert torch.equal(images, torch.stack([reference[int(t)] for t in texts[:, 0]]))
+        assert psnr_db(images, fast_images) >= MIN_PSNR_DB
+    # fast resumes exactly: batches 3 and 4 again from the state after batch 2
+    first = _loader(photo_shards, "fast")
+    list(islice(first, 2))
+    resumed = list(islice(_loader(photo_shards, "fast", state=first.state_dict()), 2))
+    for (a, ta), (b, tb) in zip(fast[2:], resumed, strict=True):
+        assert torch.equal(ta, tb) and torch.equal(a, b)
+
+
+def test_batches_stack_channels_last_and_arrive_contiguous():
+    from clip_train.data import batch_to_device
+    from clip_train.data.decode import stack_images
+
+    hwc = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8) for _ in range(4)]
+    images = [x.permute(2, 0, 1) for x in hwc]  # what pil_to_tensor and the fast resample give
+    batch = stack_images(images)
+    assert torch.equal(batch, torch.stack(images)) and batch.is_contiguous(memory_format=torch.channels_last)
+    moved, _ = batch_to_device(batch, torch.zeros(4, 2, dtype=torch.long), torch.device("cpu"), None)
+    assert moved.is_contiguous() and torch.equal(moved, torch.stack(images))
+    contiguous = [x.contiguous() for x in images]  # e.g. a float transform's output: plain stack
+    assert stack_images(contiguous).is_contiguous()
+
+
+def test_a_truncated_jpeg_fails_in_fast_as_in_exact():
+    data = jpeg_bytes(photo(np.random.default_rng(2), 640, 480))[:20000]  # cut in the scan data
+    fast, _ = fast_transform(split_normalize(open_clip.image_transform(64, is_train=True))[0])
+    with pytest.raises(OSError, match="truncated"):
+        PILRGB("x.jpg", data)
+    with pytest.raises(OSError, match="truncated"):  # -> counted as corrupt_image by the loader
+        fast(open_image(data))
