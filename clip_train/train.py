@@ -32,7 +32,7 @@ from clip_train.data import (
 )
 from clip_train.evaluate import ClassifierCache, evaluate
 from clip_train.grad_cache import train_step
-from clip_train.hub import RUN_FOLDER, RunFacts, write_model_folder
+from clip_train.hub import CONFIG_NAME, RUN_FOLDER, WEIGHTS_NAME, RunFacts, write_model_folder
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
 from clip_train.model import DualEncoder, build_model, tower_trainable
@@ -386,14 +386,16 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
 
 
 def final_outputs_missing(output_dir: str, step: int) -> bool:
-    """Whether the exported model or eval.json of the checkpoint at `step` is missing (asked on
-    the main process, whose disk holds them)."""
+    """Whether the exported model, the model folder or eval.json of the checkpoint at `step` is
+    missing (asked on the main process, whose disk holds them)."""
     try:
         with open(os.path.join(output_dir, "eval.json")) as f:
             evaluated = json.load(f).get("step")
     except (OSError, ValueError):
         evaluated = None
-    return evaluated != step or not os.path.isfile(os.path.join(output_dir, "open_clip_model.pt"))
+    folder = os.path.join(output_dir, RUN_FOLDER)
+    return (evaluated != step or not os.path.isfile(os.path.join(output_dir, "open_clip_model.pt"))
+            or not all(os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, WEIGHTS_NAME)))
 
 
 def check_health(health: StepHealth, accelerator: Accelerator, stop: StopRequest, progress: RunState,

@@ -285,6 +285,7 @@ def test_a_directory_holds_one_run_and_a_complete_resume_writes_its_outputs(tmp_
     (out / "eval.json").unlink()
     model = (out / "open_clip_model.pt").read_bytes()
     (out / "open_clip_model.pt").unlink()
+    shutil.rmtree(out / "model")
     lines = len(read_metrics(out))
     proc = run_cli(["train", *common, "train.steps=4", "optim.lr=1e-3", "train.resume=latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -294,6 +295,7 @@ def test_a_directory_holds_one_run_and_a_complete_resume_writes_its_outputs(tmp_
     exported = torch.load(out / "open_clip_model.pt", weights_only=True)
     before = torch.load(io.BytesIO(model), weights_only=True)
     assert all(torch.equal(exported[k], before[k]) for k in before)  # the step-4 weights again
+    assert (out / "model" / "open_clip_model.safetensors").is_file()  # the model folder too
     assert not any("loss" in m for m in read_metrics(out)[lines:])  # no training step
 
 
