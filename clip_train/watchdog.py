@@ -221,6 +221,10 @@ class Watchdog:
         header = (f"{HEADER} rank {self.rank} made no progress for {self.allowance:.0f} s in {where} "
                   f"(attempt {attempt_number()}, {time.strftime('%Y-%m-%d %H:%M:%S')}); every thread's stack, "
                   f"innermost call first (also in {self.path}); exiting so that the launcher restarts the group\n")
+        # Armed first: if the stuck thread takes the GIL back while this one writes (a signal can
+        # let it run for a moment, then it blocks holding it again), the C thread still dumps and exits.
+        grace = min(15.0, max(3.0, 2 * self._check_every_s() + 1.0))
+        faulthandler.dump_traceback_later(grace + 2.0, repeat=False, file=self._file, exit=True)
         for out in (sys.stderr, self._file):
             try:
                 out.write(header)
@@ -233,8 +237,6 @@ class Watchdog:
         # only be waiting for it in a collective): wait a little so that it dumps its stacks too
         # before the launcher, seeing this exit, stops it (a SIGTERM, or its loader workers'
         # deaths, can end it without a dump). faulthandler's C thread ends this one if need be.
-        grace = min(15.0, max(3.0, 2 * self._check_every_s() + 1.0))
-        faulthandler.dump_traceback_later(grace + 2.0, repeat=False, file=self._file, exit=True)
         time.sleep(grace)
         os._exit(1)
 

@@ -109,7 +109,7 @@ def test_two_processes_through_local_launch_script(tmp_path, color_shards):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # The first line says what runs, in words.
     assert ("DDP over 2 CPU processes (full replicas, gradients all-reduced); global batch 16 (2 x 8); fp32; "
-            "gradient cache on (chunks of 3 of 8 samples per process); data: 1 loader worker per process, "
+            "gradient cache on (chunks of 3 of 8 samples per process); data: fast decode, 1 loader worker per process, "
             f"uint8 batches normalised on the device; 6 steps; outputs in {out}") in proc.stderr
     metrics = read_metrics(out)
     assert len([m for m in metrics if "loss" in m]) == 6
