@@ -9,6 +9,8 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,7 +37,7 @@ from clip_train.grad_cache import train_step
 from clip_train.hub import CONFIG_NAME, RUN_FOLDER, WEIGHTS_NAME, RunFacts, write_model_folder
 from clip_train.loss import contrastive_loss, infonce_mi_lower_bound, representation_health
 from clip_train.metrics import MetricsLog, ProgressDisplay, Throughput, init_trackers, trackers
-from clip_train.model import DualEncoder, build_model, tower_trainable
+from clip_train.model import DualEncoder, ModelBundle, build_model, tower_trainable
 from clip_train.negatives import (
     STALE_KEYS_WARNING,
     build_negatives,
@@ -163,13 +165,14 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: RestartGuard) -> dict[str, float]:
+    # Set-up: the launch, the disks and the one resume decision, before anything heavy.
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator)
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
     if sharded:
         check_supported(cfg)
-    # Before anything heavy: does every process see one output_dir, and which checkpoint do they
-    # all resume from (decided once, verified by every process, the same everywhere)?
+    # Does every process see one output_dir, and which checkpoint do they all resume from
+    # (decided once, verified by every process, the same everywhere)?
     disks = probe_disks(accelerator, cfg.train.output_dir)
     check_disks(disks, cfg.train.output_dir, cfg.train.remote_dir, accelerator.num_processes)
     if sharded:
@@ -178,79 +181,30 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
     decision = syncer.decide(disks)  # downloads from the bucket where a disk lacks it
     if decision.checkpoint is not None:
         check_resume_world_size(decision.checkpoint, accelerator.num_processes)
-    set_seed(cfg.train.seed)  # the same initial weights everywhere
-    bundle = build_model(cfg.model)
-    if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
-        log.info("loss.kind=clip does not use the model's logit_bias: it is frozen "
-                 "(and kept unchanged in checkpoints and exports)")
-    # Negatives beyond the batch (loss.queue_size, loss.momentum): the queue and the momentum copy
-    # of the towers, made from the initial weights before torch.compile patches the model.
-    queue, key_encoder = build_negatives(cfg.loss, bundle.model, bundle.name, accelerator.device)
-    if cfg.model.torch_compile:
-        bundle.model.encode_image = torch.compile(bundle.model.encode_image)
-        bundle.model.encode_text = torch.compile(bundle.model.encode_text)
-    optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
-    # FSDP2 evaluates a plain copy of the model: its structure taken now, before sharding.
-    eval_copy = EvalCopy(bundle.model) if sharded and has_evaluation(cfg) else None
-    model = DualEncoder(bundle.model)
-    if sharded:
-        prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sync_buffers_every_forward(model, buffers_change_in_training(bundle.model))
-    clip = accelerator.unwrap_model(model).clip
-    train_image, train_text = tower_trainable(clip)
+    t = build_trainee(cfg, accelerator, sharded)
+    progress = restore(cfg, accelerator, t, decision)
+    loader = open_train_data(cfg, accelerator, t.bundle, progress)
+    model, optimizer, clip, bundle, queue = t.model, t.optimizer, t.clip, t.bundle, t.queue
 
-    progress = RunState()
-    accelerator.register_for_checkpointing(progress)
-    # After RunState, which stays custom_checkpoint_0: checkpoints without a queue still resume.
-    # Accelerate saves them from the main process only; they are identical on every process.
-    extra_states = [x for x in (queue, key_encoder) if x is not None]
-    for state in extra_states:
-        accelerator.register_for_checkpointing(state)
-    resume_from = decision.checkpoint
-    if resume_from is not None:
-        check_resume_matches(resume_from, registered=1 + len(extra_states))
-        accelerator.load_state(str(resume_from))  # also restores every process's RNG states
-        log.info("resumed from %s at step %d", resume_from, progress.step)
-        if progress.step >= cfg.train.steps and accelerator.is_main_process:
-            log.warning("train.resume: %s is at step %d >= train.steps=%d: the run is already complete "
-                        "(its final outputs are written if missing)", resume_from, progress.step, cfg.train.steps)
-    else:
-        set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
-    progress.run_id = decision.run_id  # in every checkpoint's manifest and every metrics line
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    data_state, stream_seed = progress.data_states[rank] if progress.data_states else None, None
-    if data_state is not None and cfg.train.resume_data == "fresh":  # the data changed: a new stream
-        data_state, stream_seed = None, fresh_stream_seed(cfg.train.seed, progress.step)
-        if accelerator.is_main_process:
-            log.info("train.resume_data=fresh: model, optimizer and step %d restored; the data stream "
-                     "restarts from seed %d (from train.seed and the step), epoch 0", progress.step, stream_seed)
-    loader = build_train_loader(
-        cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
-        local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
-        world_size=world, state=data_state, pin_memory=accelerator.device.type == "cuda",
-        stream_seed=stream_seed)
     bad_ceiling = BadSampleCeiling(cfg.data.max_bad_fraction, cfg.data.bad_fraction_min_samples,
                                    cfg.data.bad_fraction_window_samples)
     data_metrics: dict[str, float] = {}
     loss_fn = functools.partial(contrastive_loss, kind=cfg.loss.kind, impl=cfg.loss.impl,
                                 tile_size=cfg.loss.tile_size, max_logit_scale=cfg.loss.max_logit_scale,
                                 debias_tau_plus=cfg.loss.debias_tau_plus, hardness_beta=cfg.loss.hardness_beta)
-    # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
-    infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
     isolated = functools.partial(rng_isolated, accelerator.device)  # not the training step's randomness
     with isolated():
         progress.wandb_run_id = init_trackers(accelerator, cfg, progress.wandb_run_id, progress.step)
     metrics_log = MetricsLog(accelerator, cfg, run_id=progress.run_id)
     display = ProgressDisplay(accelerator.is_main_process, cfg.train.steps, progress.step, cfg.train.log_every_steps)
+    world = accelerator.num_processes
     global_batch = cfg.train.local_batch_size * world
     run_line = describe_run(cfg, model_name=bundle.name, processes=world, device_type=accelerator.device.type,
                             mixed_precision=str(accelerator.mixed_precision), sharded=sharded,
                             uint8_batches=loader.image_normalization is not None, start_step=progress.step)
     if accelerator.is_main_process:
         log.info(run_line)
-        if queue is not None and key_encoder is None:
+        if queue is not None and t.key_encoder is None:
             log.warning(STALE_KEYS_WARNING)
         if cfg.loss.impl == "ring" and world == 1:
             log.info("loss.impl=ring with 1 process: nothing to pass around, the loss runs as tiled")
@@ -263,10 +217,10 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
         syncer.checkpoint_saved(saved, progress.step)  # uploaded in the background
         restarts.reached(progress.step)
 
+    # The loop.
     batches = iter(loader)
     throughput = Throughput(global_batch, cfg.train.local_batch_size)
     health = StepHealth(accelerator.device, progress.skipped_steps, progress.nonfinite_in_a_row)
-    results: dict[str, float] = {}
     eval_cache = ClassifierCache()  # a frozen text tower's zero-shot classifiers, kept between evaluations
     start_step = progress.step
     stragglers = Stragglers(cfg.train.straggler_factor)
@@ -288,7 +242,7 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
             step_loss_fn = functools.partial(loss_fn, queue_img_KD=queue_img_KD, queue_txt_KD=queue_txt_KD)
             candidates += queue.filled
         out = train_step(model, images, texts, loss_fn=step_loss_fn, chunk_size=cfg.train.chunk_size,
-                         accelerator=accelerator, train_image=train_image, train_text=train_text,
+                         accelerator=accelerator, train_image=t.train_image, train_text=t.train_text,
                          grad_reduce=cfg.train.sharded_grad_reduce)
         reduce_replicated_grads(model)  # FSDP2: the replicated temperature/bias (no-op otherwise)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or math.inf)
@@ -302,7 +256,7 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
             # Clamp the temperature in place, as CLIP does: beyond 100 training becomes unstable.
             clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
         if queue is not None and not skip.item():  # the queue's ring pointer is on the host
-            refresh_after_step(queue, key_encoder, clip, images, texts, out.img_emb_BD, out.txt_emb_BD,
+            refresh_after_step(queue, t.key_encoder, clip, images, texts, out.img_emb_BD, out.txt_emb_BD,
                                chunk_size=cfg.train.chunk_size, autocast=accelerator.autocast)
         # fp16: GradScaler skips overflowing steps by design while it calibrates its scale; only
         # a non-finite loss counts as a bad step there.
@@ -320,26 +274,9 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
             # Every process's bad-sample counts; DataError above data.max_bad_fraction.
             data_metrics = check_bad_samples(accelerator, loader, bad_ceiling)
         if log_now:
-            loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
-            rates = throughput.read()
-            metrics = {
-                "loss": loss,
-                "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
-                "logit_scale": clip.logit_scale.exp().item(),
-                "temperature": 1.0 / clip.logit_scale.exp().item(),
-                "grad_norm": grad_norm.item(),
-                **rates,
-                # Every process's step time and data wait: one small gather, at logging steps only.
-                **stragglers.gather(accelerator, cfg.train.local_batch_size / rates["samples_per_s_per_process"],
-                                    rates["data_wait_fraction"]),
-                "samples_seen": progress.samples_seen,
-                "skipped_steps": progress.skipped_steps,
-                **peak_memory(accelerator.device),
-                **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
-                "health/candidates": candidates,
-                **({"health/mi_lower_bound": infonce_mi_lower_bound(loss, candidates)} if infonce else {}),
-                **data_metrics,
-            }
+            metrics = step_metrics(accelerator, cfg, clip, out, lr=lr, grad_norm=grad_norm, candidates=candidates,
+                                   rates=throughput.read(), stragglers=stragglers, progress=progress,
+                                   data_metrics=data_metrics)
             with isolated():
                 metrics_log.log(metrics, progress.step)
             display.update(progress.step, metrics)
@@ -348,28 +285,149 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
             watchdog.phase(f"the evaluation at step {progress.step}", cfg.train.hang_eval_timeout_s)
             with isolated():
                 metrics_log.log(run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, progress.step,
-                                               eval_copy), progress.step)
+                                               t.eval_copy), progress.step)
         if save_now or stop_now:
             checkpoint()
         if stop_now and not last:
             log.warning("stop signal received: checkpoint saved at step %d, exiting", progress.step)
             break
 
+    # The end.
     display.close()
+    del model, optimizer  # t still holds them: finish releases them before the group goes
+    return finish(cfg, accelerator, t, progress, syncer, watchdog, metrics_log, eval_cache,
+                  run_line=run_line, start_step=start_step)
+
+
+@dataclass
+class Trainee:
+    """The model being trained and what trains with it, prepared for this launch."""
+
+    bundle: ModelBundle  # the open_clip model, its transforms and tokenizer
+    model: torch.nn.Module  # DualEncoder wrapped by accelerate (DDP / FSDP2)
+    optimizer: torch.optim.Optimizer
+    clip: torch.nn.Module  # the unwrapped open_clip model (its temperature is clamped in place)
+    train_image: bool
+    train_text: bool
+    queue: Any  # loss.queue_size: negatives from past steps, or None
+    key_encoder: Any  # loss.momentum: the momentum copy of the towers, or None
+    eval_copy: EvalCopy | None  # FSDP2: the plain model evaluation runs on
+
+
+def build_trainee(cfg: Config, accelerator: Accelerator, sharded: bool) -> Trainee:
+    """The model from the config (the same initial weights on every process), its optimizer and
+    negatives, wrapped for this launch."""
+    set_seed(cfg.train.seed)  # the same initial weights everywhere
+    bundle = build_model(cfg.model)
+    if freeze_unused_logit_bias(bundle.model, cfg.loss.kind) and accelerator.is_main_process:
+        log.info("loss.kind=clip does not use the model's logit_bias: it is frozen "
+                 "(and kept unchanged in checkpoints and exports)")
+    # Negatives beyond the batch (loss.queue_size, loss.momentum): the queue and the momentum copy
+    # of the towers, made from the initial weights before torch.compile patches the model.
+    queue, key_encoder = build_negatives(cfg.loss, bundle.model, bundle.name, accelerator.device)
+    if cfg.model.torch_compile:
+        bundle.model.encode_image = torch.compile(bundle.model.encode_image)
+        bundle.model.encode_text = torch.compile(bundle.model.encode_text)
+    optimizer = build_optimizer(bundle.model, cfg.optim, accelerator.device.type)  # fused AdamW on CUDA
+    # FSDP2 evaluates a plain copy of the model: its structure taken now, before sharding.
+    eval_copy = EvalCopy(bundle.model) if sharded and has_evaluation(cfg) else None
+    model = DualEncoder(bundle.model)
+    if sharded:
+        prepare_model(accelerator, model)  # units, replicated temperature, float32 reduction
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sync_buffers_every_forward(model, buffers_change_in_training(bundle.model))
+    clip = accelerator.unwrap_model(model).clip
+    train_image, train_text = tower_trainable(clip)
+    return Trainee(bundle, model, optimizer, clip, train_image, train_text, queue, key_encoder, eval_copy)
+
+
+def restore(cfg: Config, accelerator: Accelerator, t: Trainee, decision) -> RunState:
+    """Register what a checkpoint holds and load the decided one (every process's RNG states too);
+    without one, seed each process differently."""
+    progress = RunState()
+    accelerator.register_for_checkpointing(progress)
+    # After RunState, which stays custom_checkpoint_0: checkpoints without a queue still resume.
+    # Accelerate saves them from the main process only; they are identical on every process.
+    extra_states = [x for x in (t.queue, t.key_encoder) if x is not None]
+    for state in extra_states:
+        accelerator.register_for_checkpointing(state)
+    resume_from = decision.checkpoint
+    if resume_from is not None:
+        check_resume_matches(resume_from, registered=1 + len(extra_states))
+        accelerator.load_state(str(resume_from))  # also restores every process's RNG states
+        log.info("resumed from %s at step %d", resume_from, progress.step)
+        if progress.step >= cfg.train.steps and accelerator.is_main_process:
+            log.warning("train.resume: %s is at step %d >= train.steps=%d: the run is already complete "
+                        "(its final outputs are written if missing)", resume_from, progress.step, cfg.train.steps)
+    else:
+        set_seed(cfg.train.seed, device_specific=True)  # different dropout masks per process
+    progress.run_id = decision.run_id  # in every checkpoint's manifest and every metrics line
+    return progress
+
+
+def open_train_data(cfg: Config, accelerator: Accelerator, bundle: ModelBundle, progress: RunState):
+    """This process's training stream, where the checkpoint left it (or fresh: train.resume_data)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data_state, stream_seed = progress.data_states[rank] if progress.data_states else None, None
+    if data_state is not None and cfg.train.resume_data == "fresh":  # the data changed: a new stream
+        data_state, stream_seed = None, fresh_stream_seed(cfg.train.seed, progress.step)
+        if accelerator.is_main_process:
+            log.info("train.resume_data=fresh: model, optimizer and step %d restored; the data stream "
+                     "restarts from seed %d (from train.seed and the step), epoch 0", progress.step, stream_seed)
+    return build_train_loader(
+        cfg.data, transform=bundle.train_transform, tokenizer=bundle.tokenizer,
+        local_batch_size=cfg.train.local_batch_size, seed=cfg.train.seed, rank=rank,
+        world_size=world, state=data_state, pin_memory=accelerator.device.type == "cuda",
+        stream_seed=stream_seed)
+
+
+def step_metrics(accelerator: Accelerator, cfg: Config, clip, out, *, lr: float, grad_norm: torch.Tensor,
+                 candidates: int, rates: dict[str, float], stragglers: Stragglers, progress: RunState,
+                 data_metrics: dict[str, float]) -> dict[str, float]:
+    """A logging step's metrics (host reads and one small gather: logging steps only)."""
+    loss = accelerator.reduce(out.loss.detach().float(), "mean").item()
+    # log(N) - loss bounds the mutual information only for the plain InfoNCE objective.
+    infonce = cfg.loss.kind == "clip" and cfg.loss.debias_tau_plus == 0 and cfg.loss.hardness_beta == 0
+    return {
+        "loss": loss,
+        "lr": lr,  # the scheduled rate, not one group's (towers and layers scale it)
+        "logit_scale": clip.logit_scale.exp().item(),
+        "temperature": 1.0 / clip.logit_scale.exp().item(),
+        "grad_norm": grad_norm.item(),
+        **rates,
+        # Every process's step time and data wait: one small gather, at logging steps only.
+        **stragglers.gather(accelerator, cfg.train.local_batch_size / rates["samples_per_s_per_process"],
+                            rates["data_wait_fraction"]),
+        "samples_seen": progress.samples_seen,
+        "skipped_steps": progress.skipped_steps,
+        **peak_memory(accelerator.device),
+        **{f"health/{k}": v for k, v in representation_health(out.img_emb_BD, out.txt_emb_BD).items()},
+        "health/candidates": candidates,
+        **({"health/mi_lower_bound": infonce_mi_lower_bound(loss, candidates)} if infonce else {}),
+        **data_metrics,
+    }
+
+
+def finish(cfg: Config, accelerator: Accelerator, t: Trainee, progress: RunState, syncer: RemoteSync,
+           watchdog: Watchdog, metrics_log: MetricsLog, eval_cache: ClassifierCache, *, run_line: str,
+           start_step: int) -> dict[str, float]:
+    """The end of a run: final evaluation and exports (the model folder too) when it is complete,
+    the report, then the process group and the last upload."""
+    results: dict[str, float] = {}
     watchdog.phase("the final evaluation and export", cfg.train.hang_eval_timeout_s + cfg.train.hang_checkpoint_timeout_s)
     complete = progress.step >= cfg.train.steps
     # A resume of a complete run writes the final outputs again only if they are not that checkpoint's.
     if complete and (progress.step > start_step or broadcast_object_list(
             [final_outputs_missing(cfg.train.output_dir, progress.step) if accelerator.is_main_process else None])[0]):
-        results = run_evaluation(accelerator, model, clip, cfg, bundle, eval_cache, eval_copy=eval_copy)
+        results = run_evaluation(accelerator, t.model, t.clip, cfg, t.bundle, eval_cache, eval_copy=t.eval_copy)
         metrics_log.log(results, progress.step)
-        final_state = open_clip_state_dict(model)  # full tensors on the main process (collective)
+        final_state = open_clip_state_dict(t.model)  # full tensors on the main process (collective)
         if accelerator.is_main_process:
             export_open_clip(final_state, os.path.join(cfg.train.output_dir, "open_clip_model.pt"))
             # The shareable folder (open_clip's hub layout, with a model card): local-dir:/hf-hub:.
-            write_model_folder(os.path.join(cfg.train.output_dir, RUN_FOLDER), final_state, model=bundle.model,
-                               tokenizer=bundle.tokenizer, name=bundle.name, cfg=cfg,
-                               facts=RunFacts(progress.step, world, run_line, results))
+            write_model_folder(os.path.join(cfg.train.output_dir, RUN_FOLDER), final_state, model=t.bundle.model,
+                               tokenizer=t.bundle.tokenizer, name=t.bundle.name, cfg=cfg,
+                               facts=RunFacts(progress.step, accelerator.num_processes, run_line, results))
             with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
                 json.dump({"step": progress.step, **results}, f, indent=1)
             write_report_safely(cfg.train.output_dir)  # report.png/html; a failure only warns
@@ -377,7 +435,7 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
         write_report_safely(cfg.train.output_dir)  # stopped by a signal: the curves so far
     # Release the DDP wrapper before the process group goes: a reducer outliving its group can
     # abort the interpreter at exit ("terminate called without an active exception").
-    del model, optimizer
+    t.model = t.optimizer = None
     accelerator.free_memory()
     accelerator.end_training()
     watchdog.phase("the wait for the last upload", cfg.train.hang_checkpoint_timeout_s + cfg.train.remote_max_unsynced_s)
