@@ -167,6 +167,7 @@ def child(args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = psutil.Process().memory_info().rss
+        reset_rss_peak()
     times, cpu_times = [], []
     budget_start = time.perf_counter()
     for _ in range(args.repeats):
@@ -178,7 +179,9 @@ def child(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # The kernel's RSS counters are per-CPU approximations (off by up to a few hundred KiB),
+        # so a step that allocates nothing new can read slightly below its base: that is 0.
+        peak = max(0, rss_peak_bytes() - base)
     result = {
         "time_s": statistics.median(times),
         "cpu_s": statistics.median(cpu_times),
@@ -193,6 +196,24 @@ def child(args: argparse.Namespace) -> dict:
         if dist.get_rank() != 0:
             return None
     return result
+
+
+def reset_rss_peak() -> None:
+    """Start the process's RSS high-water mark afresh (Linux >= 4.0), so that the peak is the
+    measured steps' own and not the warm-up's or the imports'."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the lifetime peak (ru_maxrss) stands in
+
+
+def rss_peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def run_child(args: argparse.Namespace, impl: str, b: int, b_local: int, repeats: int,

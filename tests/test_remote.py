@@ -30,6 +30,7 @@ from clip_train.remote import (
     RemoteSyncError,
     Uploader,
     download_checkpoint,
+    upload_checkpoint,
     list_remote,
     open_remote,
 )
@@ -277,6 +278,11 @@ def test_damaged_checkpoints_in_the_bucket_fall_back_on_empty_disks(tmp_path, co
     straight, fresh = tmp_path / "straight", tmp_path / "fresh"
     proc = run_cli(["train", *common, f"train.output_dir={straight}"], env=s3.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The uploader keeps only the newest waiting checkpoint (one that arrives while another is in
+    # flight replaces it), so on a slow machine a step may never reach the bucket: publish those
+    # from the run's own disk, as the uploader would have.
+    for step in sorted({2, 4, 6, 8} - set(list_remote(s3.fs, ckpts)[0])):
+        upload_checkpoint(s3.fs, ckpts, straight / "checkpoints" / f"step_{step:08d}", step)
     assert list_remote(s3.fs, ckpts)[0] == [2, 4, 6, 8]
     model8 = s3.fs.cat(f"{ckpts}/step_00000008/model.safetensors")
     s3.fs.pipe(f"{ckpts}/step_00000008/model.safetensors", model8[: len(model8) // 2])
