@@ -5,8 +5,10 @@ and 64 px, from local shards of three families, each loader built the way train.
 - clip-train `data.decode=fast` (the default) and `data.decode=exact`;
 - open_clip's own `open_clip_train.data.get_wds_dataset`, same transform and tokenizer;
 - the decode-only limit: in this process, one thread, each image opened, its crop drawn as the
-  transform draws it and decoded at the DCT scale that crop needs (PIL `draft`: libjpeg-turbo's
-  scaled IDCT, the best decoder installed), nothing else: what any loader must spend.
+  transform draws it and decoded at the DCT scale that crop needs, nothing else: what any loader
+  must spend. Two decoders are timed, PIL (`draft`: libjpeg-turbo's scaled IDCT) and simplejpeg
+  (the same libjpeg-turbo, straight into a numpy array); the limit is the faster of the two, and
+  the fraction of PIL's is printed too (the issue's baseline).
 
 Shard families (JPEG quality 90, photo-like content: 1/f texture, sharp-edged objects, grain;
 see benchmarks/photos.py; `--unique` distinct images cycled through the shards):
@@ -94,15 +96,17 @@ def write_shards(folder: Path, images: list[bytes], n: int, per_shard: int = 256
 
 
 def raw_tar_rate(pattern: str, min_seconds: float) -> float:
-    """Samples per CPU-second reading the tars into per-sample byte dicts (no decoding), here."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    """Samples per CPU-second reading the tars into per-sample byte dicts (no decoding), here:
+    clip-train's tar reader (what its loader uses), webdataset's grouping."""
+    from webdataset.tariterators import group_by_keys, url_opener
 
     from clip_train.config import expand_urls
+    from clip_train.data.tar import expand_shards
 
     urls = expand_urls(pattern)
     count, start = 0, time.process_time()
     while time.process_time() - start < min_seconds or count == 0:
-        files = tar_file_expander(url_opener([{"url": u} for u in urls]))
+        files = expand_shards(url_opener([{"url": u} for u in urls]), handler=lambda exn: False)
         count += sum(1 for _ in group_by_keys(files))
     return count / (time.process_time() - start)
 
@@ -186,7 +190,9 @@ def _endless(dataloader):
 def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     """Images per CPU-second (this process, one thread) of the decode alone -- open, then decode
     at the DCT scale that the sample's crop (drawn beforehand, untimed, as the transform draws
-    it) needs -- and of a full decode to RGB."""
+    it) needs, by PIL ("reduced") and by simplejpeg ("simplejpeg") -- and of PIL's full decode
+    to RGB ("full")."""
+    import simplejpeg
     import torch
     from PIL import Image
 
@@ -205,13 +211,19 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
             image.draft(None, (image.size[0] // scales[k], image.size[1] // scales[k]))
         image.load()
 
+    def simple(k: int) -> None:
+        image = Image.open(io.BytesIO(images[k]))  # the header: what the fast path reads first
+        w, h = image.size
+        simplejpeg.decode_jpeg(images[k], colorspace="RGB", min_height=-(-h // scales[k]),
+                               min_width=-(-w // scales[k]))
+
     def full(k: int) -> None:
         image = Image.open(io.BytesIO(images[k]))
         image.load()
         image.convert("RGB")
 
     rates = {}
-    for name, fn in (("reduced", reduced), ("full", full)):
+    for name, fn in (("reduced", reduced), ("simplejpeg", simple), ("full", full)):
         n, start = 0, time.process_time()
         while time.process_time() - start < min_seconds or n < len(images):
             fn(n % len(images))
@@ -293,7 +305,8 @@ def main() -> None:
                     limits.append(decode_limit(images[family], transform, 0.5 if args.quick else 2.0))
                 print(f"{family} {size} px: " + ", ".join(
                     f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
-                limit = statistics.median(x["reduced"] for x in limits)
+                pil_limit = statistics.median(x["reduced"] for x in limits)
+                limit = max(pil_limit, statistics.median(x["simplejpeg"] for x in limits))
                 full = statistics.median(x["full"] for x in limits)
                 theirs = statistics.median(r["worker_cpu"] for r in runs["open_clip"])
                 for pipeline, results in runs.items():
@@ -303,10 +316,11 @@ def main() -> None:
                                  "samples_per_total_cpu_s": statistics.median(r["total_cpu"] for r in results),
                                  "wall_samples_per_s_per_worker": max(r["wall"] for r in results) / args.workers,
                                  "vs_open_clip": rate / theirs, "of_decode_limit": rate / limit,
-                                 "runs": results})
+                                 "of_pil_decode_limit": rate / pil_limit, "runs": results})
                 rows.append({"family": family, "image_size": size, "pipeline": "decode-only limit",
                              "samples_per_worker_cpu_s": limit, "vs_open_clip": limit / theirs,
-                             "of_decode_limit": 1.0, "full_decode_per_cpu_s": full, "runs": limits})
+                             "of_decode_limit": 1.0, "of_pil_decode_limit": limit / pil_limit,
+                             "pil_decode_per_cpu_s": pil_limit, "full_decode_per_cpu_s": full, "runs": limits})
     print(f"\nData-loader throughput: {n} samples per family ({unique} distinct JPEGs, quality 90), "
           f"{MODEL} transform and tokenizer, batch {BATCH}, {args.workers} worker(s), {repeats} repeat(s) x "
           f"{timed_batches} timed batches, medians; {os.cpu_count()} CPU cores, "
@@ -320,16 +334,18 @@ def main() -> None:
     for r in psnr_rows:
         print(f"| {r['family']} | {r['image_size']} | {r['batch_db']:.1f} dB | {r['worst_image_db']:.1f} dB |")
     print("\n| family | px | pipeline | samples / worker-CPU-s | vs open_clip | of decode limit | "
-          "samples / total CPU-s | wall samples/s per worker |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+          "of PIL decode limit | samples / total CPU-s | wall samples/s per worker |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["pipeline"] == "decode-only limit":
-            print(f"| {r['family']} | {r['image_size']} | decode-only limit (full decode: "
-                  f"{r['full_decode_per_cpu_s']:,.0f}) | {r['samples_per_worker_cpu_s']:,.0f} | "
-                  f"{r['vs_open_clip']:.2f}x | 1.00 | | |")
+            print(f"| {r['family']} | {r['image_size']} | decode-only limit (PIL: "
+                  f"{r['pil_decode_per_cpu_s']:,.0f}; PIL full decode: {r['full_decode_per_cpu_s']:,.0f}) | "
+                  f"{r['samples_per_worker_cpu_s']:,.0f} | {r['vs_open_clip']:.2f}x | 1.00 | "
+                  f"{r['of_pil_decode_limit']:.2f} | | |")
         else:
             print(f"| {r['family']} | {r['image_size']} | {r['pipeline']} | {r['samples_per_worker_cpu_s']:,.0f} | "
-                  f"{r['vs_open_clip']:.2f}x | {r['of_decode_limit']:.2f} | {r['samples_per_total_cpu_s']:,.0f} | "
+                  f"{r['vs_open_clip']:.2f}x | {r['of_decode_limit']:.2f} | {r['of_pil_decode_limit']:.2f} | "
+                  f"{r['samples_per_total_cpu_s']:,.0f} | "
                   f"{r['wall_samples_per_s_per_worker']:,.0f} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,13 @@ gets no `device_ids` for CPU modules.
 
     python benchmarks/train_throughput.py --quick   # 2 processes, 1 round, 12 steps: a smoke test
     python benchmarks/train_throughput.py           # 1 and 2 processes, 3 rounds, 30 steps
+
+`--photos` trains at 224 px on photo-like JPEG shards instead (DataComp-like: longest side 512,
+quality 90, benchmarks/photos.py; captions of 5-15 words) with a tiny ViT at 224 px
+(configs/models/tiny-vit-224.json: 2 layers, width 64, patch 32), so that the step is cheap and
+decoding and augmenting the images, the data path of `data.decode=fast`, set the pace:
+
+    python benchmarks/train_throughput.py --photos
 """
 
 from __future__ import annotations
@@ -68,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="samples per step over all processes (default 64 on the CPU, 512 per GPU)",
     )
-    parser.add_argument("--model", default="configs/models/tiny-vit.json", help="model-config JSON")
+    parser.add_argument("--model", default=None,
+                        help="model-config JSON (default configs/models/tiny-vit.json; with --photos tiny-vit-224.json)")
+    parser.add_argument("--photos", action="store_true",
+                        help="photo-like 224-px training (DataComp-like JPEG shards) instead of the 32-px digits")
     parser.add_argument(
         "--chunk",
         type=int,
@@ -157,6 +167,7 @@ def table(rows: list[dict], cuda: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.model = args.model or ("configs/models/tiny-vit-224.json" if args.photos else "configs/models/tiny-vit.json")
     gpus = 0 if args.cpu else h.cuda_device_count()
     cuda = gpus > 0
     procs = (
@@ -180,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        data = h.make_digits_shards(workdir / "digits")
+        if args.photos:
+            from data_throughput import family_images, write_shards  # this script's folder
+
+            n = max(2048, steps * (args.global_batch or 64) * 2)
+            data = {"train": write_shards(workdir / "photos", family_images("datacomp-512", 48), n)}
+        else:
+            data = h.make_digits_shards(workdir / "digits")
         runs: dict[tuple[int, str], list[h.RunResult]] = {}
         for nproc in procs:
             global_batch = args.global_batch or (512 * nproc if cuda else 64)
@@ -220,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     elapsed = time.perf_counter() - started
     setting = (
+        f"{'DataComp-like photo shards (longest side 512), ' if args.photos else 'digit shards (32 px), '}"
         f"model {args.model}, {steps} steps ({warmup} untimed), {'bf16 autocast, CUDA' if cuda else 'fp32, CPU'}, "
         f"{workers} data worker(s) and {threads or 'cpus/processes'} OMP thread(s) per process, AdamW, "
         f"{repeats} alternating round(s); clip_train+gc: gradient caching with the chunk shown"

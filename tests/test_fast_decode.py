@@ -121,10 +121,29 @@ def test_every_image_kind_decodes_fast_like_exact(name):
         assert psnr_db(exact, fast) >= MIN_PSNR_DB, (name, size, psnr_db(exact, fast))
 
 
-def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, monkeypatch):
-    loads = {}  # id(image) -> its size when decoded (load() is called again on a loaded image)
-    real_load = ImageFile.ImageFile.load  # decodes an opened file
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.setdefault(id(im), im.size) and real_load(im))
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pil"])
+def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, monkeypatch, decoder):
+    import clip_train.data.fast as fast_module
+
+    decoded = []  # (width, height) of each decode, in order
+    if decoder == "simplejpeg":
+        real = fast_module.simplejpeg
+        assert real is not None, "simplejpeg is a dependency"
+
+        class Recording:
+            @staticmethod
+            def decode_jpeg(*args, **kwargs):
+                pixels = real.decode_jpeg(*args, **kwargs)
+                decoded.append((pixels.shape[1], pixels.shape[0]))
+                return pixels
+
+        monkeypatch.setattr(fast_module, "simplejpeg", Recording)
+    else:  # no simplejpeg (a platform without its wheel): PIL's draft
+        monkeypatch.setattr(fast_module, "simplejpeg", None)
+        loads = {}  # id(image) -> its size when decoded (load() is called again on a loaded image)
+        real_load = ImageFile.ImageFile.load  # decodes an opened file
+        monkeypatch.setattr(ImageFile.ImageFile, "load",
+                            lambda im: loads.setdefault(id(im), im.size) and real_load(im))
     fast, _ = fast_transform(split_normalize(open_clip.image_transform(64, is_train=True))[0])
     crop = fast.transforms[0].crop
     boxes = []
@@ -135,12 +154,36 @@ def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, 
         seed_all(seed)
         opened.append(open_image(data))  # kept alive: ids stay unique
         fast(opened[-1])
+    if decoder == "pil":
+        decoded = list(loads.values())
     used = []
-    for (w, h), (_, _, crop_h, crop_w), decoded in zip(sizes, boxes, loads.values(), strict=True):
+    for (w, h), (_, _, crop_h, crop_w), size in zip(sizes, boxes, decoded, strict=True):
         s = max(s for s in (1, 2, 4, 8) if crop_w / s >= 64 and crop_h / s >= 64)
-        assert decoded == (-(-w // s), -(-h // s))  # libjpeg's scaled size: ceil(w / s)
+        assert size == (-(-w // s), -(-h // s))  # libjpeg's scaled size: ceil(w / s)
         used.append(s)
     assert min(used) >= 2 and 8 in used  # 375-1280 px photos for 64 px: every one reduced
+
+
+def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
+    """simplejpeg's pixels equal PIL's (full and reduced, RGB and grayscale); a JPEG it rejects
+    goes to PIL, which decodes or refuses it as the exact path does."""
+    from clip_train.data.fast import _decode_jpeg
+
+    gray = jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("L"))
+    for data in (photos[0], photos[-1], gray):
+        for scale in (1, 2, 4):
+            ours = _decode_jpeg(open_image(data), scale)
+            reference = Image.open(io.BytesIO(data))
+            if scale > 1:
+                reference.draft(None, (reference.size[0] // scale, reference.size[1] // scale))
+            assert torch.equal(ours, torch.from_numpy(np.asarray(reference.convert("RGB")))), scale
+    # Bytes after the end-of-image marker: libjpeg warns (simplejpeg refuses), PIL decodes it.
+    trailing = photos[0][:-2] + b"\x00" * 16 + photos[0][-2:]
+    assert _decode_jpeg(open_image(trailing), 1) is None
+    fast, _ = fast_transform(split_normalize(open_clip.image_transform(64, is_train=True))[0])
+    seed_all(0)
+    assert fast(open_image(trailing)).shape == (3, 64, 64)
+    assert _decode_jpeg(open_image(jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("CMYK"))), 1) is None
 
 
 def test_fallback_to_exact_says_why_once(color_shards, caplog):

@@ -30,9 +30,9 @@ from clip_train.remote import (
     RemoteSyncError,
     Uploader,
     download_checkpoint,
-    upload_checkpoint,
     list_remote,
     open_remote,
+    upload_checkpoint,
 )
 
 pytest.importorskip("moto.server", reason="the bucket tests need `pip install 'moto[server]' s3fs` (the dev extra)")

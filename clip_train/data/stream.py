@@ -20,13 +20,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import pick
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 from webdataset.utils import make_seed
 
 from clip_train.config import ClipTrainError
 from clip_train.data.captions import CaptionSpec, _key_hash, draw_caption
 from clip_train.data.decode import _Decoder, stack_images
 from clip_train.data.sources import epoch_pieces, epoch_quota, epoch_shard_order
+from clip_train.data.tar import expand_shards
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class _ShardReader:
         self._judge_tar_error()
 
     def __iter__(self) -> Iterator[dict]:
-        files = tar_file_expander(self._opened(), handler=self._on_tar_error)
+        files = expand_shards(self._opened(), handler=self._on_tar_error)
         yield from group_by_keys(files, handler=self._on_tar_error)
 
 
