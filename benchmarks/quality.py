@@ -27,6 +27,9 @@ deviation and 95% t-interval, and how many seeds clip_train matched or beat open
     python benchmarks/quality.py --seeds 5 --append     # one more seed, added to the last results
     python benchmarks/quality.py --seeds 0,1 --override optim.no_decay=open_clip
                                                         # clip_train with open_clip's weight decay
+    python benchmarks/quality.py --seeds 0,1,2,3,4 --trainers clip_train --override data.decode=exact
+                                                        # clip_train alone, another option: pair
+                                                        # its rows with a default run's by seed
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu", action="store_true", help="stay on the CPU even if CUDA is available"
+    )
+    parser.add_argument(
+        "--trainers",
+        default=",".join(h.TRAINERS),
+        help="which trainers run (default both); e.g. clip_train alone to compare its options by seed",
     )
     parser.add_argument(
         "--override",
@@ -193,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (20 if args.quick else 200)
     warmup = args.warmup_steps if args.warmup_steps is not None else (3 if args.quick else 30)
     seeds = [int(s) for s in args.seeds.split(",")]
+    trainers = tuple(t for t in h.TRAINERS if t in args.trainers.split(","))
     info = h.machine_info()
     started = time.perf_counter()
     rows = []
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         data = h.make_digits_shards(Path(tmp) / "digits")
         novel = write_novel_templates(data)
         for i, seed in enumerate(seeds):
-            for trainer in h.TRAINERS if i % 2 == 0 else h.TRAINERS[::-1]:
+            for trainer in trainers if i % 2 == 0 else trainers[::-1]:
                 spec = h.RunSpec(
                     trainer=trainer,
                     model=args.model,
@@ -297,6 +306,8 @@ def render(rows: list[dict], setting: str, info: dict, elapsed: float) -> str:
     if len(seeds) > 1:
         for trainer in h.TRAINERS:
             mine = [r for r in rows if r["trainer"] == trainer]
+            if not mine:
+                continue
             body.append(
                 [
                     f"**{trainer} mean**",
