@@ -198,6 +198,16 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
+def ab_line(r: dict, what: str, names: tuple[str, str], per: str = "") -> str:
+    """An A/B row in one line: why it was skipped, or the median ratios of its interleaved pairs
+    (names: the reference, then the one measured against it)."""
+    if "skipped" in r:
+        return f"{what}: {r['skipped']}"
+    return (f"{what}, {names[1]} / {names[0]} over {r['repeats']} interleaved pairs (median): wall "
+            f"{r['wall_ratio']:.2f}x, CPU {r['cpu_ratio']:.2f}x ({names[0]} {r['wall_s'][0]:.2f} s, "
+            f"{names[1]} {r['wall_s'][1]:.2f} s wall{per})")
+
+
 def reset_rss_peak() -> None:
     """Start the process's RSS high-water mark afresh (Linux >= 4.0), so that the peak is the
     measured steps' own and not the warm-up's or the imports'."""
@@ -435,24 +445,15 @@ def main() -> None:
     print()
     print(table(rows))
     for r in ab_rows:
-        if "skipped" in r:
-            print(f"\nA/B at B={r['global_batch']}: {r['skipped']}")
-        else:
-            print(f"\nA/B at B={r['global_batch']}, tiled / open_clip over {r['repeats']} "
-                  f"interleaved pairs (median): wall {r['wall_ratio']:.2f}x, "
-                  f"CPU {r['cpu_ratio']:.2f}x (open_clip {r['wall_s'][0]:.2f} s, "
-                  f"tiled {r['wall_s'][1]:.2f} s wall)")  # fmt: skip
+        print("\n" + ab_line(r, f"A/B at B={r['global_batch']}", ("open_clip", "tiled")))
     if ring_rows:
         print()
         print(ring_table(ring_rows))
     for r in ring_ab_rows:
-        if "skipped" in r:
-            print(f"\nring A/B, {r['processes']} processes: {r['skipped']}")
-        else:
-            print(f"\nring A/B, {r['processes']} processes x {r['local_batch']} (global "
-                  f"{r['global_batch']}), ring / tiled over {r['repeats']} interleaved pairs "
-                  f"(median): wall {r['wall_ratio']:.2f}x, CPU {r['cpu_ratio']:.2f}x (tiled "
-                  f"{r['wall_s'][0]:.2f} s, ring {r['wall_s'][1]:.2f} s wall per step)")  # fmt: skip
+        where = f"ring A/B, {r['processes']} processes"
+        if "skipped" not in r:
+            where += f" x {r['local_batch']} (global {r['global_batch']})"
+        print("\n" + ab_line(r, where, ("tiled", "ring"), " per step"))
     if fit:
         print(f"\nring memory model (fitted to {fit['rows']} simulated rows at 2 ranks): peak = "
               f"{fit['bytes_per_row'] / 2**20:.3f} MiB x local batch + {fit['constant_bytes'] / 2**30:.3f} GiB; "
