@@ -125,3 +125,33 @@ def test_expand_shards_marks_shard_ends_and_hands_errors_over():
     assert ends == [n_good, 2 * n_good + n_bad + 1]  # after each whole shard, not after the cut one
     assert [f["__url__"] for f in out if f] == ["a"] * n_good + ["b"] * n_bad + ["c"] * n_good
     assert len(seen) == 1 and isinstance(seen[0], tarfile.ReadError) and seen[0].args[-1] == "b"
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most `most` bytes per read, as network streams may."""
+
+    def __init__(self, data: bytes, most: int = 100):
+        self.buf, self.most = io.BytesIO(data), most
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self.buf.read(self.most if size < 0 else min(size, self.most))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_short_reads_are_read_on_not_taken_for_a_cut_shard(layout):
+    data = LAYOUTS[layout]
+    def trickled(data: bytes) -> tuple[list[tuple[str, bytes]], str | None]:
+        files = []
+        try:
+            for f in tar_files(Trickle(data)):
+                files.append((f["fname"], f["data"]))
+        except tarfile.ReadError:
+            return files, "ReadError"
+        return files, None
+
+    assert trickled(data) == reference(data) and reference(data)[1] is None
+    outcomes = {trickled(data[:cut]) == reference(data[:cut]) or cut for cut in range(700, len(data), 333)}
+    assert outcomes == {True}, outcomes  # the cuts that differed

@@ -43,6 +43,25 @@ class _Prepended:
         return data + self.stream.read(size - len(data)) if len(data) < size else data
 
 
+def _read_fully(stream: BinaryIO) -> Callable[[int], bytes]:
+    """`stream.read`, but reading on until it has `size` bytes or the stream ends: network
+    streams (fsspec's HTTP files, sockets) may return less than asked before their end, which
+    tarfile tolerates and a cut shard must not be confused with."""
+    read = stream.read
+
+    def read_fully(size: int) -> bytes:
+        data = read(size)
+        if len(data) == size or not data:
+            return data
+        parts, got = [data], len(data)
+        while got < size and (more := read(size - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    return read_fully
+
+
 def _number(field: bytes) -> int:
     """A numeric header field: octal text, or base-256 (GNU, for sizes >= 8 GiB)."""
     if field[0] in (0o200, 0o377):
@@ -92,7 +111,7 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
 def tar_files(stream: BinaryIO) -> Iterator[dict]:
     """{"fname", "data"} of each regular file of the tar `stream`, in order, skipping
     webdataset's metadata files, as `webdataset.tariterators.tar_file_iterator` does."""
-    read = stream.read
+    read = _read_fully(stream)
     head = read(BLOCK)
     if head.startswith(_COMPRESSED):
         yield from tar_file_iterator(_Prepended(head, stream))
