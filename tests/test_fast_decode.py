@@ -162,11 +162,8 @@ def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, 
         if decoder == "simplejpeg":
             # torch resamples whole pixels of the reduced image: a scale whose rounding would
             # move an edge of the box by more than a quarter of an output pixel is halved.
-            def moved(s):
-                edges = ((top, crop_h), (left, crop_w), (top + crop_h, crop_h), (left + crop_w, crop_w))
-                return max(abs(round(e / s) * s - e) * 64 / extent for e, extent in edges)
-
-            while s > 1 and moved(s) > 0.25:
+            edges = ((top, crop_h), (left, crop_w), (top + crop_h, crop_h), (left + crop_w, crop_w))
+            while s > 1 and max(abs(round(e / s) * s - e) * 64 / extent for e, extent in edges) > 0.25:
                 s //= 2
         assert size == (-(-w // s), -(-h // s))  # libjpeg's scaled size: ceil(w / s)
         used.append(s)
