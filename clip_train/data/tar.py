@@ -74,17 +74,18 @@ def _number(field: bytes) -> int:
         raise tarfile.InvalidHeaderError("invalid header") from None
 
 
-def _checksum_ok(header: bytes) -> bool:
+def _header_size(header: bytes) -> int | None:
+    """The size field of a 512-byte header, or None where tarfile would find the header invalid
+    (a checksum that matches neither sum, or a numeric field that does not read)."""
     try:
-        stored = _number(header[148:156])
-        _number(header[124:136])  # the size must read too (tarfile parses it with the header)
+        stored, size = _number(header[148:156]), _number(header[124:136])
     except tarfile.InvalidHeaderError:
-        return False
+        return None
     unsigned = sum(header) - sum(header[148:156]) + 8 * 0x20
     if stored == unsigned:
-        return True
+        return size
     signed = sum(b - 256 if b > 127 else b for b in header) - sum(b - 256 if b > 127 else b for b in header[148:156])
-    return stored == signed + 8 * 0x20
+    return size if stored == signed + 8 * 0x20 else None
 
 
 def _text(raw: bytes) -> str:
@@ -116,29 +117,30 @@ def tar_files(stream: BinaryIO) -> Iterator[dict]:
     if head.startswith(_COMPRESSED):
         yield from tar_file_iterator(_Prepended(head, stream))
         return
-    offset, name, size = 0, None, None  # name, size: from the pax / GNU headers before a file
+    first, name, size = True, None, None  # name, size: from the pax / GNU headers before a file
     subsequent = False  # after a pax or GNU header: a file's header must follow
     while True:
-        header = head if offset == 0 else read(BLOCK)
-        if len(header) < BLOCK or header.count(0) == BLOCK or not _checksum_ok(header):
+        header = head if first else read(BLOCK)
+        header_size = _header_size(header) if len(header) == BLOCK and header.count(0) != BLOCK else None
+        if header_size is None:
             # tarfile: at the first header a bad one is an error, an empty or zero one an empty
             # archive; after a pax or long-name header one is required; anywhere else it is the end.
             if subsequent:
                 raise tarfile.ReadError("missing or bad subsequent header")
-            if offset == 0 and (not header or (len(header) == BLOCK and header.count(0) != BLOCK)):
+            if first and (not header or (len(header) == BLOCK and header.count(0) != BLOCK)):
                 raise tarfile.ReadError("empty file" if not header else "bad checksum")
-            if offset == 0 and len(header) < BLOCK:
+            if first and len(header) < BLOCK:
                 raise tarfile.ReadError("truncated header")
             return
+        first = False
         kind = header[156:157]
-        length = _number(header[124:136]) if size is None or kind in _HEADERS else size
+        length = header_size if size is None or kind in _HEADERS else size
         data = read(length)
         if len(data) < length:
             raise tarfile.ReadError("unexpected end of data")
         # tarfile finds a cut in the padding when it looks for the next header (after this file).
         pad = -length % BLOCK
         cut = pad > 0 and len(read(pad)) < pad
-        offset += BLOCK + length + pad
         subsequent = kind in _HEADERS
         if kind == b"x":
             records = _pax_records(data)
