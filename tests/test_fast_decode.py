@@ -131,6 +131,8 @@ def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, 
         assert real is not None, "simplejpeg is a dependency"
 
         class Recording:
+            decode_jpeg_header = real.decode_jpeg_header
+
             @staticmethod
             def decode_jpeg(*args, **kwargs):
                 pixels = real.decode_jpeg(*args, **kwargs)
@@ -160,20 +162,55 @@ def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, 
     for (w, h), (top, left, crop_h, crop_w), size in zip(sizes, boxes, decoded, strict=True):
         s = max(s for s in (1, 2, 4, 8) if crop_w / s >= 64 and crop_h / s >= 64)
         if decoder == "simplejpeg":
-            # torch resamples whole pixels of the reduced image: a scale whose rounding would
-            # move an edge of the box by more than a quarter of an output pixel is halved.
-            edges = ((top, crop_h), (left, crop_w), (top + crop_h, crop_h), (left + crop_w, crop_w))
-            while s > 1 and max(abs(round(e / s) * s - e) * 64 / extent for e, extent in edges) > 0.25:
+            # torch's resample starts at a whole pixel of the reduced image: a reduction is halved
+            # until some lead of at most 32 outputs puts a whole pixel within 0.1 output pixel
+            # of where the box starts, on both axes.
+            def placed(start: int, extent: int) -> bool:
+                step = extent / (s * 64)
+                return any(abs(o - round(o)) <= 0.1 * step for o in (start / s - step * n for n in range(33)))
+            while s > 1 and not (placed(top, crop_h) and placed(left, crop_w)):
                 s //= 2
         assert size == (-(-w // s), -(-h // s))  # libjpeg's scaled size: ceil(w / s)
         used.append(s)
     assert min(used) >= 2 and 8 in used  # 375-1280 px photos for 64 px: every one reduced
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resample_from_a_reduced_image_places_the_fractional_box(mode):
+    """torch's resample of a box that starts at a fraction of a reduced pixel (the lead outputs
+    dropped, the image's edge repeated where the lead starts before it) against Pillow's resample
+    from that fractional box, the geometry the reduced decode must keep; rounding the box to
+    whole pixels instead (the placement `_axis` replaces) is far off."""
+    from clip_train.data.fast import _axis, _resize
+
+    rng = np.random.default_rng(2)
+    reduced = photo(rng, 160, 120)  # an image reduced by 4 (full size 640 x 480)
+    pixels = torch.from_numpy(np.array(reduced))
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[mode]
+    placed, rounded = [], []
+    for top, left, height, width, out in [(1, 3, 470, 610, 64), (13, 22, 440, 599, 96), (6, 0, 474, 629, 50),
+                                          (7, 9, 301, 283, 64), (2, 27, 455, 511, 40)]:
+        axes = _axis(top, top + height, 4, out), _axis(left, left + width, 4, out)
+        assert None not in axes and max(a.lead for a in axes) > 0
+        ours = _resize(pixels, axes, (out, out), mode)
+        box = (left / 4, top / 4, (left + width) / 4, (top + height) / 4)
+        reference = torch.from_numpy(np.asarray(reduced.resize((out, out), resample, box=box))).permute(2, 0, 1)
+        whole = tuple(round(e) for e in box)
+        naive = torch.from_numpy(np.asarray(reduced.resize((out, out), resample, box=whole))).permute(2, 0, 1)
+        placed.append(((ours.double() - reference.double()) ** 2).mean().item())
+        rounded.append(((naive.double() - reference.double()) ** 2).mean().item())
+    placed_db, rounded_db = (10 * np.log10(255.0**2 / np.array(mse)) for mse in (placed, rounded))
+    print(f"{mode}: placed {placed_db.round(1)} dB, rounded {rounded_db.round(1)} dB")
+    # Each box within 38 dB (a shift of up to 0.1 output pixel remains), better than rounded,
+    # and over the five boxes (mean squared error) at least 4 dB better.
+    assert placed_db.min() >= 38 and (placed_db > rounded_db).all()
+    assert 10 * np.log10(np.mean(rounded) / np.mean(placed)) >= 4
+
+
 def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
     """simplejpeg's pixels equal PIL's (full and reduced, RGB and grayscale); a JPEG it rejects
     goes to PIL, which decodes or refuses it as the exact path does."""
-    from clip_train.data.fast import _decode_jpeg, _simplejpeg_decodes
+    from clip_train.data.fast import JpegHeader, _decode_jpeg
 
     gray = jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("L"))
     for data in (photos[0], photos[-1], gray):
@@ -190,7 +227,38 @@ def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
     seed_all(0)
     assert fast(open_image(trailing)).shape == (3, 64, 64)
     cmyk = open_image(jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("CMYK")))
-    assert _simplejpeg_decodes(open_image(photos[0])) and not _simplejpeg_decodes(cmyk)  # CMYK: PIL's
+    assert isinstance(open_image(photos[0]), JpegHeader) and isinstance(open_image(gray), JpegHeader)
+    assert isinstance(cmyk, Image.Image) and cmyk.mode == "CMYK"  # CMYK: PIL's
+    with pytest.raises(Exception):  # a header simplejpeg cannot read: PIL's, which refuses it
+        open_image(photos[0][:2] + b"\x00" * 64)
+
+
+@pytest.mark.parametrize("scale, ratio", [((0.9, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (3 / 4, 4 / 3)),
+                                          ((0.5, 0.6), (0.2, 5.0)), ((1.0, 1.0), (1.0, 1.0))])
+def test_crop_params_are_torchvisions_draw_for_draw(scale, ratio):
+    """`random_resized_crop_params` against torchvision's get_params: the same box and the same
+    generator state after it, over sizes that succeed at the first attempt, after several, or
+    never (the central crop), including tiny and extreme-aspect images."""
+    from clip_train.data.fast import random_resized_crop_params
+
+    rng = np.random.default_rng(0)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(1, 1400, size=(150, 2))] + [(512, 256), (300, 1200), (1, 1)]
+    attempts = set()
+    for seed, (height, width) in enumerate(sizes * 4):
+        torch.manual_seed(seed)
+        expected = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width), scale, ratio)
+        after = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        assert random_resized_crop_params(height, width, scale, ratio) == expected, (height, width, seed)
+        assert torch.equal(torch.random.get_rng_state(), after), (height, width, seed)
+        for words in range(1, 23):  # how many generator words the draw took
+            torch.manual_seed(seed)
+            torch.empty(words).uniform_()
+            if torch.equal(torch.random.get_rng_state(), after):
+                break
+        attempts.add(words)
+    if scale == (0.9, 1.0):  # a success at the first and at the tenth attempt, and central crops
+        assert {4, 20, 22} <= attempts, attempts
 
 
 def test_fallback_to_exact_says_why_once(color_shards, caplog):

@@ -6,18 +6,22 @@ copy) and resamples the crop with PIL's antialiased filter: on web photos the re
 about twice the decode. The fast path keeps the train transform and its random draws, and only
 replaces how its RandomResizedCrop gets its pixels:
 
-1. the image is opened, not decoded (PIL reads the header: size and mode);
-2. the crop draws its parameters from that size with the crop's own `get_params`, so it consumes
-   exactly the random numbers the exact path consumes (same per-sample seed -> same box; and the
-   steps after the crop -- flip, colour jitter, grayscale, timm's auto-augment -- draw the same
-   numbers after it);
+1. the image is opened, not decoded: only its header is read (size and colour space), by
+   simplejpeg for JPEGs it decodes (`JpegHeader`, ~20x cheaper than opening it with PIL), by PIL
+   for the rest;
+2. the crop draws its parameters from that size as the crop's own `get_params` does, so it
+   consumes exactly the random numbers the exact path consumes (same per-sample seed -> same box;
+   and the steps after the crop -- flip, colour jitter, grayscale, timm's auto-augment -- draw the
+   same numbers after it). torchvision's RandomResizedCrop draws through
+   `random_resized_crop_params`, the same numbers in a dozen torch calls where torchvision makes
+   seven per attempt, up to ten (see there);
 3. a JPEG is decoded at 1/s of its size (libjpeg-turbo's scaled IDCT), s in 1, 2, 4, 8 the
-   largest that leaves the crop at least the output size on both sides (and moves its box by at
-   most a quarter of an output pixel, below); other formats (PNG, WebP, ...) are decoded fully;
+   largest that leaves the crop at least the output size on both sides (and that torch's
+   resample can place, below); other formats (PNG, WebP, ...) are decoded fully;
 4. one antialiased resample, with the crop's own filter, from the crop box to the output size:
-   torch's vectorised uint8 resample (Pillow's kernels, ~3x faster than Pillow's own here) of a
-   dense channels-last copy of the crop for bicubic and bilinear; PIL's from the fractional box
-   in the reduced image's coordinates for other filters.
+   torch's vectorised uint8 resample (Pillow's kernels, ~3x faster than Pillow's own here) for
+   bicubic and bilinear; PIL's from the fractional box in the reduced image's coordinates for
+   other filters.
 
 The steps after the crop run unchanged on its output-size image, which is why every augmentation
 of open_clip's and timm's train transforms is reproduced with the same parameters. What the fast
@@ -33,20 +37,26 @@ PIL may tolerate) take PIL's route, which then decides as the exact path does.
 
 Differences to `exact`, all in pixel values or below a pixel of the reduced image, never in the
 augmentation: the DCT-scaled decode low-passes before the resample (the exact path's antialias
-filter does the same job); the resample reads the real pixels just outside the crop box where
-the exact path repeats the crop's edge; and with torch's resample from a reduced decode, the box
-is rounded to whole pixels of the reduced image, and a reduction whose rounding would move an
-edge by more than a quarter of an output pixel (MAX_SHIFT_PX) is halved until it does not (1/1
-moves none): in the benchmark's photo-like batches this keeps fast within 40 dB PSNR of exact,
-where rounding at any reduction fell to 35 dB per batch and below 30 for single images.
+filter does the same job); at the crop's leading edges the resample may read real pixels just
+outside it where the exact path repeats the crop's edge; and from a reduced decode the box
+starts at a fraction of a reduced pixel, which torch's resample cannot take: it computes a few
+outputs ahead of the box and drops them, so that its start falls on a whole pixel to within
+MAX_SHIFT_PX (0.1) output pixels (`_axis`); a reduction no lead can place is halved (1/1 needs
+none). In the benchmark's photo-like batches fast is within 42-52 dB PSNR of exact (worst image
+34 dB); rounding the box to whole reduced pixels instead gave 35 dB per batch and below 30 for
+single images.
 EXIF orientation is ignored by both paths alike (as webdataset's decoder does).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,7 +76,23 @@ _DCT_SCALES = (8, 4, 2, 1)  # libjpeg's scaled IDCT: 1/8 .. 1/1
 _TENSOR_PASSTHROUGH = ("MaybeConvertMode", "MaybePILToTensor")
 _TORCH_FILTERS = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
 # The most a reduced decode may move the crop box's edges, in output pixels (see FastResizedCrop).
-MAX_SHIFT_PX = 0.25
+MAX_SHIFT_PX = 0.1
+_MAX_LEAD = 32  # the most outputs computed ahead of a crop and dropped, to place it (see _axis)
+_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before its central crop
+# JPEG colour spaces simplejpeg decodes to RGB as PIL does (PIL's modes RGB and L); CMYK/YCCK: PIL.
+_SIMPLEJPEG_SPACES = ("YCbCr", "RGB", "Gray")
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """An RGB or grayscale JPEG whose header simplejpeg has read: what `open_image` returns for
+    the JPEGs simplejpeg decodes. `size` is (width, height), as PIL's."""
+    encoded: bytes
+    size: tuple[int, int]
+
+    def pil(self) -> Image.Image:
+        """The image opened by PIL (its route: filters torch lacks, JPEGs simplejpeg rejects)."""
+        return Image.open(io.BytesIO(self.encoded))
 
 
 class FastCompose(Compose):
@@ -86,24 +112,25 @@ class FastResizedCrop:
         # MaybeConvertMode + MaybePILToTensor): the result may then be a tensor.
         self.tensor_out = tensor_out
 
-    def __call__(self, image: Image.Image) -> Image.Image | torch.Tensor:
-        crop = self.crop
-        # The crop's own draws, in its own order: torchvision's from torch, timm's from `random`.
-        top, left, height, width = crop.get_params(image, crop.scale, crop.ratio)
+    def __call__(self, image: Image.Image | JpegHeader) -> Image.Image | torch.Tensor:
+        top, left, height, width = self._params(image)
         box = (top, left, top + height, left + width)
-        interpolation = crop.interpolation
+        interpolation = self.crop.interpolation
         if isinstance(interpolation, (tuple, list)):  # timm's interpolation="random"
             import random
 
             interpolation = random.choice(interpolation)
         torch_filter = _TORCH_FILTERS.get(interpolation)
+        if isinstance(image, JpegHeader):
+            if torch_filter is not None:
+                scale, axes = self._reduction(box)
+                pixels_HWC = _decode_jpeg(image, scale)
+                if pixels_HWC is not None:
+                    return self._finish(_resize(pixels_HWC, axes, self.size_hw, torch_filter))
+            image = image.pil()
         scale = 1
         if not _loaded(image):
-            by_simplejpeg = torch_filter is not None and _simplejpeg_decodes(image)
-            scale = self._dct_scale(box, whole_pixels=by_simplejpeg)
-            pixels_HWC = _decode_jpeg(image, scale) if by_simplejpeg else None
-            if pixels_HWC is not None:
-                return self._finish(_resize(pixels_HWC, box, scale, self.size_hw, torch_filter))
+            scale = self._dct_scale(box)
             if scale > 1:
                 full_w, full_h = image.size
                 drafted = image.draft(None, (full_w // scale, full_h // scale))
@@ -115,24 +142,41 @@ class FastResizedCrop:
             with warnings.catch_warnings():  # read-only view of PIL's bytes; nothing writes to it
                 warnings.simplefilter("ignore", UserWarning)
                 pixels_HWC = torch.from_numpy(np.asarray(image))
-            return self._finish(_resize(pixels_HWC, box, 1, self.size_hw, torch_filter))
+            axes = _axis(top, top + height, 1, self.size_hw[0]), _axis(left, left + width, 1, self.size_hw[1])
+            return self._finish(_resize(pixels_HWC, axes, self.size_hw, torch_filter))
         # A box in the reduced image's coordinates is fractional: PIL resamples from it directly.
         out_h, out_w = self.size_hw
         return image.resize((out_w, out_h), _pil_filter(interpolation),
                             box=(left / scale, top / scale, (left + width) / scale, (top + height) / scale))
 
-    def _dct_scale(self, box: tuple[int, int, int, int], whole_pixels: bool) -> int:
+    def _params(self, image: Image.Image | JpegHeader) -> tuple[int, int, int, int]:
+        """The crop's (top, left, height, width), drawn as its own `get_params` draws them:
+        torchvision's from torch, timm's from `random`."""
+        crop = self.crop
+        width, height = image.size
+        if _is_torchvision_crop(crop):
+            return random_resized_crop_params(height, width, crop.scale, crop.ratio)
+        # get_params reads only the image's size: a header stands in as a strided empty tensor.
+        sized = image if isinstance(image, Image.Image) else torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, height, width)
+        return crop.get_params(sized, crop.scale, crop.ratio)
+
+    def _dct_scale(self, box: tuple[int, int, int, int]) -> int:
         """The largest of libjpeg's reductions 1/8 .. 1/1 that leaves the crop `box` (top, left,
-        bottom, right) at least the output size. `whole_pixels` (torch resamples whole pixels):
-        one whose rounding of the box would move an edge by more than MAX_SHIFT_PX output pixels
-        is halved until it does not (1/1 moves none)."""
+        bottom, right) at least the output size."""
         (out_h, out_w), (top, left, bottom, right) = self.size_hw, box
-        step = ((bottom - top) / out_h, (right - left) / out_w)  # input pixels per output pixel
-        scale = next(s for s in _DCT_SCALES if (step[0] >= s and step[1] >= s) or s == 1)
-        while whole_pixels and scale > 1 and max(
-                abs(round(e / scale) * scale - e) / step[k % 2] for k, e in enumerate(box)) > MAX_SHIFT_PX:
+        return next(s for s in _DCT_SCALES if ((bottom - top) / out_h >= s and (right - left) / out_w >= s) or s == 1)
+
+    def _reduction(self, box: tuple[int, int, int, int]) -> tuple[int, tuple[_Axis, _Axis]]:
+        """The reduction and the two axes' `_Axis` for torch's resample of `box`: the largest
+        reduction that `_dct_scale` allows and `_axis` can place within MAX_SHIFT_PX (halved until
+        it can; 1/1 always can)."""
+        (out_h, out_w), (top, left, bottom, right) = self.size_hw, box
+        scale = self._dct_scale(box)
+        while True:
+            axes = _axis(top, bottom, scale, out_h), _axis(left, right, scale, out_w)
+            if None not in axes:
+                return scale, axes
             scale //= 2
-        return scale
 
     def _finish(self, image_CHW: torch.Tensor) -> Image.Image | torch.Tensor:
         """The resampled crop as the next step takes it: the tensor, or an RGB PIL image."""
@@ -144,28 +188,121 @@ class FastResizedCrop:
         return f"{type(self).__name__}({self.crop!r})"
 
 
-def _resize(pixels_HWC: torch.Tensor, box: tuple[int, int, int, int], scale: int, size_hw: tuple[int, int],
-            mode: str) -> torch.Tensor:
-    """Antialiased uint8 resample of the crop `box` (top, left, bottom, right, full-size pixels)
-    of an (H, W, 3) image reduced by `scale`, to (3, *size_hw), channels-last in memory. The box
-    is rounded to whole pixels of the reduced image (whole already when scale is 1)."""
-    y0, x0, y1, x1 = (round(e / scale) for e in box)
-    y1, x1 = min(max(y0 + 1, y1), pixels_HWC.shape[0]), min(max(x0 + 1, x1), pixels_HWC.shape[1])
-    # A dense channels-last copy of the crop: torch's fastest uint8 path (~1.6x faster than the view).
-    crop_1CHW = pixels_HWC[y0:y1, x0:x1].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    return torch.nn.functional.interpolate(crop_1CHW, size=size_hw, antialias=True, mode=mode)[0]
+class _Axis(NamedTuple):
+    """One axis of torch's resample of a crop: input pixels [first, stop) of the reduced image,
+    `lead` outputs computed ahead of the crop and dropped, `step` input pixels per output."""
+    first: int
+    stop: int
+    lead: int
+    step: float
 
 
-def _simplejpeg_decodes(image: Image.Image) -> bool:
-    """Whether simplejpeg takes this opened image: an RGB or grayscale JPEG (CMYK and other
-    formats go to PIL), with its bytes (`open_image`), where simplejpeg is installed."""
-    return (simplejpeg is not None and getattr(image, "encoded", None) is not None
-            and image.format == "JPEG" and image.mode in ("RGB", "L"))
+def _axis(start: int, end: int, scale: int, out: int) -> _Axis | None:
+    """How torch resamples [start, end) of an axis (full-size pixels, the crop box's) from the
+    image reduced by `scale` to `out` pixels; None where no lead up to _MAX_LEAD places it.
+
+    torch's antialiased resample takes output i from input position (i + 0.5) * step, counted
+    from the start of its input, a whole pixel; the box starts at start / scale, a fraction of a
+    reduced pixel. So the input starts `lead` outputs (step * lead) before the box, with the
+    smallest lead that brings that start within MAX_SHIFT_PX output pixels of a whole pixel,
+    and those outputs are dropped: the kept ones are the box's at the box's scale. At 1/1 the
+    box is whole (lead 0). The input stops at the box's end (rounded), as the exact path's crop
+    does; on the left the kernel reads the pixels before the box that the lead needs, and
+    `first` is negative where they lie before the image's edge (`_resize` repeats the edge)."""
+    step = (end - start) / (scale * out)
+    for lead in range(_MAX_LEAD + 1):
+        origin = start / scale - step * lead
+        first = round(origin)
+        if abs(origin - first) <= MAX_SHIFT_PX * step:
+            return _Axis(first, max(first + 1, round(end / scale)), lead, step)
+    return None
 
 
-def _decode_jpeg(image: Image.Image, scale: int) -> torch.Tensor | None:
-    """An image `_simplejpeg_decodes` decoded at 1/`scale` by simplejpeg, as (H, W, 3) uint8;
-    None for a JPEG simplejpeg rejects (PIL then accepts or refuses it as the exact path does)."""
+def _resize(pixels_HWC: torch.Tensor, axes: tuple[_Axis, _Axis], size_hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """Antialiased uint8 resample (Pillow's kernels, torch's vectorised code) of an (H, W, 3)
+    image along `axes` (y, x; see `_axis`) to (3, *size_hw), channels-last in memory."""
+    (y, x), (out_h, out_w) = axes, size_hw
+    # A dense channels-last copy of the input: torch's fastest uint8 path (~1.6x faster than the view).
+    pixels = pixels_HWC[max(y.first, 0):y.stop, max(x.first, 0):x.stop]
+    if y.first >= 0 and x.first >= 0:
+        crop_1CHW = pixels.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    else:  # the lead starts before the image: its edge repeated (only dropped outputs read much of it)
+        top, left = max(-y.first, 0), max(-x.first, 0)
+        crop_1CHW = torch.empty((1, 3, y.stop - y.first, x.stop - x.first), dtype=torch.uint8,
+                                memory_format=torch.channels_last)
+        crop_HWC = crop_1CHW[0].permute(1, 2, 0)
+        crop_HWC[top:, left:] = pixels
+        crop_HWC[:top, left:] = pixels[:1]
+        crop_HWC[:, :left] = crop_HWC[:, left:left + 1]
+    # The kernels F.interpolate calls, which takes no scale with an output size.
+    resample = torch._C._nn._upsample_bicubic2d_aa if mode == "bicubic" else torch._C._nn._upsample_bilinear2d_aa
+    out = resample(crop_1CHW, [y.lead + out_h, x.lead + out_w], False, 1 / y.step, 1 / x.step)
+    return out[0, :, y.lead:, x.lead:]
+
+
+def random_resized_crop_params(height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params` for a `height` x `width` image: the same box
+    from the same state of torch's generator, which it leaves in the same state.
+
+    torchvision makes seven torch calls per attempt (each ~3 us of dispatch), and a photo whose
+    aspect the ratio range cannot take uses all ten attempts (most web photos at open_clip's
+    scale 0.9-1: 0.2 ms a sample). Each attempt draws an area fraction, then a log aspect ratio,
+    one generator word each, in the same kernel whatever the tensor's length: so the twenty
+    draws are made at once, twice from the same start (once as fractions, once as log ratios),
+    and attempt k takes fraction 2k and log ratio 2k + 1. The aspect is exp of that float32 in
+    torch; math.exp is within 1e-7 of it, so torch computes it only where a 1e-6 change would
+    change the box's rounded sides. The generator is then set to where torchvision's would be:
+    after the attempts made, before the two randint draws of a success, made as it makes them."""
+    generator = torch.random.default_generator
+    start = generator.get_state()
+    log_ratio = _log_ratio(tuple(ratio))
+    fractions = torch.empty(2 * _ATTEMPTS).uniform_(scale[0], scale[1]).tolist()[0::2]
+    generator.set_state(start)
+    log_ratios = torch.empty(2 * _ATTEMPTS).uniform_(log_ratio[0], log_ratio[1]).tolist()[1::2]
+    area = height * width
+    for attempt, (fraction, log_aspect) in enumerate(zip(fractions, log_ratios, strict=True)):
+        target_area = area * fraction
+
+        def sides(aspect: float) -> tuple[int, int]:
+            return int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+
+        aspect = math.exp(log_aspect)
+        w, h = sides(aspect * (1 - 1e-6))
+        if (w, h) != sides(aspect * (1 + 1e-6)):
+            w, h = sides(torch.exp(torch.tensor([log_aspect])).item())
+        if 0 < w <= width and 0 < h <= height:
+            generator.set_state(start)
+            torch.empty(2 * attempt + 2).uniform_()  # the words of the attempts made
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
+    # All twenty words are drawn (the generator is where torchvision's is): its central crop.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@functools.lru_cache(maxsize=16)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """torchvision's log of the ratio range: float32 logs, which uniform_ takes as doubles."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return low, high
+
+
+def _is_torchvision_crop(crop: object) -> bool:
+    """A torchvision RandomResizedCrop drawing with torchvision's own get_params (not one that a
+    subclass or a caller replaced): `random_resized_crop_params` may stand in for it."""
+    return (isinstance(crop, RandomResizedCrop) and "get_params" not in vars(crop)
+            and type(crop).get_params is RandomResizedCrop.get_params)
+
+
+def _decode_jpeg(image: JpegHeader, scale: int) -> torch.Tensor | None:
+    """A JPEG decoded at 1/`scale` by simplejpeg, as (H, W, 3) uint8; None for a JPEG simplejpeg
+    rejects (PIL then accepts or refuses it as the exact path does)."""
     full_w, full_h = image.size
     try:
         # The smallest of libjpeg-turbo's scales whose output is at least this: exactly 1/scale.
@@ -186,12 +323,18 @@ def _pil_filter(interpolation) -> Image.Resampling:
     return Image.Resampling(interpolation)  # timm may hand PIL's own constants
 
 
-def open_image(data: bytes) -> Image.Image:
-    """The image opened (header read), not decoded: what a `FastCompose` takes. Its encoded
-    bytes ride along (`encoded`) for simplejpeg."""
-    image = Image.open(io.BytesIO(data))
-    image.encoded = data
-    return image
+def open_image(data: bytes) -> Image.Image | JpegHeader:
+    """The image opened (header read), not decoded: what a `FastCompose` takes. A JPEG that
+    simplejpeg decodes (RGB or grayscale, where it is installed) as a `JpegHeader`; anything else
+    (other formats, CMYK, a header simplejpeg cannot read) as PIL opens it."""
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None  # PIL then opens it, or refuses it as the exact path does
+        if colorspace in _SIMPLEJPEG_SPACES:
+            return JpegHeader(data, (width, height))
+    return Image.open(io.BytesIO(data))
 
 
 def _is_random_resized_crop(step: object) -> bool:
