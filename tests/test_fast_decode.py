@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import PIL
 import pytest
 import torch
 import webdataset as wds
@@ -165,7 +166,7 @@ def test_fast_decodes_jpegs_at_the_smallest_dct_scale_covering_the_crop(photos, 
             # torch's resample starts at a whole pixel of the reduced image: a reduction is halved
             # until some lead of at most 32 outputs puts a whole pixel within 0.1 output pixel
             # of where the box starts, on both axes.
-            def placed(start: int, extent: int) -> bool:
+            def placed(start: int, extent: int, s: int = s) -> bool:
                 step = extent / (s * 64)
                 return any(abs(o - round(o)) <= 0.1 * step for o in (start / s - step * n for n in range(33)))
             while s > 1 and not (placed(top, crop_h) and placed(left, crop_w)):
@@ -229,7 +230,7 @@ def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
     cmyk = open_image(jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("CMYK")))
     assert isinstance(open_image(photos[0]), JpegHeader) and isinstance(open_image(gray), JpegHeader)
     assert isinstance(cmyk, Image.Image) and cmyk.mode == "CMYK"  # CMYK: PIL's
-    with pytest.raises(Exception):  # a header simplejpeg cannot read: PIL's, which refuses it
+    with pytest.raises(PIL.UnidentifiedImageError):  # a header simplejpeg cannot read: PIL's, which refuses it
         open_image(photos[0][:2] + b"\x00" * 64)
 
 

@@ -259,17 +259,15 @@ def random_resized_crop_params(height: int, width: int, scale, ratio) -> tuple[i
     fractions = torch.empty(2 * _ATTEMPTS).uniform_(scale[0], scale[1]).tolist()[0::2]
     generator.set_state(start)
     log_ratios = torch.empty(2 * _ATTEMPTS).uniform_(log_ratio[0], log_ratio[1]).tolist()[1::2]
+    def sides(target_area: float, aspect: float) -> tuple[int, int]:
+        return int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+
     area = height * width
     for attempt, (fraction, log_aspect) in enumerate(zip(fractions, log_ratios, strict=True)):
-        target_area = area * fraction
-
-        def sides(aspect: float) -> tuple[int, int]:
-            return int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
-
         aspect = math.exp(log_aspect)
-        w, h = sides(aspect * (1 - 1e-6))
-        if (w, h) != sides(aspect * (1 + 1e-6)):
-            w, h = sides(torch.exp(torch.tensor([log_aspect])).item())
+        w, h = sides(area * fraction, aspect * (1 - 1e-6))
+        if (w, h) != sides(area * fraction, aspect * (1 + 1e-6)):
+            w, h = sides(area * fraction, torch.exp(torch.tensor([log_aspect])).item())
         if 0 < w <= width and 0 < h <= height:
             generator.set_state(start)
             torch.empty(2 * attempt + 2).uniform_()  # the words of the attempts made
