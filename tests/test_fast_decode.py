@@ -208,6 +208,21 @@ def test_resample_from_a_reduced_image_places_the_fractional_box(mode):
     assert 10 * np.log10(np.mean(rounded) / np.mean(placed)) >= 4
 
 
+def test_resample_of_a_whole_box_is_torchs_interpolate_of_the_crop():
+    """At 1/1 the box is whole pixels: the resample is F.interpolate of the cropped pixels, bit
+    for bit (what the fast path did before reduced decodes were placed by a lead)."""
+    from clip_train.data.fast import _axis, _resize
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (300, 360, 3), dtype=torch.uint8, generator=generator)
+    for top, left, height, width, out, mode in [(0, 0, 300, 360, 224, "bicubic"), (7, 31, 211, 287, 64, "bicubic"),
+                                                (13, 2, 150, 97, 96, "bilinear"), (40, 50, 33, 45, 64, "bicubic")]:
+        ours = _resize(pixels, (_axis(top, top + height, 1, out), _axis(left, left + width, 1, out)), (out, out), mode)
+        crop = pixels[top:top + height, left:left + width].permute(2, 0, 1)[None]
+        reference = torch.nn.functional.interpolate(crop, size=(out, out), mode=mode, antialias=True)[0]
+        assert torch.equal(ours, reference), (top, left, height, width, out, mode)
+
+
 def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
     """simplejpeg's pixels equal PIL's (full and reduced, RGB and grayscale); a JPEG it rejects
     goes to PIL, which decodes or refuses it as the exact path does."""

@@ -236,7 +236,9 @@ def _resize(pixels_HWC: torch.Tensor, axes: tuple[_Axis, _Axis], size_hw: tuple[
         crop_HWC[:, :left] = crop_HWC[:, left:left + 1]
     # The kernels F.interpolate calls, which takes no scale with an output size.
     resample = torch._C._nn._upsample_bicubic2d_aa if mode == "bicubic" else torch._C._nn._upsample_bilinear2d_aa
-    out = resample(crop_1CHW, [y.lead + out_h, x.lead + out_w], False, 1 / y.step, 1 / x.step)
+    # No scale where the input is the box (1/1): torch then computes it as F.interpolate does.
+    scales = [None if (a.stop - a.first) / n == a.step else 1 / a.step for a, n in ((y, out_h), (x, out_w))]
+    out = resample(crop_1CHW, [y.lead + out_h, x.lead + out_w], False, *scales)
     return out[0, :, y.lead:, x.lead:]
 
 
