@@ -251,22 +251,29 @@ def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
 
 @pytest.mark.parametrize("scale, ratio", [((0.9, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (3 / 4, 4 / 3)),
                                           ((0.5, 0.6), (0.2, 5.0)), ((1.0, 1.0), (1.0, 1.0))])
-def test_crop_params_are_torchvisions_draw_for_draw(scale, ratio):
+@pytest.mark.parametrize("exp_margin", [1e-6, 0.5])
+def test_crop_params_are_torchvisions_draw_for_draw(scale, ratio, exp_margin, monkeypatch):
     """`random_resized_crop_params` against torchvision's get_params: the same box and the same
     generator state after it, over sizes that succeed at the first attempt, after several, or
-    never (the central crop), including tiny and extreme-aspect images."""
+    never (the central crop), including tiny and extreme-aspect images. With a margin of 0.5 every
+    aspect ratio is taken from torch's exp (the path of sides that math.exp leaves in doubt)."""
+    import clip_train.data.fast as fast_module
     from clip_train.data.fast import random_resized_crop_params
 
+    monkeypatch.setattr(fast_module, "_EXP_MARGIN", exp_margin)
+
     rng = np.random.default_rng(0)
-    sizes = [(int(h), int(w)) for h, w in rng.integers(1, 1400, size=(150, 2))] + [(512, 256), (300, 1200), (1, 1)]
+    sizes = [(int(h), int(w)) for h, w in rng.integers(1, 1400, size=(100, 2))] + [(512, 256), (300, 1200), (1, 1)]
     attempts = set()
-    for seed, (height, width) in enumerate(sizes * 4):
+    for seed, (height, width) in enumerate(sizes * 2):
         torch.manual_seed(seed)
         expected = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width), scale, ratio)
         after = torch.random.get_rng_state()
         torch.manual_seed(seed)
         assert random_resized_crop_params(height, width, scale, ratio) == expected, (height, width, seed)
         assert torch.equal(torch.random.get_rng_state(), after), (height, width, seed)
+        if scale != (0.9, 1.0):
+            continue
         for words in range(1, 23):  # how many generator words the draw took
             torch.manual_seed(seed)
             torch.empty(words).uniform_()

@@ -78,6 +78,7 @@ _TORCH_FILTERS = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINE
 # The most a reduced decode may move the crop box's edges, in output pixels (see FastResizedCrop).
 MAX_SHIFT_PX = 0.1
 _MAX_LEAD = 32  # the most outputs computed ahead of a crop and dropped, to place it (see _axis)
+_EXP_MARGIN = 1e-6  # math.exp vs torch's float32 exp: within 1.2e-7 (random_resized_crop_params)
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before its central crop
 # JPEG colour spaces simplejpeg decodes to RGB as PIL does (PIL's modes RGB and L); CMYK/YCCK: PIL.
 _SIMPLEJPEG_SPACES = ("YCbCr", "RGB", "Gray")
@@ -267,8 +268,8 @@ def random_resized_crop_params(height: int, width: int, scale, ratio) -> tuple[i
     area = height * width
     for attempt, (fraction, log_aspect) in enumerate(zip(fractions, log_ratios, strict=True)):
         aspect = math.exp(log_aspect)
-        w, h = sides(area * fraction, aspect * (1 - 1e-6))
-        if (w, h) != sides(area * fraction, aspect * (1 + 1e-6)):
+        w, h = sides(area * fraction, aspect * (1 - _EXP_MARGIN))
+        if (w, h) != sides(area * fraction, aspect * (1 + _EXP_MARGIN)):
             w, h = sides(area * fraction, torch.exp(torch.tensor([log_aspect])).item())
         if 0 < w <= width and 0 < h <= height:
             generator.set_state(start)
