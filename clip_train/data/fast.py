@@ -97,14 +97,15 @@ class JpegHeader:
 
 
 class FastCompose(Compose):
-    """A train transform whose first pixel step is a `FastResizedCrop`: it takes an opened, not
-    yet decoded PIL image (`open_image`), which is how `_Decoder` knows to skip the decode."""
+    """A train transform whose first pixel step is a `FastResizedCrop`: it takes an image opened,
+    not decoded, by `open_image`, which is how `_Decoder` knows to skip the decode."""
 
 
 class FastResizedCrop:
     """Stands in for a RandomResizedCrop (torchvision's or timm's RandomResizedCropAndInterpolation)
     at the head of a train transform: the same parameters from the same random numbers, pixels
-    from a reduced decode (see the module docstring). Takes an opened PIL image; returns an RGB PIL image, or uint8 CHW with `tensor_out`."""
+    from a reduced decode (see the module docstring). Takes what `open_image` returns (a
+    `JpegHeader` or an opened PIL image); returns an RGB PIL image, or uint8 CHW with `tensor_out`."""
 
     def __init__(self, crop: Callable, tensor_out: bool = False):
         self.crop = crop
