@@ -30,6 +30,10 @@ deviation and 95% t-interval, and how many seeds clip_train matched or beat open
     python benchmarks/quality.py --seeds 0,1,2,3,4 --trainers clip_train --override data.decode=exact
                                                         # clip_train alone, another option: pair
                                                         # its rows with a default run's by seed
+    python benchmarks/quality.py --seeds 0,1,2,3,4 --trainers clip_train --train-jpeg 300
+                                                        # training digits as 300-px JPEGs: the
+                                                        # fast path's 1/8 DCT decode (pair with
+                                                        # the same plus data.decode=exact)
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which trainers run (default both); e.g. clip_train alone to compare its options by seed",
     )
     parser.add_argument(
+        "--train-jpeg", type=int, default=None, metavar="PX",
+        help="train on the digits re-encoded as PX-pixel JPEGs (quality 90; evaluation unchanged)",
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -116,6 +124,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra clip_train config override (repeatable), e.g. optim.no_decay=open_clip",
     )
     return parser.parse_args(argv)
+
+
+def jpeg_train_shards(data: dict[str, str], size: int) -> str:
+    """The training shards again beside them, each digit upscaled (bicubic) to `size` px and saved
+    as a JPEG (quality 90, `.jpg` for `.png`), the rest as it is: large enough that the fast
+    decode path reduces it (1/8 at 300 px for the 32-px demo model). Returns their pattern."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    source = Path(data["train"]).parent
+    target = source.with_name(f"train-jpeg-{size}")
+    target.mkdir(exist_ok=True)
+    (target / "sizes.json").write_bytes((source / "sizes.json").read_bytes())
+    for path in sorted(source.glob("train-*.tar")):
+        with tarfile.open(path) as shard_in, tarfile.open(target / path.name, "w") as shard_out:
+            for member in shard_in.getmembers():
+                payload, name = shard_in.extractfile(member).read(), member.name
+                if name.endswith(".png"):
+                    image = Image.open(io.BytesIO(payload)).convert("RGB")
+                    buffer = io.BytesIO()
+                    image.resize((size, size), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+                    payload, name = buffer.getvalue(), name[:-4] + ".jpg"
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(payload), member.mtime
+                shard_out.addfile(info, io.BytesIO(payload))
+    return data["train"].replace(str(source), str(target))
 
 
 def write_novel_templates(data: dict[str, str]) -> str:
@@ -208,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = h.make_digits_shards(Path(tmp) / "digits")
         novel = write_novel_templates(data)
+        train = data["train"] if args.train_jpeg is None else jpeg_train_shards(data, args.train_jpeg)
         for i, seed in enumerate(seeds):
             for trainer in trainers if i % 2 == 0 else trainers[::-1]:
                 spec = h.RunSpec(
                     trainer=trainer,
                     model=args.model,
-                    train_data=data["train"],
+                    train_data=train,
                     nproc=nproc,
                     global_batch=args.global_batch,
                     steps=steps,
@@ -260,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Digits demo shards, model {args.model}, {steps} steps, global batch {args.global_batch} on "
         f"{nproc} process(es), lr {args.lr} (warmup {warmup}, cosine), weight decay {args.weight_decay}, "
         f"{'bf16 autocast' if cuda else 'fp32'}"
+        + (f"; trained on the digits as {args.train_jpeg}-px JPEGs" if args.train_jpeg else "")
         + (f"; clip_train overrides: {' '.join(args.override)}" if args.override else "")
     )
     elapsed = time.perf_counter() - started
