@@ -75,7 +75,7 @@ _DCT_SCALES = (8, 4, 2, 1)  # libjpeg's scaled IDCT: 1/8 .. 1/1
 # Steps that hand a uint8 CHW tensor on unchanged (what a split transform ends with).
 _TENSOR_PASSTHROUGH = ("MaybeConvertMode", "MaybePILToTensor")
 _TORCH_FILTERS = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
-# The most a reduced decode may move the crop box's edges, in output pixels (see FastResizedCrop).
+# The most torch's resample from a reduced decode may move the crop box, in output pixels (_axis).
 MAX_SHIFT_PX = 0.1
 _MAX_LEAD = 32  # the most outputs computed ahead of a crop and dropped, to place it (see _axis)
 _EXP_MARGIN = 1e-6  # math.exp vs torch's float32 exp: within 1.2e-7 (random_resized_crop_params)
@@ -144,8 +144,7 @@ class FastResizedCrop:
             with warnings.catch_warnings():  # read-only view of PIL's bytes; nothing writes to it
                 warnings.simplefilter("ignore", UserWarning)
                 pixels_HWC = torch.from_numpy(np.asarray(image))
-            axes = _axis(top, top + height, 1, self.size_hw[0]), _axis(left, left + width, 1, self.size_hw[1])
-            return self._finish(_resize(pixels_HWC, axes, self.size_hw, torch_filter))
+            return self._finish(_resize(pixels_HWC, self._axes(box, 1), self.size_hw, torch_filter))
         # A box in the reduced image's coordinates is fractional: PIL resamples from it directly.
         out_h, out_w = self.size_hw
         return image.resize((out_w, out_h), _pil_filter(interpolation),
@@ -172,13 +171,15 @@ class FastResizedCrop:
         """The reduction and the two axes' `_Axis` for torch's resample of `box`: the largest
         reduction that `_dct_scale` allows and `_axis` can place within MAX_SHIFT_PX (halved until
         it can; 1/1 always can)."""
-        (out_h, out_w), (top, left, bottom, right) = self.size_hw, box
         scale = self._dct_scale(box)
-        while True:
-            axes = _axis(top, bottom, scale, out_h), _axis(left, right, scale, out_w)
-            if None not in axes:
-                return scale, axes
+        while None in (axes := self._axes(box, scale)):
             scale //= 2
+        return scale, axes
+
+    def _axes(self, box: tuple[int, int, int, int], scale: int) -> tuple[_Axis | None, _Axis | None]:
+        """`_axis` of `box` (top, left, bottom, right) for y and x at reduction `scale`."""
+        (out_h, out_w), (top, left, bottom, right) = self.size_hw, box
+        return _axis(top, bottom, scale, out_h), _axis(left, right, scale, out_w)
 
     def _finish(self, image_CHW: torch.Tensor) -> Image.Image | torch.Tensor:
         """The resampled crop as the next step takes it: the tensor, or an RGB PIL image."""
@@ -263,6 +264,7 @@ def random_resized_crop_params(height: int, width: int, scale, ratio) -> tuple[i
     fractions = torch.empty(2 * _ATTEMPTS).uniform_(scale[0], scale[1]).tolist()[0::2]
     generator.set_state(start)
     log_ratios = torch.empty(2 * _ATTEMPTS).uniform_(log_ratio[0], log_ratio[1]).tolist()[1::2]
+
     def sides(target_area: float, aspect: float) -> tuple[int, int]:
         return int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
 
