@@ -209,18 +209,24 @@ def test_resample_from_a_reduced_image_places_the_fractional_box(mode):
 
 
 def test_resample_of_a_whole_box_is_torchs_interpolate_of_the_crop():
-    """At 1/1 the box is whole pixels: the resample is F.interpolate of the cropped pixels, bit
-    for bit (what the fast path did before reduced decodes were placed by a lead)."""
+    """At 1/1 the box is whole pixels: the resample is F.interpolate of the cropped pixels, height
+    then width, bit for bit; within rounding of F.interpolate in one call (width first); and
+    channels-last whatever the crop (a full-width crop's view once came back NCHW)."""
     from clip_train.data.fast import _axis, _resize
 
+    interpolate = torch.nn.functional.interpolate
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (300, 360, 3), dtype=torch.uint8, generator=generator)
     for top, left, height, width, out, mode in [(0, 0, 300, 360, 224, "bicubic"), (7, 31, 211, 287, 64, "bicubic"),
-                                                (13, 2, 150, 97, 96, "bilinear"), (40, 50, 33, 45, 64, "bicubic")]:
+                                                (13, 2, 150, 97, 96, "bilinear"), (40, 50, 33, 45, 64, "bicubic"),
+                                                (20, 0, 250, 360, 224, "bicubic"), (0, 100, 64, 200, 64, "bilinear")]:
         ours = _resize(pixels, (_axis(top, top + height, 1, out), _axis(left, left + width, 1, out)), (out, out), mode)
         crop = pixels[top:top + height, left:left + width].permute(2, 0, 1)[None]
-        reference = torch.nn.functional.interpolate(crop, size=(out, out), mode=mode, antialias=True)[0]
-        assert torch.equal(ours, reference), (top, left, height, width, out, mode)
+        rows = interpolate(crop, size=(out, width), mode=mode, antialias=True)
+        assert torch.equal(ours, interpolate(rows, size=(out, out), mode=mode, antialias=True)[0]), (top, left, mode)
+        one_call = interpolate(crop, size=(out, out), mode=mode, antialias=True)[0]
+        assert (ours.int() - one_call.int()).abs().float().mean() < 0.5 and psnr_db(ours, one_call) > 40
+        assert ours.shape == (3, out, out) and ours.permute(1, 2, 0).is_contiguous(), (top, left, ours.stride())
 
 
 def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):

@@ -223,26 +223,30 @@ def _axis(start: int, end: int, scale: int, out: int) -> _Axis | None:
 
 def _resize(pixels_HWC: torch.Tensor, axes: tuple[_Axis, _Axis], size_hw: tuple[int, int], mode: str) -> torch.Tensor:
     """Antialiased uint8 resample (Pillow's kernels, torch's vectorised code) of an (H, W, 3)
-    image along `axes` (y, x; see `_axis`) to (3, *size_hw), channels-last in memory."""
+    image along `axes` (y, x; see `_axis`) to (3, *size_hw), channels-last in memory.
+
+    Two passes, vertical first: the crop's rows at the image's full width (a contiguous band of
+    the decoded image, read in place), then the crop's columns of that (a small copy). One call
+    of torch's kernel would resample horizontally first, from a copy of the crop: ~6% slower per
+    sample (the copy, and the horizontal pass over every input row). Either order rounds to uint8
+    in between, as Pillow's resample does: the orders differ by rounding (55 dB)."""
     (y, x), (out_h, out_w) = axes, size_hw
-    # A dense channels-last copy of the input: torch's fastest uint8 path (~1.6x faster than the view).
-    pixels = pixels_HWC[max(y.first, 0):y.stop, max(x.first, 0):x.stop]
-    if y.first >= 0 and x.first >= 0:
-        crop_1CHW = pixels.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    else:  # the lead starts before the image: its edge repeated (only dropped outputs read much of it)
-        top, left = max(-y.first, 0), max(-x.first, 0)
-        crop_1CHW = torch.empty((1, 3, y.stop - y.first, x.stop - x.first), dtype=torch.uint8,
-                                memory_format=torch.channels_last)
-        crop_HWC = crop_1CHW[0].permute(1, 2, 0)
-        crop_HWC[top:, left:] = pixels
-        crop_HWC[:top, left:] = pixels[:1]
-        crop_HWC[:, :left] = crop_HWC[:, left:left + 1]
     # The kernels F.interpolate calls, which takes no scale with an output size.
     resample = torch._C._nn._upsample_bicubic2d_aa if mode == "bicubic" else torch._C._nn._upsample_bilinear2d_aa
     # No scale where the input is the box (1/1): torch then computes it as F.interpolate does.
-    scales = [None if (a.stop - a.first) / n == a.step else 1 / a.step for a, n in ((y, out_h), (x, out_w))]
-    out = resample(crop_1CHW, [y.lead + out_h, x.lead + out_w], False, *scales)
-    return out[0, :, y.lead:, x.lead:]
+    scale_y, scale_x = [None if (a.stop - a.first) / n == a.step else 1 / a.step for a, n in ((y, out_h), (x, out_w))]
+    band_HWC = pixels_HWC[max(y.first, 0):y.stop]
+    if y.first < 0:  # the lead starts above the image: its top row repeated (only dropped outputs read much of it)
+        band_HWC = torch.cat([band_HWC[:1].expand(-y.first, -1, -1), band_HWC])
+    # (1, 3, H, W) with (H, W, 3) memory, torch's fast uint8 path, when the view's strides are the
+    # canonical channels-last ones: `permute(2, 0, 1)[None]` gives batch stride 3, which torch reads
+    # as NCHW (a 1.5-2x slower kernel, and an NCHW result).
+    band = band_HWC.contiguous()[None].permute(0, 3, 1, 2)
+    rows = resample(band, [y.lead + out_h, band.shape[3]], False, scale_y, None)[:, :, y.lead:, max(x.first, 0):x.stop]
+    if x.first < 0:  # as above, on the left
+        rows = torch.cat([rows[..., :1].expand(-1, -1, -1, -x.first), rows], dim=3)
+    out = resample(rows.contiguous(memory_format=torch.channels_last), [out_h, x.lead + out_w], False, None, scale_x)
+    return out[0, :, :, x.lead:]
 
 
 def random_resized_crop_params(height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
