@@ -20,8 +20,8 @@ replaces how its RandomResizedCrop gets its pixels:
    resample can place, below); other formats (PNG, WebP, ...) are decoded fully;
 4. one antialiased resample, with the crop's own filter, from the crop box to the output size:
    torch's vectorised uint8 resample (Pillow's kernels, ~3x faster than Pillow's own here) for
-   bicubic and bilinear; PIL's from the fractional box in the reduced image's coordinates for
-   other filters.
+   bicubic and bilinear, vertical pass first (`_resize`); PIL's from the fractional box in the
+   reduced image's coordinates for other filters.
 
 The steps after the crop run unchanged on its output-size image, which is why every augmentation
 of open_clip's and timm's train transforms is reproduced with the same parameters. What the fast
@@ -37,7 +37,8 @@ PIL may tolerate) take PIL's route, which then decides as the exact path does.
 
 Differences to `exact`, all in pixel values or below a pixel of the reduced image, never in the
 augmentation: the DCT-scaled decode low-passes before the resample (the exact path's antialias
-filter does the same job); at the crop's leading edges the resample may read real pixels just
+filter does the same job); the two passes run in the other order than Pillow's (both round to
+uint8 in between); at the crop's leading edges the resample may read real pixels just
 outside it where the exact path repeats the crop's edge; and from a reduced decode the box
 starts at a fraction of a reduced pixel, which torch's resample cannot take: it computes a few
 outputs ahead of the box and drops them, so that its start falls on a whole pixel to within
