@@ -261,7 +261,7 @@ class DataConfig:
     decode: str = "fast"
     # fast: draw the augmentation's crop first, decode a JPEG at the smallest DCT scale (1/2,
     # 1/4, 1/8) that still covers the crop at the model's resolution, resample once: the same
-    # crop and augmentation parameters as exact, pixels within 30+ dB PSNR of it, 1.6-3.5x less
+    # crop and augmentation parameters as exact, pixels within 30+ dB PSNR of it, 2.0-3.9x less
     # CPU per sample (docs/data.md). exact: full decode + the model's transform, bit for bit as
     # open_clip. A transform fast cannot reproduce (no RandomResizedCrop, ...) decodes exactly
     # (logged).
