@@ -228,7 +228,7 @@ def _resize(pixels_HWC: torch.Tensor, axes: tuple[_Axis, _Axis], size_hw: tuple[
 
     Two passes, vertical first: the crop's rows at the image's full width (a contiguous band of
     the decoded image, read in place), then the crop's columns of that (a small copy). One call
-    of torch's kernel would resample horizontally first, from a copy of the crop: ~6% slower per
+    of torch's kernel would resample horizontally first, from a copy of the crop: ~5% slower per
     sample (the copy, and the horizontal pass over every input row). Either order rounds to uint8
     in between, as Pillow's resample does: the orders differ by rounding (55 dB)."""
     (y, x), (out_h, out_w) = axes, size_hw
