@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -86,6 +87,19 @@ def rng_isolated(device: torch.device) -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+def start_autograd_threads() -> None:
+    """Start torch's autograd device threads now, at set-up, before a DataLoader forks workers.
+
+    torch starts them at a process's first backward (one per GPU; under FSDP2 on CPUs too), and
+    each, as it starts, registers with the interpreter under a lock. A fork at that instant leaves
+    the lock held in the child for ever on Python <= 3.11.7 (CPython gh-112275, fixed in 3.11.8):
+    the loader's worker never starts and the run hangs (seen: the evaluation right after a
+    resumed run's first step). Started here, before the first fork, no fork can meet them
+    starting; where no device has been set up yet (FSDP2 on CPUs), they never start."""
+    torch.zeros((), requires_grad=True).backward()
+    time.sleep(0.01)  # the GIL released: they finish registering (microseconds each)
 
 
 def configure_matmul_precision(tf32: bool, cuda: bool) -> None:

@@ -222,8 +222,19 @@ def test_fsdp2_full_state_dict_force_image_size_with_evaluation(tmp_path, color_
     assert alone.keys() == {k for k in results if k != "step"}
     for key, value in alone.items():  # 1 process on the checkpoint = 2 FSDP2 processes in training
         assert value == pytest.approx(results[key], rel=1e-5, abs=1e-6), (key, value, results[key])
-    proc = launch_fsdp2(["-m", "clip_train", "train", *common, "train.steps=5", f"train.output_dir={out}",
+    # The resumed run's first backward is followed at once by the final evaluation's loader fork.
+    # torch's autograd device threads (started by a first backward under FSDP2 and on GPUs) must
+    # all exist before the first fork: a fork as one starts hung here on Python 3.11.7 (see
+    # runtime.start_autograd_threads).
+    forks = tmp_path / "forks"
+    forks.mkdir()
+    proc = launch_fsdp2([FAULTS, "--fork-log", str(forks), *common, "train.steps=5", f"train.output_dir={out}",
                          "train.resume=latest"], options=full)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpoint} at step 4" in proc.stderr
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 5
+    for rank in (0, 1):
+        lines = (forks / f"forks-rank{rank}.txt").read_text().split()
+        counts = {what: [int(n) for w, n in zip(lines[::2], lines[1::2], strict=True) if w == what] for what in ("fork", "exit")}
+        assert len(counts["fork"]) >= 2 and len(counts["exit"]) == 1, lines  # the train and eval loaders
+        assert set(counts["fork"]) == set(counts["exit"]), f"rank {rank}: autograd threads at forks, exit: {lines}"

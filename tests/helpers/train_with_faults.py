@@ -15,11 +15,15 @@ test_recovery.py:
   --kill-in-upload 2  the main process is SIGKILLed once the first file of its 2nd checkpoint
                       upload (train.remote_dir) is in the bucket: a half-uploaded checkpoint
   --upload-delay-s 1  every file upload to train.remote_dir first sleeps this long (a slow network)
+  --fork-log DIR    not a fault: before every fork (a loader's workers) and at exit, each process
+                    appends how many of torch's autograd device threads it has ("fork N", "exit N")
+                    to DIR/forks-rank<R>.txt
 (the last two through upload_with_faults.py, the upload process)
 Steps are the run's step numbers (a resumed run's first step is the checkpoint's step + 1).
 Everything after the options goes to `clip-train train`."""
 
 import argparse
+import atexit
 import ctypes
 import os
 import signal
@@ -45,6 +49,7 @@ parser.add_argument("--first-attempt-only", action="store_true")
 parser.add_argument("--kill-in-upload", type=int, default=0)
 parser.add_argument("--upload-delay-s", type=float, default=0.0)
 parser.add_argument("--attn-dropout", type=float, default=0.0)
+parser.add_argument("--fork-log", default="")
 args, rest = parser.parse_known_args()
 nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
 rank = int(os.environ.get("RANK", "0"))
@@ -109,4 +114,25 @@ if args.kill_in_upload or args.upload_delay_s:
     counter = tempfile.mkstemp(prefix="uploads-")[1]
     remote.UPLOAD_COMMAND = [sys.executable, "tests/helpers/upload_with_faults.py", "--counter", counter,
                              "--kill-in-upload", str(args.kill_in_upload), "--upload-delay-s", str(args.upload_delay_s)]
+
+
+def autograd_threads() -> int:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sum(name.startswith("pt_autograd") for name in names)
+
+
+def log_threads(what: str) -> None:
+    with open(os.path.join(args.fork_log, f"forks-rank{rank}.txt"), "a") as f:
+        f.write(f"{what} {autograd_threads()}\n")
+
+
+if args.fork_log:
+    os.register_at_fork(before=lambda: log_threads("fork"))
+    atexit.register(log_threads, "exit")
 sys.exit(main(["train", *rest]))
