@@ -234,7 +234,8 @@ def test_fsdp2_full_state_dict_force_image_size_with_evaluation(tmp_path, color_
     assert f"resumed from {checkpoint} at step 4" in proc.stderr
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 5
     for rank in (0, 1):
-        lines = (forks / f"forks-rank{rank}.txt").read_text().split()
-        counts = {what: [int(n) for w, n in zip(lines[::2], lines[1::2], strict=True) if w == what] for what in ("fork", "exit")}
-        assert len(counts["fork"]) >= 2 and len(counts["exit"]) == 1, lines  # the train and eval loaders
-        assert set(counts["fork"]) == set(counts["exit"]), f"rank {rank}: autograd threads at forks, exit: {lines}"
+        records = [line.split() for line in (forks / f"forks-rank{rank}.txt").read_text().splitlines()]
+        at_forks = [int(n) for what, n in records if what == "fork"]
+        at_exit = [int(n) for what, n in records if what == "exit"]
+        assert len(at_forks) >= 2 and len(at_exit) == 1, records  # the train and the evaluation loaders
+        assert set(at_forks) == set(at_exit), f"rank {rank}: autograd threads at each fork, then at exit: {records}"

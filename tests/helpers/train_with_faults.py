@@ -15,10 +15,10 @@ test_recovery.py:
   --kill-in-upload 2  the main process is SIGKILLed once the first file of its 2nd checkpoint
                       upload (train.remote_dir) is in the bucket: a half-uploaded checkpoint
   --upload-delay-s 1  every file upload to train.remote_dir first sleeps this long (a slow network)
+(the last two through upload_with_faults.py, the upload process)
   --fork-log DIR    not a fault: before every fork (a loader's workers) and at exit, each process
                     appends how many of torch's autograd device threads it has ("fork N", "exit N")
                     to DIR/forks-rank<R>.txt
-(the last two through upload_with_faults.py, the upload process)
 Steps are the run's step numbers (a resumed run's first step is the checkpoint's step + 1).
 Everything after the options goes to `clip-train train`."""
 
