@@ -14,9 +14,11 @@ only every `train.stop_check_every_steps` steps and at log and checkpoint steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -89,17 +91,47 @@ def rng_isolated(device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+def fork_can_hang(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """CPython releases whose forked child takes the interpreter's thread-list lock before
+    resetting it (gh-112275): a lock another thread held at the instant of the fork is then held
+    for ever in the child. Fixed in 3.11.8; 3.12 has the right order; 3.10 counts as affected."""
+    return version[:2] <= (3, 10) or (version[:2] == (3, 11) and version < (3, 11, 8))
+
+
 def start_autograd_threads() -> None:
     """Start torch's autograd device threads now, at set-up, before a DataLoader forks workers.
 
     torch starts them at a process's first backward (one per GPU; under FSDP2 on CPUs too), and
-    each, as it starts, registers with the interpreter under a lock. A fork at that instant leaves
-    the lock held in the child for ever on Python <= 3.11.7 (CPython gh-112275, fixed in 3.11.8):
-    the loader's worker never starts and the run hangs (seen: the evaluation right after a
+    each, as it starts, registers with the interpreter under the thread-list lock (`fork_can_hang`):
+    a loader's worker forked at that instant never started (seen: the evaluation right after a
     resumed run's first step). Started here, before the first fork, no fork can meet them
     starting; where no device has been set up yet (FSDP2 on CPUs), they never start."""
     torch.zeros((), requires_grad=True).backward()
     time.sleep(0.01)  # the GIL released: they finish registering (microseconds each)
+
+
+@functools.cache  # once per process: every fork runs each registered hook
+def settle_before_forks() -> bool:
+    """Where `fork_can_hang`, let torch's communication threads out of the interpreter before
+    every fork of this process (a DataLoader's workers); True where the hook was registered.
+
+    gloo's threads (NCCL's watchdog on GPUs) destroy finished collectives, and with them tensors
+    that Python had let go (FSDP2's all-gather buffers): each such free enters the interpreter
+    from that thread, registering under the thread-list lock (90 times in a 3-step FSDP2 run on
+    2 CPU processes, seen with gdb). A loader forked right after a collective could catch one
+    there; its worker then never started (seen twice in the test suite on Python 3.11.7). Before
+    a fork the hook releases the GIL for 5 ms, so that pending frees finish, then waits until the
+    lock is free (`sys._current_frames` takes it); a thread can then only catch the fork by
+    starting a new free in the microseconds before it, and none is pending."""
+    if not fork_can_hang():
+        return False
+    os.register_at_fork(before=_settle)
+    return True
+
+
+def _settle() -> None:
+    time.sleep(0.005)
+    sys._current_frames()
 
 
 def configure_matmul_precision(tf32: bool, cuda: bool) -> None:

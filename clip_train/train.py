@@ -60,6 +60,7 @@ from clip_train.runtime import (
     own_cuda_device,
     resolve_precision,
     rng_isolated,
+    settle_before_forks,
     start_autograd_threads,
     sync_buffers_every_forward,
 )
@@ -172,7 +173,10 @@ def run_training(cfg: Config, stop: StopRequest, watchdog: Watchdog, restarts: R
     sharded = enable_fsdp2(accelerator)  # an FSDP2 launch: Accelerate's FSDP2 path, on CPUs too
     if sharded:
         check_supported(cfg)
-    start_autograd_threads()  # before any loader forks (a fork as they start can hang the child)
+    # Python <= 3.11.7 can hang a forked loader worker (runtime.fork_can_hang): no thread may be
+    # entering the interpreter as a loader forks.
+    start_autograd_threads()
+    settle_before_forks()
     # Does every process see one output_dir, and which checkpoint do they all resume from
     # (decided once, verified by every process, the same everywhere)?
     disks = probe_disks(accelerator, cfg.train.output_dir)

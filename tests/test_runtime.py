@@ -4,6 +4,7 @@ and a real 2-process run instrumented to show no host sync in a step that does n
 
 import json
 import math
+import os
 import types
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +22,12 @@ from clip_train.runtime import (
     buffers_change_in_training,
     configure_matmul_precision,
     cuda_bf16_native,
+    fork_can_hang,
     freeze_unused_logit_bias,
     optimizer_step,
     own_cuda_device,
     resolve_precision,
+    settle_before_forks,
 )
 
 
@@ -196,3 +199,21 @@ def test_two_process_hot_loop_has_no_host_sync_and_trains_a_biased_model(tmp_pat
         a, b = torch.tensor(chunked[n]), torch.tensor(unchunked[n])
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6, n
     assert math.isfinite(sum(sum(v) for v in chunked.values()))
+
+
+def test_forks_wait_for_threads_in_the_interpreter_where_a_fork_can_hang(monkeypatch):
+    """CPython gh-112275 (a forked child waits for ever on a lock another thread held): the
+    releases it affects, and the hook that lets threads out before a fork, registered once."""
+    assert fork_can_hang((3, 11, 7)) and fork_can_hang((3, 11, 0)) and fork_can_hang((3, 10, 13))
+    assert not fork_can_hang((3, 11, 8)) and not fork_can_hang((3, 12, 0)) and not fork_can_hang((3, 13, 1))
+    hooks = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **kwargs: hooks.append(kwargs))
+    settle_before_forks.cache_clear()
+    try:
+        first, again = settle_before_forks(), settle_before_forks()
+    finally:
+        settle_before_forks.cache_clear()
+    assert first == again == fork_can_hang()
+    assert [sorted(h) for h in hooks] == ([["before"]] if fork_can_hang() else [])
+    if hooks:
+        hooks[0]["before"]()  # runs: sleeps, then takes and releases the thread-list lock

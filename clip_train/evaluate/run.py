@@ -460,6 +460,9 @@ def run_eval(cfg: Config, checkpoint: str | None, output: str | None) -> dict[st
     from clip_train.checkpoint import load_model_weights
     from clip_train.hub import LOCAL_DIR_PREFIX, is_model_folder
     from clip_train.model import build_model
+    from clip_train.runtime import settle_before_forks
+
+    settle_before_forks()  # its loaders fork after collectives (runtime.fork_can_hang)
 
     if not (cfg.eval.zeroshot_sets() or cfg.eval.retrieval_sets() or cfg.eval.validation_sets()):
         raise ConfigError(
