@@ -118,11 +118,12 @@ def settle_before_forks() -> bool:
     gloo's threads (likely NCCL's watchdog on GPUs too; not checked) destroy finished
     collectives, and with them tensors that Python had let go (FSDP2's all-gather buffers): each
     such free enters the interpreter from that thread, registering under the thread-list lock
-    (90 times in a 3-step FSDP2 run on 2 CPU processes, seen with gdb). A loader forked right after a collective could catch one
-    there; its worker then never started (seen once in the test suite on Python 3.11.7). Before
-    a fork the hook releases the GIL for 5 ms, so that pending frees finish, then waits until the
-    lock is free (`sys._current_frames` takes it); a thread can then only catch the fork by
-    starting a new free in the microseconds before it, and none is pending."""
+    (90 times in a 3-step FSDP2 run on 2 CPU processes, seen with gdb). A loader forked right
+    after a collective could catch one there; its worker then never started (seen once in the
+    test suite on Python 3.11.7). Before a fork the hook releases the GIL for 5 ms, so that
+    pending frees finish, then waits until the lock is free (`sys._current_frames` takes it); a
+    thread can then only catch the fork by starting a new free in the microseconds before it,
+    and none is pending."""
     if not fork_can_hang():
         return False
     os.register_at_fork(before=_settle)
