@@ -174,6 +174,27 @@ def test_resume_with_in_process_loading_and_counts_carried(tmp_path):
     assert resumed.bad_counts()["missing_caption"] == full.bad_counts()["missing_caption"] == 2
 
 
+def test_the_state_a_batch_carries_is_not_changed_by_later_batches(tmp_path):
+    """In-process loading hands the worker's state to the loader without a pickle in between:
+    what a batch carried (and a checkpoint would write) must stay what it was while the worker
+    goes on -- new buffer positions, RNG, counts, a new epoch and pass."""
+    train = write_id_shards(tmp_path, [7, 6])
+    with tarfile.open(tmp_path / "t-000000.tar", "a") as tar:  # a bad sample: the counts change
+        info = tarfile.TarInfo("nocap.png")
+        data = png_bytes(999)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    stream = loader(train, batch=4, workers=0, shuffle_buffer=5, resampled=False, train_num_samples=12)
+    carried = []
+    for _ in zip(range(8), stream, strict=False):
+        state = stream._workers[0]
+        carried.append((state, json.dumps(state, sort_keys=True)))
+    assert len({text for _, text in carried}) == len(carried)  # every batch moved the state on
+    assert carried[-1][0]["epoch"] > 0 and carried[-1][0]["bad"]["missing_caption"] > 0
+    for state, text in carried:
+        assert json.dumps(state, sort_keys=True) == text
+
+
 @pytest.mark.parametrize("resampled", [True, False])
 def test_resume_over_bad_data_repeats_neither_batches_nor_counts(tmp_path, resampled):
     write_id_shards(tmp_path, [8, 6, 7], sizes_file=False)

@@ -462,7 +462,7 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
                          bad_shards=dict(counts.bad_shards))
             batch_images, batch_texts = stack_images(images), spec.tokenizer(captions)
             images, captions = [], []
-            yield batch_images, batch_texts, {"worker": worker, "state": _copy_state(state)}
+            yield batch_images, batch_texts, {"worker": worker, "state": _batch_state(state)}
             if quota is not None and state["batches_in_epoch"] >= quota:
                 break  # epoch done; what is left of this pass waits for the next epoch
         else:
@@ -487,6 +487,15 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
 
 def _copy_state(state: dict) -> dict:
     return json.loads(json.dumps(state))
+
+
+def _batch_state(state: dict) -> dict:
+    """The worker's state as a batch carries it: a new dict of the values just set. Every
+    container in it was built for this batch (`_Pass.position`, the counts' dict copies) and the
+    worker replaces rather than changes them, so later batches cannot reach this one's. A deep
+    copy (JSON, `_copy_state`) of 1,000 buffered positions and the RNG's 625 words took 0.39 ms
+    a batch (~0.5% of a 64-sample batch's decode and augmentation)."""
+    return dict(state)
 
 
 class _Stream(IterableDataset):
