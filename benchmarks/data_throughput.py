@@ -34,11 +34,14 @@ marker (webdataset's `eof_value=None`); the output says so.
 
     python benchmarks/data_throughput.py            # 3 repeats, 16 timed batches per row
     python benchmarks/data_throughput.py --quick    # 1 repeat, 4 timed batches, few images
+    python benchmarks/data_throughput.py --breakdown --families datacomp-512 --sizes 224
+        # + where a fast loader's sample goes: decode, resample, the rest (ms per sample)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -232,6 +235,71 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     return rates
 
 
+STAGES = ("loader", "decode cached", "decode cached, no resample")
+
+
+@contextlib.contextmanager
+def _stage(stage: str, images: list[bytes], size: int):
+    """`clip_train.data.fast` with its JPEG decode served from a cache of the decoded images
+    ("decode cached"), and its resample skipped too ("decode cached, no resample"): a loader's
+    sample cost less what each stage takes away. The cache is filled here, before the loader's
+    workers fork from this process, so they inherit it (and the patched module)."""
+    from clip_train.data import fast
+
+    if stage == "loader":
+        yield
+        return
+    decode, resize = fast._decode_jpeg, fast._resize
+    cache, owner = {}, {}
+    for data in images:
+        header = fast.open_image(data)
+        if not isinstance(header, fast.JpegHeader):
+            continue  # PIL's route (not a JPEG simplejpeg decodes) is not served from memory
+        key = (len(data), data[-64:])
+        assert owner.setdefault(key, data) == data, "two images share a cache key"
+        for scale in (1, 2, 4, 8):
+            cache[(*key, scale)] = decode(header, scale)
+
+    def cached(image, scale):
+        return cache[(len(image.encoded), image.encoded[-64:], scale)]
+
+    import torch
+
+    resampled = torch.zeros(size, size, 3, dtype=torch.uint8).permute(2, 0, 1)  # channels-last, as _resize's
+    fast._decode_jpeg = cached
+    if stage == "decode cached, no resample":
+        fast._resize = lambda *args: resampled
+    try:
+        yield
+    finally:
+        fast._decode_jpeg, fast._resize = decode, resize
+
+
+def breakdown(pattern: str, images: list[bytes], num_samples: int, size: int, transform, tokenizer,
+              workers: int, warmup: int, timed_batches: int, repeats: int) -> dict:
+    """Milliseconds per sample of `data.decode=fast`, through the loader with its workers: as it
+    is, with the decode served from memory, and with the resample skipped as well (median of
+    `repeats` runs, the stages alternating). Their differences are what the JPEG decode and the
+    resample cost inside the loader (caches shared with everything else a worker does), the
+    last is everything else: tar reading, shuffle buffer, crop draw, seeding, tokenising, the
+    batch in shared memory, the transfer. Decode + resample is robust; their split is not quite:
+    an image served from memory is not in the CPU's caches as a fresh decode is, which moves
+    some of the decode's cost to the resample. Runs are 4x `timed_batches` long: a worker's CPU
+    time comes in 10 ms clock ticks."""
+    timed_batches *= 4
+    runs = {stage: [] for stage in STAGES}
+    for _ in range(repeats):
+        for stage in STAGES:
+            with _stage(stage, images, size):
+                rate = measure("clip_train fast", pattern, num_samples, transform, tokenizer, workers,
+                               warmup, timed_batches)["worker_cpu"]
+            runs[stage].append(1000.0 / rate)
+    ms = {stage: statistics.median(values) for stage, values in runs.items()}
+    return {"sample_ms": ms["loader"], "decode_ms": ms["loader"] - ms["decode cached"],
+            "resample_ms": ms["decode cached"] - ms["decode cached, no resample"],
+            "rest_ms": ms["decode cached, no resample"], "runs": runs}
+
+
 def batch_psnr(pattern: str, num_samples: int, transform, tokenizer, batches: int) -> dict:
     """PSNR (dB) of data.decode=fast vs exact batches (the same samples, crops and draws), through
     the loader in this process: over all `batches` batches, and the worst single image."""
@@ -267,6 +335,8 @@ def main() -> None:
     parser.add_argument("--unique", type=int, default=None, help="distinct images per family (default 48)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "data_throughput.json"))
     parser.add_argument("--psnr-only", action="store_true", help="only the fast-vs-exact PSNR rows")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also: where a fast loader's sample time goes (decode, resample, the rest)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     n, warmup = (512, 2) if args.quick else (2048, 3)
@@ -280,7 +350,7 @@ def main() -> None:
     patch_open_clip_for_webdataset_1_0_2()
     load_start = os.getloadavg()
     started = time.perf_counter()
-    rows = []
+    rows, parts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         patterns, images, raw = {}, {}, {}
         for family in args.families:
@@ -303,6 +373,12 @@ def main() -> None:
                         runs[pipeline].append(measure(pipeline, patterns[family], n, transform, tokenizer,
                                                       args.workers, warmup, timed_batches))
                     limits.append(decode_limit(images[family], transform, 0.5 if args.quick else 2.0))
+                if args.breakdown:
+                    parts.append({"family": family, "image_size": size,
+                                  "limit_decode_ms": 1000.0 / statistics.median(
+                                      max(x["reduced"], x["simplejpeg"]) for x in limits),
+                                  **breakdown(patterns[family], images[family], n, size, transform, tokenizer,
+                                              args.workers, warmup, timed_batches, repeats)})
                 print(f"{family} {size} px: " + ", ".join(
                     f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
                 pil_limit = statistics.median(x["reduced"] for x in limits)
@@ -347,10 +423,21 @@ def main() -> None:
                   f"{r['vs_open_clip']:.2f}x | {r['of_decode_limit']:.2f} | {r['of_pil_decode_limit']:.2f} | "
                   f"{r['samples_per_total_cpu_s']:,.0f} | "
                   f"{r['wall_samples_per_s_per_worker']:,.0f} |")
+    if parts:
+        print("\nWhere a fast loader's sample goes (ms per sample, worker CPU, medians): the loader as it is; "
+              "the decode and the resample are what serving the decoded image from memory, then skipping "
+              "the resample too, take away; the rest is everything else. Best fraction of the limit: the "
+              "limit's decode over the loader's decode + resample, as if the rest cost nothing.\n")
+        print("| family | px | loader sample | decode in the loader | limit's decode | resample | rest | "
+              "best fraction of the limit |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in parts:
+            print(f"| {r['family']} | {r['image_size']} | {r['sample_ms']:.3f} | {r['decode_ms']:.3f} | "
+                  f"{r['limit_decode_ms']:.3f} | {r['resample_ms']:.3f} | {r['rest_ms']:.3f} | "
+                  f"{r['limit_decode_ms'] / (r['decode_ms'] + r['resample_ms']):.2f} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "samples": n, "unique_images": unique, "batch": BATCH,
-                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows,
+                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows, "breakdown": parts,
                                "repeats": repeats, "timed_batches": timed_batches,
                                "cpu_count": os.cpu_count(), "load_average_start": load_start,
                                "load_average_end": os.getloadavg()}, indent=1))

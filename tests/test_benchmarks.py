@@ -210,3 +210,33 @@ def test_quality_pairs_seeds_and_checks_the_harder_prompts(tmp_path):
     spec = h.RunSpec("clip_train", "m.json", "d.tar", nproc=1, global_batch=8, steps=2,
                      overrides=("optim.no_decay=open_clip",))
     assert h.launch_command(spec, tmp_path)[-1] == "optim.no_decay=open_clip"
+
+
+def test_data_throughput_breakdown_stages_serve_the_same_pixels_and_skip_the_resample(tmp_path):
+    """The breakdown's stages measure what they say: with the decode served from memory the loader
+    gives the batches it gives as it is (the same pixels, only not decoded again), and with the
+    resample skipped too, the same captions with blank images; the module is restored after."""
+    import open_clip
+    import torch
+
+    import data_throughput as dt
+    from clip_train.config import DataConfig
+    from clip_train.data import build_train_loader, fast
+
+    images = dt.family_images("datacomp-512", 6)
+    pattern = dt.write_shards(tmp_path, images, 24, per_shard=12)
+
+    def first_batch(stage):
+        with dt._stage(stage, images, 48):
+            cfg = DataConfig(train=pattern, train_num_samples=24, workers=0, resampled=True, shuffle_buffer=8)
+            loader = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True),
+                                        tokenizer=lambda texts: torch.tensor([[len(t)] for t in texts]),
+                                        local_batch_size=8, seed=0, rank=0, world_size=1)
+            return next(iter(loader))
+
+    decode, resize = fast._decode_jpeg, fast._resize
+    (real, texts), (cached, cached_texts), (blank, blank_texts) = (first_batch(s) for s in dt.STAGES)
+    assert torch.equal(real, cached) and real.float().std() > 0
+    assert torch.equal(texts, cached_texts) and torch.equal(texts, blank_texts)
+    assert blank.shape == real.shape and not blank.any()
+    assert (fast._decode_jpeg, fast._resize) == (decode, resize)
