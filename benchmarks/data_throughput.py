@@ -373,17 +373,15 @@ def main() -> None:
                         runs[pipeline].append(measure(pipeline, patterns[family], n, transform, tokenizer,
                                                       args.workers, warmup, timed_batches))
                     limits.append(decode_limit(images[family], transform, 0.5 if args.quick else 2.0))
-                if args.breakdown:
-                    parts.append({"family": family, "image_size": size,
-                                  "limit_decode_ms": 1000.0 / statistics.median(
-                                      max(x["reduced"], x["simplejpeg"]) for x in limits),
-                                  **breakdown(patterns[family], images[family], n, size, transform, tokenizer,
-                                              args.workers, warmup, timed_batches, repeats)})
                 print(f"{family} {size} px: " + ", ".join(
                     f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
                 pil_limit = statistics.median(x["reduced"] for x in limits)
                 limit = max(pil_limit, statistics.median(x["simplejpeg"] for x in limits))
                 full = statistics.median(x["full"] for x in limits)
+                if args.breakdown:
+                    parts.append({"family": family, "image_size": size, "limit_decode_ms": 1000.0 / limit,
+                                  **breakdown(patterns[family], images[family], n, size, transform, tokenizer,
+                                              args.workers, warmup, timed_batches, repeats)})
                 theirs = statistics.median(r["worker_cpu"] for r in runs["open_clip"])
                 for pipeline, results in runs.items():
                     rate = statistics.median(r["worker_cpu"] for r in results)
@@ -437,7 +435,8 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "samples": n, "unique_images": unique, "batch": BATCH,
-                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows, "breakdown": parts,
+                               "model": MODEL, "raw_tar_samples_per_s": raw, "rows": rows, "psnr": psnr_rows,
+                               "breakdown": parts,
                                "repeats": repeats, "timed_batches": timed_batches,
                                "cpu_count": os.cpu_count(), "load_average_start": load_start,
                                "load_average_end": os.getloadavg()}, indent=1))

@@ -216,10 +216,10 @@ def test_data_throughput_breakdown_stages_serve_the_same_pixels_and_skip_the_res
     """The breakdown's stages measure what they say: with the decode served from memory the loader
     gives the batches it gives as it is (the same pixels, only not decoded again), and with the
     resample skipped too, the same captions with blank images; the module is restored after."""
+    import data_throughput as dt
     import open_clip
     import torch
 
-    import data_throughput as dt
     from clip_train.config import DataConfig
     from clip_train.data import build_train_loader, fast
 
