@@ -37,9 +37,9 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_fsdp2_gradient_cache_is_exact_and_state_round_trips():
+def test_fsdp2_gradient_cache_is_exact_and_state_round_trips(tmp_path):
     """One launch (tests/helpers/fsdp_check.py): its assertions run inside; the numbers are re-checked here."""
-    res = result_of(launch_fsdp2(["tests/helpers/fsdp_check.py"]))
+    res = result_of(launch_fsdp2(["tests/helpers/fsdp_check.py", str(tmp_path / "ckpt")]))
     for label in ("nochunk", "chunk1_every", "chunk3_last", "chunk3_last_ring"):  # vs float64 one-process ClipLoss
         assert res[label]["max_rel_err"] < 1e-5 and res[label]["logit_scale_rel_err"] < 1e-5, res[label]
     assert res["fsdp_vs_ddp_5_steps"]["max_rel_err"] < 1e-5, res["fsdp_vs_ddp_5_steps"]

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import open_clip
 import torch
@@ -144,8 +143,8 @@ def main() -> None:
     eval_copy.release()
 
     # Sharded checkpoint round trip through accelerate (torch.distributed.checkpoint).
-    ckpt = [tempfile.mkdtemp(prefix="fsdp_ckpt_")] if acc.is_main_process else [None]
-    torch.distributed.broadcast_object_list(ckpt, src=0)
+    # The test's own tmp_path (argv[1]): a directory of ours would outlive every run (40 MB each).
+    ckpt = [sys.argv[1]]
     acc.save_state(ckpt[0])
     saved_opt = copy.deepcopy(opt.state_dict())
     train_step(model, images[mine], texts[mine], loss_fn=contrastive_loss, chunk_size=2, accelerator=acc)
