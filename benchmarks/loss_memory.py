@@ -52,13 +52,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from clip_train.loss import (
-        _clip_ring,
-        _clip_tiled,
-        _siglip_ring,
-        _siglip_tiled,
-        contrastive_loss,
-    )
+    from clip_train.loss import contrastive_loss
+    from clip_train.loss.contrastive import _clip_ring, _clip_tiled, _siglip_ring, _siglip_tiled
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -17,18 +17,16 @@ from aligned_pairs import aligned_pairs, siglip_bias
 from conftest import launch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-import clip_train.loss as loss_module
+import clip_train.loss.gather as gather_module
 from clip_train.config import ConfigError, LossConfig
 from clip_train.loss import (
-    _clip_plain,
-    _clip_tiled,
-    _device_backend,
     all_gather_with_grad,
     contrastive_loss,
     representation_health,
     resolve_impl,
-    uses_flat_collectives,
 )
+from clip_train.loss.contrastive import _clip_plain, _clip_tiled
+from clip_train.loss.gather import _device_backend, uses_flat_collectives
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float32 implementation vs float64 reference, relative to the largest entry
@@ -194,9 +192,9 @@ def test_flat_collectives_follow_the_backend(monkeypatch):
     for backend, device, flat in [("nccl", "cuda", True), ("gloo", "cpu", False),
                                   ("cpu:gloo,cuda:nccl", "cuda", True),
                                   ("cpu:gloo,cuda:nccl", "cpu", False)]:  # fmt: skip
-        monkeypatch.setattr(loss_module.dist, "get_backend", lambda backend=backend: backend)
+        monkeypatch.setattr(gather_module.dist, "get_backend", lambda backend=backend: backend)
         assert uses_flat_collectives(torch.device(device)) is flat, (backend, device)
-    monkeypatch.setattr(loss_module, "FLAT_COLLECTIVE_BACKENDS", {"nccl", "gloo"})
+    monkeypatch.setattr(gather_module, "FLAT_COLLECTIVE_BACKENDS", {"nccl", "gloo"})
     assert uses_flat_collectives(torch.device("cpu"))  # how the 2-process test selects it
 
 

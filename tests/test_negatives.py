@@ -23,13 +23,9 @@ from toy import ToyClip, toy_batch
 
 from clip_train.config import ConfigError, LossConfig, load_config
 from clip_train.grad_cache import chunk_slices, train_step
-from clip_train.loss import (
-    _clip_plain,
-    _clip_reweighted,
-    _TiledLogSumExp,
-    contrastive_loss,
-    infonce_mi_lower_bound,
-)
+from clip_train.loss import contrastive_loss, infonce_mi_lower_bound
+from clip_train.loss.contrastive import _clip_plain, _clip_reweighted
+from clip_train.loss.tiled import _TiledLogSumExp
 from clip_train.model import DualEncoder, resolve_model_name
 from clip_train.negatives import (
     KeyQueue,

@@ -18,9 +18,9 @@ from conftest import REPO, launch_result
 from test_loss import TOL, precision_tol
 from thread_ring import run_ring
 
-import clip_train.loss as loss_module
 from clip_train.config import ConfigError, LossConfig
-from clip_train.loss import _clamped_scale, _clip_ring, _siglip_ring, contrastive_loss
+from clip_train.loss import contrastive_loss
+from clip_train.loss.contrastive import _clamped_scale, _clip_ring, _clip_tiled, _siglip_ring
 
 SCALE_100 = float(torch.tensor(math.log(100.0) - 1e-3))  # just below the clamp (float32 value)
 
@@ -123,7 +123,7 @@ def test_ring_equals_tiled_in_threads():
         if impl == "ring":  # from the raw embeddings
             loss = _clip_ring(img[rows], txt[rows], s, tile, ring)
         else:
-            loss = loss_module._clip_tiled(img_GD[rows], txt_GD[rows], img_GD, txt_GD, s, tile, rank * local)
+            loss = _clip_tiled(img_GD[rows], txt_GD[rows], img_GD, txt_GD, s, tile, rank * local)
         return loss.detach(), torch.autograd.grad(loss, s)
 
     ring = run_ring(world, lambda r, ring: one(r, ring, "ring"))

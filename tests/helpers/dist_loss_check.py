@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from aligned_pairs import aligned_pairs  # tests/helpers, this script's folder
 
-import clip_train.loss as loss_module
+import clip_train.loss.contrastive as loss_module  # where contrastive_loss looks up the gather
+import clip_train.loss.gather as gather_module
 from clip_train.loss import contrastive_loss
 
 GLOBAL_BATCH = 12
@@ -120,12 +121,12 @@ def counting_collectives(counts: Counter):
 @contextlib.contextmanager
 def flat_collectives_on_gloo():
     """Select the gather's NCCL branch on this gloo group."""
-    saved = loss_module.FLAT_COLLECTIVE_BACKENDS
-    loss_module.FLAT_COLLECTIVE_BACKENDS = {*saved, "gloo"}
+    saved = gather_module.FLAT_COLLECTIVE_BACKENDS
+    gather_module.FLAT_COLLECTIVE_BACKENDS = {*saved, "gloo"}
     try:
         yield
     finally:
-        loss_module.FLAT_COLLECTIVE_BACKENDS = saved
+        gather_module.FLAT_COLLECTIVE_BACKENDS = saved
 
 
 def aligned_inputs(w_img, w_txt):

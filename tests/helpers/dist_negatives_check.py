@@ -120,13 +120,16 @@ class SingleProcessGroup:
     """Runs the reference with torch.distributed looking uninitialised (world size 1)."""
 
     def __enter__(self):
-        import clip_train.loss as loss_module
+        # Both modules that ask: the loss (contrastive_loss) and the gather (the queue's enqueue).
+        from clip_train.loss import contrastive, gather
 
-        self.module, self.saved = loss_module, (loss_module._world_size, loss_module._rank)
-        loss_module._world_size, loss_module._rank = (lambda: 1), (lambda: 0)
+        self.saved = [(module, module._world_size, module._rank) for module in (contrastive, gather)]
+        for module, _, _ in self.saved:
+            module._world_size, module._rank = (lambda: 1), (lambda: 0)
 
     def __exit__(self, *exc):
-        self.module._world_size, self.module._rank = self.saved
+        for module, world_size, rank in self.saved:
+            module._world_size, module._rank = world_size, rank
 
 
 def state_tensors(model, queue, encoder):
