@@ -260,6 +260,34 @@ def test_fresh_stream_seed_is_new_per_step_and_resumes_exactly(even_shards):
     assert take(loader(even_shards, state=again.state_dict()), 2)[0] == full[4:]
 
 
+def test_workers_reuse_a_batch_buffer_only_once_the_training_process_let_go_of_it(even_shards):
+    """Each worker writes batches into a few shared-memory buffers it reuses (`BatchSlots`), never
+    into one whose batch -- or a view of it -- the training process still holds: batches dropped
+    at once come in reused buffers; batches kept, whole or as views, keep their values; every
+    batch equals the one made in the training process itself (workers=0, no shared memory)."""
+    n, per_worker = 24, 2 + 2  # the loader's default prefetch_factor, + 2
+
+    def run(keep):
+        L = loader(even_shards, batch=4, workers=1, resampled=True)
+        kept, copies = [], []
+        for images, _ in islice(L, n):
+            copies.append(images.clone())
+            kept.append(keep(images))
+        return L, kept, copies
+
+    expected = [images for images, _ in islice(loader(even_shards, batch=4, workers=0, resampled=True), n)]
+    dropped, _, copies = run(lambda images: None)
+    assert all(torch.equal(a, b) for a, b in zip(copies, expected, strict=True))
+    assert dropped.slot_batches > n // 2  # only 4 buffers: most batches came in reused ones
+    held, kept, _ = run(lambda images: images)
+    assert held.slot_batches == per_worker  # the first four, never released
+    assert all(torch.equal(a, b) for a, b in zip(kept, expected, strict=True))
+    # Views only, every one kept (the batches themselves dropped): their buffers stay taken.
+    window, kept, _ = run(lambda images: images[:, :, 1:])
+    assert window.slot_batches == per_worker
+    assert all(torch.equal(a, b[:, :, 1:]) for a, b in zip(kept, expected, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad data
 

@@ -229,9 +229,11 @@ def test_resample_of_a_whole_box_is_torchs_interpolate_of_the_crop():
         assert ours.shape == (3, out, out) and ours.permute(1, 2, 0).is_contiguous(), (top, left, ours.stride())
 
 
-def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
-    """simplejpeg's pixels equal PIL's (full and reduced, RGB and grayscale); a JPEG it rejects
-    goes to PIL, which decodes or refuses it as the exact path does."""
+def test_simplejpeg_decodes_close_to_pil_and_leaves_damaged_jpegs_to_pil(photos):
+    """simplejpeg's pixels, with libjpeg-turbo's fast IDCT and chroma upsampling, are within
+    35 dB PSNR of PIL's accurate decode (full and reduced, RGB and grayscale; measured 38-40 dB
+    at full size, 48 at 1/2, equal at 1/4 on web-size photos); a JPEG it rejects goes to PIL,
+    which decodes or refuses it as the exact path does."""
     from clip_train.data.fast import JpegHeader, _decode_jpeg
 
     gray = jpeg_bytes(Image.open(io.BytesIO(photos[0])).convert("L"))
@@ -241,7 +243,8 @@ def test_simplejpeg_decodes_as_pil_and_leaves_damaged_jpegs_to_pil(photos):
             reference = Image.open(io.BytesIO(data))
             if scale > 1:
                 reference.draft(None, (reference.size[0] // scale, reference.size[1] // scale))
-            assert torch.equal(ours, torch.from_numpy(np.asarray(reference.convert("RGB")))), scale
+            reference = torch.from_numpy(np.asarray(reference.convert("RGB")))
+            assert ours.shape == reference.shape and psnr_db(ours, reference) >= 35, (scale, psnr_db(ours, reference))
     # Bytes after the end-of-image marker: libjpeg warns (simplejpeg refuses), PIL decodes it.
     trailing = photos[0][:-2] + b"\x00" * 16 + photos[0][-2:]
     assert _decode_jpeg(open_image(trailing), 1) is None

@@ -57,21 +57,25 @@ class _Decoder:
             return None
 
 
-def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+def stack_images(images: list[torch.Tensor], storage: torch.UntypedStorage | None = None) -> torch.Tensor:
     """The batch of a worker's images. Images in channels-last layout (the fast path's torch
     resample) are stacked as (B, H, W, C), a plain copy, and returned as a (B, C, H, W) view of
     it: a stack into (B, C, H, W) would transpose every image in the worker, ~6x slower. The
     training process makes the batch contiguous on its device (`batch_to_device`).
 
     In a DataLoader worker the batch is stacked straight into shared memory, as PyTorch's
-    default_collate does: the batch then crosses to the training process without another copy."""
+    default_collate does: the batch then crosses to the training process without another copy.
+    `storage`: that shared memory, when the worker reuses a buffer (`slots.BatchSlots`); it must
+    hold the batch exactly."""
     first = images[0]
     channels_last = first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1
     parts = [image.permute(1, 2, 0) for image in images] if channels_last else images
     out = None
-    if get_worker_info() is not None:
-        shape = (len(parts), *parts[0].shape)
-        out = first.new(first.untyped_storage()._new_shared(math.prod(shape) * first.element_size())).view(shape)
+    shape = (len(parts), *parts[0].shape)
+    if storage is None and get_worker_info() is not None:
+        storage = first.untyped_storage()._new_shared(math.prod(shape) * first.element_size())
+    if storage is not None:
+        out = first.new(storage).view(shape)
     batch = torch.stack(parts, out=out)
     return batch.permute(0, 3, 1, 2) if channels_last else batch
 

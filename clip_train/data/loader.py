@@ -21,6 +21,7 @@ from clip_train.config import ConfigError, DataConfig, check_shards
 from clip_train.data.captions import CaptionSpec
 from clip_train.data.decode import ImageNormalization, split_normalize
 from clip_train.data.fast import fast_transform
+from clip_train.data.slots import BatchSlots
 from clip_train.data.sources import _shard_weights, _split_sources, dataset_size, shard_sizes
 from clip_train.data.stream import (
     BAD_KINDS,
@@ -137,6 +138,7 @@ class TrainLoader:
         self._pin_memory = pin_memory
         self._prefetch_factor = prefetch_factor
         self._batches = 0
+        self.slot_batches = 0  # batches that came in a worker's reusable buffer (`slots.BatchSlots`)
         self._workers: list[dict] = [_fresh_worker_state() for _ in range(spec.num_workers)]
         if state is not None:
             self._load(state)
@@ -199,8 +201,12 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         W = self._spec.num_workers
-        spec = replace(self._spec, resume=tuple(_copy_state(self._workers)), worker_offset=self._batches % W)
         workers = self._loader_workers
+        # Batches a worker may have made and not yet had back: those queued (prefetch_factor),
+        # the one the training step holds and the one it is about to take.
+        slots = BatchSlots(W, self._prefetch_factor + 2) if workers > 0 else None
+        spec = replace(self._spec, resume=tuple(_copy_state(self._workers)), worker_offset=self._batches % W,
+                       slots=slots)
         # A DataLoader draws its workers' base seed when it starts; from the global CPU generator
         # that draw would shift the training's dropout masks (a resumed run starts its loader one
         # draw later than the uninterrupted run did). Its own generator, seeded from where the
@@ -215,6 +221,9 @@ class TrainLoader:
             if meta["worker"] != expected:
                 raise RuntimeError(f"data loader returned worker {meta['worker']}'s batch, expected {expected}")
             self._workers[expected] = meta["state"]
+            if meta.get("slot") is not None:
+                slots.received(images, meta["slot"])
+                self.slot_batches += 1
             self._batches += 1
             yield images, texts
 

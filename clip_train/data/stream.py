@@ -26,6 +26,7 @@ from webdataset.utils import make_seed
 from clip_train.config import ClipTrainError
 from clip_train.data.captions import CaptionSpec, _key_hash, draw_caption
 from clip_train.data.decode import _Decoder, stack_images
+from clip_train.data.slots import BatchSlots
 from clip_train.data.sources import epoch_pieces, epoch_quota, epoch_shard_order
 from clip_train.data.tar import expand_shards
 
@@ -80,6 +81,8 @@ class _StreamSpec:
     # written before sample-level splitting existed.
     split: str = "shards"
     shard_sizes: tuple[int, ...] | None = None  # aligned with `urls`
+    # Reusable shared-memory batch buffers (DataLoader workers only; see `slots.BatchSlots`).
+    slots: BatchSlots | None = None
 
 
 def _fresh_worker_state() -> dict:
@@ -460,9 +463,14 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
             state["batches_in_epoch"] += 1
             state.update(shuffle.position(), good=counts.good, bad=dict(counts.bad), read=counts.read,
                          bad_shards=dict(counts.bad_shards))
-            batch_images, batch_texts = stack_images(images), spec.tokenizer(captions)
+            slot = None
+            if spec.slots is not None:
+                slot = spec.slots.take(worker, len(images) * images[0].numel() * images[0].element_size())
+            batch_images = stack_images(images, None if slot is None else slot[1])
+            batch_texts = spec.tokenizer(captions)
             images, captions = [], []
-            yield batch_images, batch_texts, {"worker": worker, "state": _batch_state(state)}
+            yield batch_images, batch_texts, {"worker": worker, "state": _batch_state(state),
+                                              "slot": None if slot is None else slot[0]}
             if quota is not None and state["batches_in_epoch"] >= quota:
                 break  # epoch done; what is left of this pass waits for the next epoch
         else:
