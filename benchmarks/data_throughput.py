@@ -7,8 +7,10 @@ and 64 px, from local shards of three families, each loader built the way train.
 - the decode-only limit: in this process, one thread, each image opened, its crop drawn as the
   transform draws it and decoded at the DCT scale that crop needs, nothing else: what any loader
   must spend. Two decoders are timed, PIL (`draft`: libjpeg-turbo's scaled IDCT) and simplejpeg
-  (the same libjpeg-turbo, straight into a numpy array); the limit is the faster of the two, and
-  the fraction of PIL's is printed too (the issue's baseline).
+  (the same libjpeg-turbo, straight into a numpy array, with the fast IDCT and chroma upsampling
+  that the fast loader uses: `clip_train.data.fast.SIMPLEJPEG_OPTIONS`); the limit is the faster
+  of the two, and the fraction of PIL's is printed too (the issue's baseline). simplejpeg's
+  accurate decode is timed as well, for comparison with earlier reports.
 
 Shard families (JPEG quality 90, photo-like content: 1/f texture, sharp-edged objects, grain;
 see benchmarks/photos.py; `--unique` distinct images cycled through the shards):
@@ -193,11 +195,14 @@ def _endless(dataloader):
 def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     """Images per CPU-second (this process, one thread) of the decode alone -- open, then decode
     at the DCT scale that the sample's crop (drawn beforehand, untimed, as the transform draws
-    it) needs, by PIL ("reduced") and by simplejpeg ("simplejpeg") -- and of PIL's full decode
-    to RGB ("full")."""
+    it) needs, by PIL ("reduced"), by simplejpeg as the fast loader calls it ("simplejpeg") and
+    with libjpeg-turbo's accurate IDCT and upsampling ("simplejpeg accurate") -- and of PIL's
+    full decode to RGB ("full")."""
     import simplejpeg
     import torch
     from PIL import Image
+
+    from clip_train.data.fast import SIMPLEJPEG_OPTIONS
 
     crop = next(t for t in transform.transforms if hasattr(t, "get_params") and hasattr(t, "scale"))
     out_h, out_w = crop.size
@@ -214,11 +219,14 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
             image.draft(None, (image.size[0] // scales[k], image.size[1] // scales[k]))
         image.load()
 
-    def simple(k: int) -> None:
+    def simple(k: int, **options) -> None:
         image = Image.open(io.BytesIO(images[k]))  # the header: what the fast path reads first
         w, h = image.size
         simplejpeg.decode_jpeg(images[k], colorspace="RGB", min_height=-(-h // scales[k]),
-                               min_width=-(-w // scales[k]))
+                               min_width=-(-w // scales[k]), **options)
+
+    def simple_fast(k: int) -> None:
+        simple(k, **SIMPLEJPEG_OPTIONS)
 
     def full(k: int) -> None:
         image = Image.open(io.BytesIO(images[k]))
@@ -226,7 +234,8 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
         image.convert("RGB")
 
     rates = {}
-    for name, fn in (("reduced", reduced), ("simplejpeg", simple), ("full", full)):
+    for name, fn in (("reduced", reduced), ("simplejpeg", simple_fast), ("simplejpeg accurate", simple),
+                     ("full", full)):
         n, start = 0, time.process_time()
         while time.process_time() - start < min_seconds or n < len(images):
             fn(n % len(images))
@@ -376,8 +385,9 @@ def main() -> None:
                 print(f"{family} {size} px: " + ", ".join(
                     f"{p} {statistics.median(r['worker_cpu'] for r in runs[p]):,.0f}" for p in PIPELINES), flush=True)
                 pil_limit = statistics.median(x["reduced"] for x in limits)
-                limit = max(pil_limit, statistics.median(x["simplejpeg"] for x in limits))
                 full = statistics.median(x["full"] for x in limits)
+                accurate = statistics.median(x["simplejpeg accurate"] for x in limits)
+                limit = max(pil_limit, accurate, statistics.median(x["simplejpeg"] for x in limits))
                 if args.breakdown:
                     parts.append({"family": family, "image_size": size, "limit_decode_ms": 1000.0 / limit,
                                   **breakdown(patterns[family], images[family], n, size, transform, tokenizer,
@@ -394,7 +404,8 @@ def main() -> None:
                 rows.append({"family": family, "image_size": size, "pipeline": "decode-only limit",
                              "samples_per_worker_cpu_s": limit, "vs_open_clip": limit / theirs,
                              "of_decode_limit": 1.0, "of_pil_decode_limit": limit / pil_limit,
-                             "pil_decode_per_cpu_s": pil_limit, "full_decode_per_cpu_s": full, "runs": limits})
+                             "pil_decode_per_cpu_s": pil_limit, "full_decode_per_cpu_s": full,
+                             "accurate_simplejpeg_per_cpu_s": accurate, "runs": limits})
     print(f"\nData-loader throughput: {n} samples per family ({unique} distinct JPEGs, quality 90), "
           f"{MODEL} transform and tokenizer, batch {BATCH}, {args.workers} worker(s), {repeats} repeat(s) x "
           f"{timed_batches} timed batches, medians; {os.cpu_count()} CPU cores, "
@@ -413,7 +424,8 @@ def main() -> None:
     for r in rows:
         if r["pipeline"] == "decode-only limit":
             print(f"| {r['family']} | {r['image_size']} | decode-only limit (PIL: "
-                  f"{r['pil_decode_per_cpu_s']:,.0f}; PIL full decode: {r['full_decode_per_cpu_s']:,.0f}) | "
+                  f"{r['pil_decode_per_cpu_s']:,.0f}; simplejpeg, accurate IDCT: "
+                  f"{r['accurate_simplejpeg_per_cpu_s']:,.0f}; PIL full decode: {r['full_decode_per_cpu_s']:,.0f}) | "
                   f"{r['samples_per_worker_cpu_s']:,.0f} | {r['vs_open_clip']:.2f}x | 1.00 | "
                   f"{r['of_pil_decode_limit']:.2f} | | |")
         else:
