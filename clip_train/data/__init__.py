@@ -41,7 +41,9 @@ from its position, so it is reproduced too.
 Images travel as uint8 (B, 3, H, W): the train transform is split before its ToTensor +
 Normalize (`split_normalize`), and the training process normalises each batch on its device
 (`batch_to_device`, `normalize_images`) after a pinned, non-blocking copy, 4x less data through
-the workers' shared memory and the host-to-device copy than float32. A transform that needs float
+the workers' shared memory and the host-to-device copy than float32. A worker reuses its batch
+buffers in shared memory once the training process has dropped every tensor on them
+(`slots.BatchSlots`). A transform that needs float
 images after Normalize (timm's random erasing) keeps the float32 path.
 
 Bad data never stops the run by itself: unreachable shards, broken tars, missing or empty or
