@@ -38,9 +38,9 @@ class BatchSlots:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _storages={})
 
-    def take(self, worker: int, nbytes: int) -> tuple[int, torch.UntypedStorage] | None:
-        """In a worker: (slot, its shared storage of `nbytes`), marked busy; None when the
-        training process holds every slot of this worker."""
+    def take(self, worker: int, nbytes: int) -> tuple[int | None, torch.UntypedStorage | None]:
+        """In a worker: (slot, its shared storage of `nbytes`), marked busy; (None, None) when
+        the training process holds every slot of this worker."""
         busy = self.busy.numpy()
         for slot in range(worker * self.per_worker, (worker + 1) * self.per_worker):
             if busy[slot]:
@@ -50,7 +50,7 @@ class BatchSlots:
                 storage = self._storages[slot] = torch.UntypedStorage._new_shared(nbytes)
             busy[slot] = 1
             return slot, storage
-        return None
+        return None, None
 
     def received(self, images: torch.Tensor, slot: int) -> None:
         """In the training process: free `slot` once nothing references `images`' memory (torch

@@ -463,14 +463,12 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
             state["batches_in_epoch"] += 1
             state.update(shuffle.position(), good=counts.good, bad=dict(counts.bad), read=counts.read,
                          bad_shards=dict(counts.bad_shards))
-            slot = None
+            slot, storage = None, None
             if spec.slots is not None:
-                slot = spec.slots.take(worker, len(images) * images[0].numel() * images[0].element_size())
-            batch_images = stack_images(images, None if slot is None else slot[1])
-            batch_texts = spec.tokenizer(captions)
+                slot, storage = spec.slots.take(worker, len(images) * images[0].numel() * images[0].element_size())
+            batch_images, batch_texts = stack_images(images, storage), spec.tokenizer(captions)
             images, captions = [], []
-            yield batch_images, batch_texts, {"worker": worker, "state": _batch_state(state),
-                                              "slot": None if slot is None else slot[0]}
+            yield batch_images, batch_texts, {"worker": worker, "state": _batch_state(state), "slot": slot}
             if quota is not None and state["batches_in_epoch"] >= quota:
                 break  # epoch done; what is left of this pass waits for the next epoch
         else:
