@@ -45,8 +45,8 @@ starts at a fraction of a reduced pixel, which torch's resample cannot take: it 
 outputs ahead of the box and drops them, so that its start falls on a whole pixel to within
 MAX_SHIFT_PX (0.1) output pixels (`_axis`); a reduction no lead can place is halved (1/1 needs
 none); the fast IDCT and chroma upsampling. In the benchmark's photo-like batches fast is within
-42-45 dB PSNR of exact (worst image 34 dB; 42-54 dB with the accurate decode); rounding the box to whole reduced pixels instead gave 35 dB per batch and below 30 for
-single images.
+42-45 dB PSNR of exact (worst image 34 dB; 42-54 dB with the accurate decode); rounding the
+box to whole reduced pixels instead gave 35 dB per batch and below 30 for single images.
 EXIF orientation is ignored by both paths alike (as webdataset's decoder does).
 """
 
