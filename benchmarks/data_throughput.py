@@ -37,13 +37,15 @@ marker (webdataset's `eof_value=None`); the output says so.
     python benchmarks/data_throughput.py            # 3 repeats, 16 timed batches per row
     python benchmarks/data_throughput.py --quick    # 1 repeat, 4 timed batches, few images
     python benchmarks/data_throughput.py --breakdown --families datacomp-512 --sizes 224
-        # + where a fast loader's sample goes: decode, resample, the rest (ms per sample)
+        # + where a fast loader's sample goes: tar read, crop draw, decode, resample, tokenise,
+        #   batch copy, the rest (ms per sample, timed inside the worker)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -142,12 +144,14 @@ def _workers_cpu_seconds() -> float:
     return total
 
 
-def timed(batches, warmup: int, timed_batches: int) -> dict:
+def timed(batches, warmup: int, timed_batches: int, clocks=None) -> dict:
     """Rates over `timed_batches` batches after `warmup` untimed ones: samples per wall second,
-    per worker-CPU second, per total (this process + workers) CPU second."""
+    per worker-CPU second, per total (this process + workers) CPU second; with `clocks` (a
+    `StageClocks.seconds`), the seconds its stages took in the same window."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
+    stages_start = list(clocks or [])
     start, cpu_start, own_start = time.perf_counter(), _workers_cpu_seconds(), time.process_time()
     n = 0
     for _ in range(timed_batches):
@@ -155,7 +159,9 @@ def timed(batches, warmup: int, timed_batches: int) -> dict:
         n += images.shape[0]
     wall, cpu = time.perf_counter() - start, _workers_cpu_seconds() - cpu_start
     own = time.process_time() - own_start
-    return {"wall": n / wall, "worker_cpu": n / max(cpu, 1e-9), "total_cpu": n / max(cpu + own, 1e-9)}
+    stages = [end - begin for begin, end in zip(stages_start, list(clocks or []), strict=True)]
+    return {"wall": n / wall, "worker_cpu": n / max(cpu, 1e-9), "total_cpu": n / max(cpu + own, 1e-9),
+            "samples": n, **({"stage_s": stages} if clocks is not None else {})}
 
 
 def model_pieces(image_size: int):
@@ -168,7 +174,7 @@ def model_pieces(image_size: int):
 
 
 def measure(pipeline: str, pattern: str, num_samples: int, transform, tokenizer, workers: int,
-            warmup: int, timed_batches: int) -> dict:
+            warmup: int, timed_batches: int, clocks=None) -> dict:
     if pipeline.startswith("clip_train"):
         from clip_train.config import DataConfig
         from clip_train.data import build_train_loader
@@ -177,7 +183,7 @@ def measure(pipeline: str, pattern: str, num_samples: int, transform, tokenizer,
                          shuffle_buffer=1000, resampled=True, decode=pipeline.split()[1])
         loader = build_train_loader(cfg, transform=transform, tokenizer=tokenizer,
                                     local_batch_size=BATCH, seed=0, rank=0, world_size=1)
-        return timed(loader, warmup, timed_batches)
+        return timed(loader, warmup, timed_batches, clocks)
     from open_clip_train.data import get_wds_dataset
 
     args = SimpleNamespace(train_data=pattern, val_data=None, dataset_resampled=True,
@@ -244,69 +250,100 @@ def decode_limit(images: list[bytes], transform, min_seconds: float) -> dict:
     return rates
 
 
-STAGES = ("loader", "decode cached", "decode cached, no resample")
+STAGES = ("tar read", "crop draw", "decode", "resample", "tokenise", "batch copy")
+
+
+class StageClocks:
+    """Where a `data.decode=fast` worker's time goes, timed inside the worker: the thread CPU time
+    of every call of each stage's function, summed per stage into shared memory (`seconds`, in
+    STAGES order) that the DataLoader workers forked after `stage_clocks()` add to.
+
+    - tar read: the samples of a shard as the worker's reader hands them on (opening the shard,
+      reading and parsing the tar, grouping files into samples);
+    - crop draw: `fast.random_resized_crop_params`; decode: `fast._decode_jpeg`;
+      resample: `fast._resize`; batch copy: `stream.stack_images`;
+    - tokenise: the tokenizer, wrapped by `tokenizer()`.
+    Everything else a worker spends (the shuffle buffer, per-sample seeding, reading the JPEG's
+    header, transfer to the training process, Python in between) is the worker's CPU time less
+    these."""
+
+    def __init__(self):
+        import multiprocessing
+
+        self.seconds = multiprocessing.Array("d", len(STAGES), lock=False)
+
+    def timing(self, stage: str, fn):
+        k, seconds = STAGES.index(stage), self.seconds
+
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[k] += time.thread_time() - start
+
+        return timed_call
+
+    def timing_iterator(self, stage: str, fn):
+        k, seconds = STAGES.index(stage), self.seconds
+
+        @functools.wraps(fn)
+        def timed_iterator(*args, **kwargs):
+            items = fn(*args, **kwargs)
+            while True:
+                start = time.thread_time()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    seconds[k] += time.thread_time() - start
+                yield item
+
+        return timed_iterator
+
+    def tokenizer(self, tokenizer):
+        return self.timing("tokenise", tokenizer)
 
 
 @contextlib.contextmanager
-def _stage(stage: str, images: list[bytes], size: int):
-    """`clip_train.data.fast` with its JPEG decode served from a cache of the decoded images
-    ("decode cached"), and its resample skipped too ("decode cached, no resample"): a loader's
-    sample cost less what each stage takes away. The cache is filled here, before the loader's
-    workers fork from this process, so they inherit it (and the patched module)."""
-    from clip_train.data import fast
+def stage_clocks():
+    """A `StageClocks` whose stages are timed in `clip_train.data.fast` and `.stream` (patched in
+    this process, for the workers it forks, and restored after)."""
+    from clip_train.data import fast, stream
 
-    if stage == "loader":
-        yield
-        return
-    decode, resize = fast._decode_jpeg, fast._resize
-    cache, owner = {}, {}
-    for data in images:
-        header = fast.open_image(data)
-        if not isinstance(header, fast.JpegHeader):
-            continue  # PIL's route (not a JPEG simplejpeg decodes) is not served from memory
-        key = (len(data), data[-64:])
-        assert owner.setdefault(key, data) == data, "two images share a cache key"
-        for scale in (1, 2, 4, 8):
-            cache[(*key, scale)] = decode(header, scale)
-
-    def cached(image, scale):
-        return cache[(len(image.encoded), image.encoded[-64:], scale)]
-
-    import torch
-
-    resampled = torch.zeros(size, size, 3, dtype=torch.uint8).permute(2, 0, 1)  # channels-last, as _resize's
-    fast._decode_jpeg = cached
-    if stage == "decode cached, no resample":
-        fast._resize = lambda *args: resampled
+    clocks = StageClocks()
+    patches = [(stream, "group_by_keys", clocks.timing_iterator("tar read", stream.group_by_keys)),
+               (fast, "random_resized_crop_params", clocks.timing("crop draw", fast.random_resized_crop_params)),
+               (fast, "_decode_jpeg", clocks.timing("decode", fast._decode_jpeg)),
+               (fast, "_resize", clocks.timing("resample", fast._resize)),
+               (stream, "stack_images", clocks.timing("batch copy", stream.stack_images))]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, patched in patches:
+        setattr(module, name, patched)
     try:
-        yield
+        yield clocks
     finally:
-        fast._decode_jpeg, fast._resize = decode, resize
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
-def breakdown(pattern: str, images: list[bytes], num_samples: int, size: int, transform, tokenizer,
-              workers: int, warmup: int, timed_batches: int, repeats: int) -> dict:
-    """Milliseconds per sample of `data.decode=fast`, through the loader with its workers: as it
-    is, with the decode served from memory, and with the resample skipped as well (median of
-    `repeats` runs, the stages alternating). Their differences are what the JPEG decode and the
-    resample cost inside the loader (caches shared with everything else a worker does), the
-    last is everything else: tar reading, shuffle buffer, crop draw, seeding, tokenising, the
-    batch in shared memory, the transfer. Decode + resample is robust; their split is not quite:
-    an image served from memory is not in the CPU's caches as a fresh decode is, which moves
-    some of the decode's cost to the resample. Runs are 4x `timed_batches` long: a worker's CPU
-    time comes in 10 ms clock ticks."""
-    timed_batches *= 4
-    runs = {stage: [] for stage in STAGES}
-    for _ in range(repeats):
-        for stage in STAGES:
-            with _stage(stage, images, size):
-                rate = measure("clip_train fast", pattern, num_samples, transform, tokenizer, workers,
-                               warmup, timed_batches)["worker_cpu"]
-            runs[stage].append(1000.0 / rate)
-    ms = {stage: statistics.median(values) for stage, values in runs.items()}
-    return {"sample_ms": ms["loader"], "decode_ms": ms["loader"] - ms["decode cached"],
-            "resample_ms": ms["decode cached"] - ms["decode cached, no resample"],
-            "rest_ms": ms["decode cached, no resample"], "runs": runs}
+def breakdown(pattern: str, num_samples: int, transform, tokenizer, workers: int, warmup: int,
+              timed_batches: int, repeats: int) -> dict:
+    """Milliseconds per sample of `data.decode=fast` through the loader with its workers, and of
+    each of its STAGES timed inside the workers (`StageClocks`; "rest": the worker's CPU time
+    less the stages), medians of `repeats` runs 4x `timed_batches` long (a worker's CPU time
+    comes in 10 ms clock ticks)."""
+    runs = []
+    with stage_clocks() as clocks:
+        for _ in range(repeats):
+            result = measure("clip_train fast", pattern, num_samples, transform, clocks.tokenizer(tokenizer),
+                             workers, warmup, 4 * timed_batches, clocks=clocks.seconds)
+            sample_ms = 1000.0 / result["worker_cpu"]
+            stage_ms = {s: 1000.0 * t / result["samples"] for s, t in zip(STAGES, result["stage_s"], strict=True)}
+            runs.append({"sample": sample_ms, **stage_ms, "rest": sample_ms - sum(stage_ms.values())})
+    return {"ms": {part: statistics.median(run[part] for run in runs) for part in runs[0]}, "runs": runs}
 
 
 def batch_psnr(pattern: str, num_samples: int, transform, tokenizer, batches: int) -> dict:
@@ -345,7 +382,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS_DIR / "data_throughput.json"))
     parser.add_argument("--psnr-only", action="store_true", help="only the fast-vs-exact PSNR rows")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also: where a fast loader's sample time goes (decode, resample, the rest)")
+                        help="also: where a fast loader's sample time goes, stage by stage")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     n, warmup = (512, 2) if args.quick else (2048, 3)
@@ -390,8 +427,8 @@ def main() -> None:
                 limit = max(pil_limit, accurate, statistics.median(x["simplejpeg"] for x in limits))
                 if args.breakdown:
                     parts.append({"family": family, "image_size": size, "limit_decode_ms": 1000.0 / limit,
-                                  **breakdown(patterns[family], images[family], n, size, transform, tokenizer,
-                                              args.workers, warmup, timed_batches, repeats)})
+                                  **breakdown(patterns[family], n, transform, tokenizer, args.workers, warmup,
+                                              timed_batches, repeats)})
                 theirs = statistics.median(r["worker_cpu"] for r in runs["open_clip"])
                 for pipeline, results in runs.items():
                     rate = statistics.median(r["worker_cpu"] for r in results)
@@ -434,16 +471,18 @@ def main() -> None:
                   f"{r['samples_per_total_cpu_s']:,.0f} | "
                   f"{r['wall_samples_per_s_per_worker']:,.0f} |")
     if parts:
-        print("\nWhere a fast loader's sample goes (ms per sample, worker CPU, medians): the loader as it is; "
-              "the decode and the resample are what serving the decoded image from memory, then skipping "
-              "the resample too, take away; the rest is everything else. Best fraction of the limit: the "
-              "limit's decode over the loader's decode + resample, as if the rest cost nothing.\n")
-        print("| family | px | loader sample | decode in the loader | limit's decode | resample | rest | "
-              "best fraction of the limit |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("\nWhere a fast loader's sample goes (ms per sample of worker CPU, medians; each stage timed "
+              "inside the worker: benchmarks/data_throughput.py's StageClocks; rest: the worker's CPU time "
+              "less the stages). Best fraction of the limit: the limit's decode over the loader's decode + "
+              "resample, as if nothing else cost anything.\n")
+        print("| family | px | sample | " + " | ".join(STAGES) + " | rest | limit's decode | best fraction "
+              "of the limit |\n|---|---:|" + "---:|" * (len(STAGES) + 4))
         for r in parts:
-            print(f"| {r['family']} | {r['image_size']} | {r['sample_ms']:.3f} | {r['decode_ms']:.3f} | "
-                  f"{r['limit_decode_ms']:.3f} | {r['resample_ms']:.3f} | {r['rest_ms']:.3f} | "
-                  f"{r['limit_decode_ms'] / (r['decode_ms'] + r['resample_ms']):.2f} |")
+            ms = r["ms"]
+            print(f"| {r['family']} | {r['image_size']} | {ms['sample']:.3f} | "
+                  + " | ".join(f"{ms[s]:.3f}" for s in STAGES)
+                  + f" | {ms['rest']:.3f} | {r['limit_decode_ms']:.3f} | "
+                  f"{r['limit_decode_ms'] / (ms['decode'] + ms['resample']):.2f} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "samples": n, "unique_images": unique, "batch": BATCH,

@@ -212,31 +212,40 @@ def test_quality_pairs_seeds_and_checks_the_harder_prompts(tmp_path):
     assert h.launch_command(spec, tmp_path)[-1] == "optim.no_decay=open_clip"
 
 
-def test_data_throughput_breakdown_stages_serve_the_same_pixels_and_skip_the_resample(tmp_path):
-    """The breakdown's stages measure what they say: with the decode served from memory the loader
-    gives the batches it gives as it is (the same pixels, only not decoded again), and with the
-    resample skipped too, the same captions with blank images; the module is restored after."""
+def test_data_throughput_stage_clocks_time_every_stage_in_the_worker_and_change_no_batch(tmp_path):
+    """The breakdown's clocks time what they say where it happens: in a DataLoader worker forked
+    after them, every stage adds time to the shared seconds; the batches are the ones the loader
+    gives without clocks; the patched functions are restored after."""
     import data_throughput as dt
     import open_clip
     import torch
 
     from clip_train.config import DataConfig
-    from clip_train.data import build_train_loader, fast
+    from clip_train.data import build_train_loader, fast, stream
 
     images = dt.family_images("datacomp-512", 6)
     pattern = dt.write_shards(tmp_path, images, 24, per_shard=12)
 
-    def first_batch(stage):
-        with dt._stage(stage, images, 48):
-            cfg = DataConfig(train=pattern, train_num_samples=24, workers=0, resampled=True, shuffle_buffer=8)
-            loader = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True),
-                                        tokenizer=lambda texts: torch.tensor([[len(t)] for t in texts]),
-                                        local_batch_size=8, seed=0, rank=0, world_size=1)
-            return next(iter(loader))
+    def tokenizer(texts):
+        return torch.tensor([[len(t)] for t in texts])
 
-    decode, resize = fast._decode_jpeg, fast._resize
-    (real, texts), (cached, cached_texts), (blank, blank_texts) = (first_batch(s) for s in dt.STAGES)
-    assert torch.equal(real, cached) and real.float().std() > 0
-    assert torch.equal(texts, cached_texts) and torch.equal(texts, blank_texts)
-    assert blank.shape == real.shape and not blank.any()
-    assert (fast._decode_jpeg, fast._resize) == (decode, resize)
+    def first_batch(tokenize):
+        cfg = DataConfig(train=pattern, train_num_samples=24, workers=1, resampled=True, shuffle_buffer=8)
+        loader = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True),
+                                    tokenizer=tokenize, local_batch_size=8, seed=0, rank=0, world_size=1)
+        return next(iter(loader))[:2]
+
+    def timed_functions():
+        return (stream.group_by_keys, fast.random_resized_crop_params, fast._decode_jpeg, fast._resize,
+                stream.stack_images)
+
+    originals = timed_functions()
+    images_plain, texts_plain = first_batch(tokenizer)
+    with dt.stage_clocks() as clocks:
+        assert timed_functions() != originals
+        images_timed, texts_timed = first_batch(clocks.tokenizer(tokenizer))
+        seconds = dict(zip(dt.STAGES, clocks.seconds, strict=True))
+    assert torch.equal(images_plain, images_timed) and images_plain.float().std() > 0
+    assert torch.equal(texts_plain, texts_timed)
+    assert all(s > 0 for s in seconds.values()), seconds
+    assert timed_functions() == originals

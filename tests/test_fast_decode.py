@@ -374,3 +374,65 @@ def test_a_truncated_jpeg_fails_in_fast_as_in_exact():
         PILRGB("x.jpg", data)
     with pytest.raises(OSError, match="truncated"):  # -> counted as corrupt_image by the loader
         fast(open_image(data))
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory, photos) -> str:
+    """Photos with unusable samples among them -- a JPEG cut in its scan data (fails when
+    decoded), bytes that are no image (fail when opened) -- and images PIL decodes: a PNG and a
+    grayscale JPEG."""
+    rng = np.random.default_rng(3)
+    cut = jpeg_bytes(photo(rng, 640, 480))[:20000]
+    gray = jpeg_bytes(photo(rng, 300, 200).convert("L"))
+    png = io.BytesIO()
+    photo(rng, 200, 260).save(png, format="PNG")
+    items = [photos[0], cut, photos[5], b"\xff\xd8 no image", ("png", png.getvalue()), photos[6], gray,
+             photos[1], b"no image at all", photos[7], photos[2], photos[3]]
+    folder = tmp_path_factory.mktemp("mixed_shards")
+    with wds.TarWriter(str(folder / "m-000000.tar")) as sink:
+        for n, item in enumerate(items):
+            ext, data = item if isinstance(item, tuple) else ("jpg", item)
+            sink.write({"__key__": f"{n:06d}", ext: data, "txt": str(n)})
+    return str(folder / "m-000000.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_passes_give_the_batches_states_and_counts_of_one_sample_at_a_time(mixed_shards, monkeypatch, workers):
+    """A fast worker draws the crops of a batch's samples first, then decodes and resamples them
+    (`_Decoder`, when the transform draws nothing after its crop): the same batches, worker
+    states and bad-sample counts as one sample at a time, with samples failing in either pass."""
+    events = []
+    draw, render = FastCompose.draw, FastCompose.render
+    monkeypatch.setattr(FastCompose, "draw", lambda self, image: events.append("draw") or draw(self, image))
+    monkeypatch.setattr(FastCompose, "render", lambda self, image, crop: events.append("render") or render(self, image, crop))
+
+    def run(one_at_a_time: bool, batches: int = 5):
+        cfg = DataConfig(train=mixed_shards, train_num_samples=12, workers=workers, shuffle_buffer=4,
+                         resampled=False)
+        loader = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True),
+                                    tokenizer=id_tokenizer, local_batch_size=3, seed=1, rank=0, world_size=1)
+        loader._spec.transform.draws_after_crop = one_at_a_time  # a transform that draws after its crop
+        events.clear()
+        got = list(islice(loader, batches))
+        return got, loader.state_dict(), loader.bad_counts(), list(events)
+
+    jitter = open_clip.image_transform(48, is_train=True, aug_cfg={"color_jitter_prob": 0.8, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
+    assert fast_transform(split_normalize(jitter)[0])[0].draws_after_crop  # taken one at a time
+    assert not fast_transform(split_normalize(open_clip.image_transform(48, is_train=True))[0])[0].draws_after_crop
+    two, two_state, two_bad, two_events = run(False)
+    one, one_state, one_bad, one_events = run(True)
+    for (a, ta), (b, tb) in zip(two, one, strict=True):
+        assert torch.equal(ta, tb) and torch.equal(a, b)
+    assert [len(texts) for _, texts in two] == [3] * 5  # each batch ends at its third usable sample
+    assert two_state == one_state and two_bad == one_bad
+    assert two_bad["corrupt_image"] >= 3  # a pass and a half over 12 samples, 3 of them unusable
+    if workers == 0:  # the calls are seen in this process: a batch's draws before its renders
+        assert one_events == ["draw", "render"] * (len(one_events) // 2)
+        assert "draw, draw, draw, render, render, render" in ", ".join(two_events)
+    # Resuming from a state written by the two passes continues as one at a time would.
+    first, state, _, _ = run(False, batches=2)
+    cfg = DataConfig(train=mixed_shards, train_num_samples=12, workers=workers, shuffle_buffer=4, resampled=False)
+    resumed = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True), tokenizer=id_tokenizer,
+                                 local_batch_size=3, seed=1, rank=0, world_size=1, state=state)
+    for (a, ta), (b, tb) in zip(islice(resumed, 3), one[2:], strict=True):
+        assert torch.equal(ta, tb) and torch.equal(a, b)

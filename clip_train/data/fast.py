@@ -105,7 +105,35 @@ class JpegHeader:
 
 class FastCompose(Compose):
     """A train transform whose first pixel step is a `FastResizedCrop`: it takes an image opened,
-    not decoded, by `open_image`, which is how `_Decoder` knows to skip the decode."""
+    not decoded, by `open_image`, which is how `_Decoder` knows to skip the decode.
+
+    Calling it is `render(*draw(image))`: `draw` runs the steps before the crop (pixel-free) and
+    the crop's random draws, `render` the decode, the resample and the steps after. Where those
+    later steps draw nothing (`draws_after_crop` False: open_clip's train transform, split by
+    `split_normalize`), a worker may draw every sample of a batch first and render them after
+    (`_Decoder`): the same images from the same random numbers."""
+
+    def __init__(self, transforms: list):
+        super().__init__(transforms)
+        self._crop = next(k for k, step in enumerate(transforms) if isinstance(step, FastResizedCrop))
+        # Steps after the crop that pass its uint8 tensor on unchanged consume no random numbers.
+        self.draws_after_crop = not transforms[self._crop].tensor_out
+
+    def draw(self, image: Image.Image | JpegHeader) -> tuple:
+        """(the image after the steps before the crop, the crop's drawn parameters)."""
+        for step in self.transforms[:self._crop]:
+            image = step(image)
+        return image, self.transforms[self._crop].draw(image)
+
+    def render(self, image: Image.Image | JpegHeader, crop: tuple):
+        """The transform's output for `image` and the crop `draw` gave for it."""
+        out = self.transforms[self._crop].render(image, crop)
+        for step in self.transforms[self._crop + 1:]:
+            out = step(out)
+        return out
+
+    def __call__(self, image: Image.Image | JpegHeader):
+        return self.render(*self.draw(image))
 
 
 class FastResizedCrop:
@@ -122,13 +150,23 @@ class FastResizedCrop:
         self.tensor_out = tensor_out
 
     def __call__(self, image: Image.Image | JpegHeader) -> Image.Image | torch.Tensor:
+        return self.render(image, self.draw(image))
+
+    def draw(self, image: Image.Image | JpegHeader) -> tuple[tuple[int, int, int, int], object]:
+        """The crop's random draws for `image`, in its own order: (box (top, left, bottom, right),
+        interpolation)."""
         top, left, height, width = self._params(image)
-        box = (top, left, top + height, left + width)
         interpolation = self.crop.interpolation
         if isinstance(interpolation, (tuple, list)):  # timm's interpolation="random"
             import random
 
             interpolation = random.choice(interpolation)
+        return (top, left, top + height, left + width), interpolation
+
+    def render(self, image: Image.Image | JpegHeader, crop: tuple[tuple[int, int, int, int], object]
+               ) -> Image.Image | torch.Tensor:
+        """The crop `draw` gave for `image`, decoded and resampled to the output size."""
+        box, interpolation = crop
         torch_filter = _TORCH_FILTERS.get(interpolation)
         if isinstance(image, JpegHeader):
             if torch_filter is not None:
@@ -153,9 +191,9 @@ class FastResizedCrop:
                 pixels_HWC = torch.from_numpy(np.asarray(image))
             return self._finish(_resize(pixels_HWC, self._axes(box, 1), self.size_hw, torch_filter))
         # A box in the reduced image's coordinates is fractional: PIL resamples from it directly.
-        out_h, out_w = self.size_hw
+        (out_h, out_w), (top, left, bottom, right) = self.size_hw, box
         return image.resize((out_w, out_h), _pil_filter(interpolation),
-                            box=(left / scale, top / scale, (left + width) / scale, (top + height) / scale))
+                            box=(left / scale, top / scale, right / scale, bottom / scale))
 
     def _params(self, image: Image.Image | JpegHeader) -> tuple[int, int, int, int]:
         """The crop's (top, left, height, width), drawn as its own `get_params` draws them:

@@ -450,14 +450,15 @@ def _worker_batches(spec: _StreamSpec, worker: int) -> Iterator[tuple[torch.Tens
             continue
         fresh_pass = state["next"] == [0, 0] and not state["buffer"]
         shuffle = _Pass(spec, worker, counts, state)
+        samples = iter(shuffle)
         good_before = counts.good
-        for pos, sample in shuffle:
-            image = decode(epoch, pass_, pos, sample)
-            if image is None:
-                continue
-            counts.good += 1
-            images.append(image)
-            captions.append(sample["caption"])
+        # The samples this batch still needs, taken and decoded together (the fast decode's two
+        # passes, `_Decoder`): the batch ends at the sample it ends at one by one.
+        while taken := list(islice(samples, spec.local_batch_size - len(images))):
+            for (_, sample), image in zip(taken, decode(epoch, pass_, taken), strict=True):
+                if image is not None:
+                    images.append(image)
+                    captions.append(sample["caption"])
             if len(images) < spec.local_batch_size:
                 continue
             state["batches_in_epoch"] += 1
