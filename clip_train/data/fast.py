@@ -24,7 +24,9 @@ replaces how its RandomResizedCrop gets its pixels:
    reduced image's coordinates for other filters.
 
 The steps after the crop run unchanged on its output-size image, which is why every augmentation
-of open_clip's and timm's train transforms is reproduced with the same parameters. What the fast
+of open_clip's and timm's train transforms is reproduced with the same parameters. A call is
+`render(*draw(image))` (`FastCompose`): where the steps after the crop draw nothing, a worker
+draws a batch's crops first and renders them after (`decode._Decoder`). What the fast
 path cannot honour -- a transform that is not a Compose with a RandomResizedCrop, or a step
 before the crop that needs the decoded pixels -- makes `fast_transform` return None and a
 reason, and the loader then decodes exactly (one log line).
