@@ -48,7 +48,7 @@ class _Decoder:
                         for pos, sample in samples]
             # Every sample's header and crop first, then every decode and resample: the Python of
             # the first pass runs from warm caches rather than after each image's decode and
-            # resample evicted it (-10% CPU per DataComp-like sample at 224 px). The transform's
+            # resample evicted it (7-8% less CPU per DataComp-like sample at 224 px). The transform's
             # steps after the crop draw nothing (`draws_after_crop`), so the random numbers are
             # the ones drawn one sample at a time.
             drawn = [_outcome(self._drawn, epoch, pass_, pos, sample) for pos, sample in samples]
