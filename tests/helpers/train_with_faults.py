@@ -111,7 +111,14 @@ trainer.contrastive_loss, trainer.train_step, trainer.lr_at, trainer.batch_to_de
 if args.attn_dropout:
     trainer.build_model = build
 if args.kill_in_upload or args.upload_delay_s:
-    counter = tempfile.mkstemp(prefix="uploads-")[1]
+    # In the nearest folder above the run's output directory that exists (the test's own temporary
+    # folder), not in /tmp: a process killed on purpose never removes it.
+    folder = next((a.split("=", 1)[1] for a in rest if a.startswith("train.output_dir=")), None)
+    if folder is not None:
+        folder = os.path.dirname(os.path.abspath(folder))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+    counter = tempfile.mkstemp(prefix="uploads-", dir=folder)[1]
     remote.UPLOAD_COMMAND = [sys.executable, "tests/helpers/upload_with_faults.py", "--counter", counter,
                              "--kill-in-upload", str(args.kill_in_upload), "--upload-delay-s", str(args.upload_delay_s)]
 
