@@ -138,6 +138,25 @@ def _row_dot(a_BD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bd,bd->b", a_BD, b_BD)  # (a * b).sum(1) without the B x D product
 
 
+def _finish_backward_(grad_positive_B, scale, grad_scale, img, txt) -> tuple:
+    """The end of a ring loss's backward: adds the positive pairs' terms (`grad_positive_B`: the
+    loss's gradient w.r.t. each positive logit, scale * <img_i, txt_i> (+ bias)) to the unscaled
+    gradients the ring accumulated and to `grad_scale` (float64; None if not needed), and returns
+    the gradients w.r.t. the raw image and text embeddings (None where not needed). `img`, `txt`:
+    (unit rows, their norms, clamped mask, accumulated gradient or None), as `_unit_rows` gave."""
+    (img_BD, *_), (txt_BD, *_) = img, txt
+    if grad_scale is not None:
+        grad_scale.add_(_dot(grad_positive_B, _row_dot(img_BD, txt_BD)))
+    grads = []
+    for (rows_BD, norm_B, clamped_B, acc_BD), partner_BD in ((img, txt_BD), (txt, img_BD)):
+        if acc_BD is None:
+            grads.append(None)
+            continue
+        acc_BD.addcmul_(partner_BD, grad_positive_B[:, None]).mul_(scale)
+        grads.append(_unit_rows_backward_(acc_BD, rows_BD, norm_B, clamped_B))
+    return tuple(grads)
+
+
 class _RingClip(torch.autograd.Function):
     """CLIP's two directions over the ring, from the RAW float32 embeddings of this process:
     with y = the unit rows and p_i = scale * <img_i, txt_i> each row's positive logit,
@@ -234,16 +253,9 @@ class _RingClip(torch.autograd.Function):
         _ring_backward(ctx.ring, [img_BD, txt_BD], ctx.tile_size, visit,
                        [acc for acc in (acc_img_BD, acc_txt_BD) if acc is not None])  # fmt: skip
         # The positive logits: d shift_i = -(g_i + g'_i).
-        grad_shift_B = -(grad_i2t_B + grad_t2i_B)
-        if need_scale:
-            grad_scale.add_(_dot(grad_shift_B, _row_dot(img_BD, txt_BD)))
-        grad_img = grad_txt = None
-        if need_img:
-            acc_img_BD.addcmul_(txt_BD, grad_shift_B[:, None]).mul_(scale)
-            grad_img = _unit_rows_backward_(acc_img_BD, img_BD, img_norm_B, img_clamped_B)
-        if need_txt:
-            acc_txt_BD.addcmul_(img_BD, grad_shift_B[:, None]).mul_(scale)
-            grad_txt = _unit_rows_backward_(acc_txt_BD, txt_BD, txt_norm_B, txt_clamped_B)
+        grad_img, grad_txt = _finish_backward_(
+            -(grad_i2t_B + grad_t2i_B), scale, grad_scale if need_scale else None,
+            (img_BD, img_norm_B, img_clamped_B, acc_img_BD), (txt_BD, txt_norm_B, txt_clamped_B, acc_txt_BD))
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
         return grad_img, grad_txt, grad_scale, None, None, None, None
 
@@ -317,15 +329,9 @@ class _RingSigLip(torch.autograd.Function):
         p_B = torch.sigmoid(-positive_B).mul_(-grad_total)
         if need_bias:
             grad_bias.add_(p_B.sum().double())
-        if need_scale:
-            grad_scale.add_(_dot(p_B, _row_dot(img_BD, txt_BD)))
-        grad_img = grad_txt = None
-        if need_img:
-            acc_img_BD.addcmul_(txt_BD, p_B[:, None]).mul_(scale)
-            grad_img = _unit_rows_backward_(acc_img_BD, img_BD, img_norm_B, img_clamped_B)
-        if need_txt:
-            acc_txt_BD.addcmul_(img_BD, p_B[:, None]).mul_(scale)
-            grad_txt = _unit_rows_backward_(acc_txt_BD, txt_BD, txt_norm_B, txt_clamped_B)
+        grad_img, grad_txt = _finish_backward_(
+            p_B, scale, grad_scale if need_scale else None,
+            (img_BD, img_norm_B, img_clamped_B, acc_img_BD), (txt_BD, txt_norm_B, txt_clamped_B, acc_txt_BD))
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if need_scale else None
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
         return grad_img, grad_txt, grad_scale, grad_bias, None, None
