@@ -19,12 +19,14 @@ import webdataset as wds
 from data_shards import id_tokenizer, to_tensor
 from PIL import Image, ImageFile
 from torchvision import transforms as T
+from torchvision.transforms import Compose
 from webdataset.autodecode import ImageHandler
 from webdataset.utils import make_seed
 
 from clip_train.config import DataConfig
 from clip_train.data import build_train_loader, epoch_shard_order, split_normalize
 from clip_train.data.fast import FastCompose, fast_transform, open_image
+from clip_train.model import SeedNumpyFromTorch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from photos import jpeg_bytes, photo, web_size  # noqa: E402 - the benchmarks' photo-like JPEGs
@@ -396,29 +398,34 @@ def mixed_shards(tmp_path_factory, photos) -> str:
     return str(folder / "m-000000.tar")
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_two_passes_give_the_batches_states_and_counts_of_one_sample_at_a_time(mixed_shards, monkeypatch, workers):
+JITTER = {"color_jitter_prob": 0.8, "color_jitter": (0.4, 0.4, 0.4, 0.1), "gray_scale_prob": 0.3}
+
+
+@pytest.mark.parametrize("workers,aug", [(0, None), (1, None), (0, JITTER), (1, JITTER)])
+def test_two_passes_give_the_batches_states_and_counts_of_one_sample_at_a_time(mixed_shards, monkeypatch, workers, aug):
     """A fast worker draws the crops of a batch's samples first, then decodes and resamples them
-    (`_Decoder`, when the transform draws nothing after its crop): the same batches, worker
-    states and bad-sample counts as one sample at a time, with samples failing in either pass."""
+    (`_Decoder`): the same batches, worker states and bad-sample counts as one sample at a time,
+    with samples failing in either pass; with colour jitter and grayscale after the crop (they
+    draw from Python's and torch's RNGs) too, from the states each sample's draw left."""
     events = []
     draw, render = FastCompose.draw, FastCompose.render
     monkeypatch.setattr(FastCompose, "draw", lambda self, image: events.append("draw") or draw(self, image))
     monkeypatch.setattr(FastCompose, "render", lambda self, image, crop: events.append("render") or render(self, image, crop))
 
+    def loader_of(**kwargs):
+        cfg = DataConfig(train=mixed_shards, train_num_samples=12, workers=workers, shuffle_buffer=4, resampled=False)
+        return build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True, aug_cfg=aug),
+                                  tokenizer=id_tokenizer, local_batch_size=3, seed=1, rank=0, world_size=1, **kwargs)
+
     def run(one_at_a_time: bool, batches: int = 5):
-        cfg = DataConfig(train=mixed_shards, train_num_samples=12, workers=workers, shuffle_buffer=4,
-                         resampled=False)
-        loader = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True),
-                                    tokenizer=id_tokenizer, local_batch_size=3, seed=1, rank=0, world_size=1)
-        loader._spec.transform.draws_after_crop = one_at_a_time  # a transform that draws after its crop
+        loader = loader_of()
+        assert loader._spec.transform.draws_after_crop == (aug is not None)
+        if one_at_a_time:  # as a transform whose steps also seed numpy (timm's) is taken
+            loader._spec.transform.draws_after_crop = loader._spec.transform.seeds_numpy = True
         events.clear()
         got = list(islice(loader, batches))
         return got, loader.state_dict(), loader.bad_counts(), list(events)
 
-    jitter = open_clip.image_transform(48, is_train=True, aug_cfg={"color_jitter_prob": 0.8, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
-    assert fast_transform(split_normalize(jitter)[0])[0].draws_after_crop  # taken one at a time
-    assert not fast_transform(split_normalize(open_clip.image_transform(48, is_train=True))[0])[0].draws_after_crop
     two, two_state, two_bad, two_events = run(False)
     one, one_state, one_bad, one_events = run(True)
     for (a, ta), (b, tb) in zip(two, one, strict=True):
@@ -429,10 +436,17 @@ def test_two_passes_give_the_batches_states_and_counts_of_one_sample_at_a_time(m
     if workers == 0:  # the calls are seen in this process: a batch's draws before its renders
         assert one_events == ["draw", "render"] * (len(one_events) // 2)
         assert "draw, draw, draw, render, render, render" in ", ".join(two_events)
+    if aug is not None:  # the jitter changed the images: the RNG states it drew from mattered
+        plain = list(islice(build_train_loader(
+            DataConfig(train=mixed_shards, train_num_samples=12, workers=0, shuffle_buffer=4, resampled=False),
+            transform=open_clip.image_transform(48, is_train=True), tokenizer=id_tokenizer, local_batch_size=3,
+            seed=1, rank=0, world_size=1), 5))
+        assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(two, plain, strict=True))
+    timm_like = fast_transform(Compose([SeedNumpyFromTorch(), *split_normalize(
+        open_clip.image_transform(48, is_train=True, aug_cfg=JITTER))[0].transforms]))[0]
+    assert timm_like.seeds_numpy and timm_like.draws_after_crop  # one sample at a time (see _Decoder)
     # Resuming from a state written by the two passes continues as one at a time would.
     first, state, _, _ = run(False, batches=2)
-    cfg = DataConfig(train=mixed_shards, train_num_samples=12, workers=workers, shuffle_buffer=4, resampled=False)
-    resumed = build_train_loader(cfg, transform=open_clip.image_transform(48, is_train=True), tokenizer=id_tokenizer,
-                                 local_batch_size=3, seed=1, rank=0, world_size=1, state=state)
+    resumed = loader_of(state=state)
     for (a, ta), (b, tb) in zip(islice(resumed, 3), one[2:], strict=True):
         assert torch.equal(ta, tb) and torch.equal(a, b)

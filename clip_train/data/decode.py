@@ -37,7 +37,10 @@ class _Decoder:
         self.in_main_process = in_main_process
         # fast: open only (size and mode); the transform decodes after drawing its crop.
         self.fast = isinstance(spec.transform, FastCompose)
-        self.two_passes = self.fast and not spec.transform.draws_after_crop
+        transform = spec.transform
+        self.two_passes = self.fast and not (transform.draws_after_crop and transform.seeds_numpy)
+        # Steps after the crop that draw: each render starts from the RNG states its draw left.
+        self.keep_rngs = self.two_passes and transform.draws_after_crop
 
     def __call__(self, epoch: int, pass_: int, samples: list[tuple[tuple[int, int], dict]]) -> list[torch.Tensor | None]:
         """The images of `samples` ((position, sample) pairs), None for those that fail to decode."""
@@ -48,11 +51,11 @@ class _Decoder:
                         for pos, sample in samples]
             # Every sample's header and crop first, then every decode and resample: the Python of
             # the first pass runs from warm caches rather than after each image's decode and
-            # resample evicted it (7-8% less CPU per DataComp-like sample at 224 px). The transform's
-            # steps after the crop draw nothing (`draws_after_crop`), so the random numbers are
-            # the ones drawn one sample at a time.
+            # resample evicted it (7-8% less CPU per DataComp-like sample at 224 px). The random
+            # numbers are the ones drawn one sample at a time: the steps after the crop draw
+            # nothing, or draw from the states `keep_rngs` kept (torch's and Python's).
             drawn = [_outcome(self._drawn, epoch, pass_, pos, sample) for pos, sample in samples]
-            return [self._judged(sample, _outcome(self.spec.transform.render, *crop) if failed is None else (None, failed))
+            return [self._judged(sample, _outcome(self._rendered, *crop) if failed is None else (None, failed))
                     for (_, sample), (crop, failed) in zip(samples, drawn, strict=True)]
 
     def _opened(self, epoch: int, pass_: int, pos: tuple[int, int], sample: dict):
@@ -69,7 +72,15 @@ class _Decoder:
         return self.spec.transform(self._opened(epoch, pass_, pos, sample))
 
     def _drawn(self, epoch: int, pass_: int, pos: tuple[int, int], sample: dict) -> tuple:
-        return self.spec.transform.draw(self._opened(epoch, pass_, pos, sample))
+        """(the image, its crop, the RNG states the steps after the crop start from, or None)."""
+        image, crop = self.spec.transform.draw(self._opened(epoch, pass_, pos, sample))
+        return image, crop, (torch.random.default_generator.get_state(), random.getstate()) if self.keep_rngs else None
+
+    def _rendered(self, image, crop: tuple, rngs: tuple | None) -> torch.Tensor:
+        if rngs is not None:
+            torch.random.default_generator.set_state(rngs[0])
+            random.setstate(rngs[1])
+        return self.spec.transform.render(image, crop)
 
     def _judged(self, sample: dict, outcome: tuple[torch.Tensor | None, Exception | None]) -> torch.Tensor | None:
         image, failed = outcome

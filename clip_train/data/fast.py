@@ -25,8 +25,8 @@ replaces how its RandomResizedCrop gets its pixels:
 
 The steps after the crop run unchanged on its output-size image, which is why every augmentation
 of open_clip's and timm's train transforms is reproduced with the same parameters. A call is
-`render(*draw(image))` (`FastCompose`): where the steps after the crop draw nothing, a worker
-draws a batch's crops first and renders them after (`decode._Decoder`). What the fast
+`render(*draw(image))` (`FastCompose`): a worker draws a batch's crops first and renders them
+after (`decode._Decoder`; one at a time where numpy's state would have to be kept). What the fast
 path cannot honour -- a transform that is not a Compose with a RandomResizedCrop, or a step
 before the crop that needs the decoded pixels -- makes `fast_transform` return None and a
 reason, and the loader then decodes exactly (one log line).
@@ -110,16 +110,20 @@ class FastCompose(Compose):
     not decoded, by `open_image`, which is how `_Decoder` knows to skip the decode.
 
     Calling it is `render(*draw(image))`: `draw` runs the steps before the crop (pixel-free) and
-    the crop's random draws, `render` the decode, the resample and the steps after. Where those
-    later steps draw nothing (`draws_after_crop` False: open_clip's train transform, split by
-    `split_normalize`), a worker may draw every sample of a batch first and render them after
-    (`_Decoder`): the same images from the same random numbers."""
+    the crop's random draws, `render` the decode, the resample and the steps after. A worker may
+    draw every sample of a batch first and render them after (`_Decoder`): the same images from
+    the same random numbers, where the later steps draw nothing (`draws_after_crop` False:
+    open_clip's train transform, split by `split_normalize`) or draw from torch's and Python's
+    RNGs, whose states the worker keeps from each draw to its render (colour jitter, grayscale).
+    Where a step before the crop seeds numpy (timm's, `seeds_numpy`), it takes one at a time."""
 
     def __init__(self, transforms: list):
         super().__init__(transforms)
         self._crop = next(k for k, step in enumerate(transforms) if isinstance(step, FastResizedCrop))
         # Steps after the crop that pass its uint8 tensor on unchanged consume no random numbers.
         self.draws_after_crop = not transforms[self._crop].tensor_out
+        # numpy's state kept from a draw to its render would cost ~70 us a sample (get and set).
+        self.seeds_numpy = any(type(step).__name__ == "SeedNumpyFromTorch" for step in transforms[:self._crop])
 
     def draw(self, image: Image.Image | JpegHeader) -> tuple:
         """(the image after the steps before the crop, the crop's drawn parameters)."""
