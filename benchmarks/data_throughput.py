@@ -264,7 +264,7 @@ class StageClocks:
       reading and parsing the tar, grouping files into samples);
     - crop draw: `fast.random_resized_crop_params`; decode: `fast._decode_jpeg`;
       resample: `fast._resize`; batch copy: `stream.stack_images`;
-    - tokenise: the tokenizer, wrapped by `tokenizer()`.
+    - tokenise: the tokenizer the loader builds (`loader.caption_tokenizer`'s).
     Everything else a worker spends (the shuffle buffer, per-sample seeding, reading the JPEG's
     header, transfer to the training process, Python in between) is the worker's CPU time less
     these."""
@@ -305,22 +305,21 @@ class StageClocks:
 
         return timed_iterator
 
-    def tokenizer(self, tokenizer):
-        return self.timing("tokenise", tokenizer)
-
 
 @contextlib.contextmanager
 def stage_clocks():
     """A `StageClocks` whose stages are timed in `clip_train.data.fast` and `.stream` (patched in
     this process, for the workers it forks, and restored after)."""
-    from clip_train.data import fast, stream
+    from clip_train.data import fast, loader, stream
 
     clocks = StageClocks()
+    caption_tokenizer = loader.caption_tokenizer
     patches = [(stream, "group_by_keys", clocks.timing_iterator("tar read", stream.group_by_keys)),
                (fast, "random_resized_crop_params", clocks.timing("crop draw", fast.random_resized_crop_params)),
                (fast, "_decode_jpeg", clocks.timing("decode", fast._decode_jpeg)),
                (fast, "_resize", clocks.timing("resample", fast._resize)),
-               (stream, "stack_images", clocks.timing("batch copy", stream.stack_images))]
+               (stream, "stack_images", clocks.timing("batch copy", stream.stack_images)),
+               (loader, "caption_tokenizer", lambda tok: clocks.timing("tokenise", caption_tokenizer(tok)))]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, patched in patches:
         setattr(module, name, patched)
@@ -340,7 +339,7 @@ def breakdown(pattern: str, num_samples: int, transform, tokenizer, workers: int
     runs = []
     with stage_clocks() as clocks:
         for _ in range(repeats):
-            result = measure("clip_train fast", pattern, num_samples, transform, clocks.tokenizer(tokenizer),
+            result = measure("clip_train fast", pattern, num_samples, transform, tokenizer,
                              workers, warmup, 4 * timed_batches, clocks=clocks.seconds)
             sample_ms = 1000.0 / result["worker_cpu"]
             stage_ms = {s: 1000.0 * t / result["samples"] for s, t in zip(STAGES, result["stage_s"], strict=True)}

@@ -34,6 +34,7 @@ from clip_train.data.stream import (
     _StreamSpec,
     merge_bad_shards,
 )
+from clip_train.data.tokens import caption_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def build_train_loader(cfg: DataConfig, *, transform: Callable, tokenizer: Calla
         image_keys=tuple(k.strip().lower() for k in cfg.image_key.split(";") if k.strip()),
         text_key=cfg.text_key.lower(),
         bad_fraction_min_samples=cfg.bad_fraction_min_samples, transform=transform,
-        tokenizer=tokenizer, resume=(None,) * num_workers, worker_offset=0,
+        tokenizer=caption_tokenizer(tokenizer), resume=(None,) * num_workers, worker_offset=0,
         captions=None if cfg.caption_list_key is None else CaptionSpec(
             cfg.caption_list_key, None if cfg.caption_probs is None else tuple(cfg.caption_probs),
             cfg.caption_list_with_text),
