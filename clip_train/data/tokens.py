@@ -1,5 +1,6 @@
-"""Tokenising a batch's captions: open_clip's SimpleTokenizer, the same tensors at about half
-its cost per caption.
+"""Tokenising a batch's captions: open_clip's SimpleTokenizer, the same tensors at a fraction of
+its cost (a loader's sample on DataComp-like shards: 0.053 -> 0.009 ms; web-like captions with a
+cold word cache: 51 against 113 us).
 
 open_clip's tokenizer cleans every caption with ftfy (~13 us, most of its cost), then maps each
 word through byte-level BPE, whose cache still leaves a join, a split and a dictionary lookup per
