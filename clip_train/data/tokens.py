@@ -21,8 +21,10 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer, _clean_lower, _clean_whitespace, whitespace_clean
 
 # A bound on the per-worker word cache (open_clip's BPE cache has none): web captions bring
-# millions of distinct words (numbers, names, URLs) over an epoch. Cleared when full.
-_MAX_WORDS = 1 << 18
+# millions of distinct words (numbers, names, URLs) over an epoch, and a node runs ~100 workers.
+# 65,536 words take ~18 MB (with open_clip's BPE cache entries for them); cleared when full (the
+# common words are back within a few batches).
+_MAX_WORDS = 1 << 16
 
 
 def _lower(text: str) -> str:
