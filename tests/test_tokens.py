@@ -54,6 +54,19 @@ def test_printable_ascii_shortcut_matches_ftfy_and_html_unescape():
         assert torch.equal(fast(captions[i:i + 64]), reference(captions[i:i + 64]))
 
 
+def test_random_unicode_captions_match():
+    """Captions drawn from Latin, accented, Cyrillic, CJK, emoji, combining marks, punctuation,
+    digits and whitespace: ftfy's route, the regex's splits and the word cache give open_clip's ids."""
+    rng = random.Random(1)
+    alphabet = (string.ascii_letters + string.digits + " .,'!?-&;#" + "éèüßñçøåÉÜ" + "привет" + "東京夜景の"
+                + "\U0001F415\U0001F303\u200d" + "\u0301\u0308" + "\t\n\u00a0\u3000" + "ﬁ“”’")
+    captions = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 50))) for _ in range(1000)]
+    reference, fast = SimpleTokenizer(), CaptionTokenizer(SimpleTokenizer())
+    for _ in range(2):
+        for i in range(0, len(captions), 64):
+            assert torch.equal(fast(captions[i:i + 64]), reference(captions[i:i + 64]))
+
+
 def test_word_cache_is_bounded_and_not_pickled(monkeypatch):
     monkeypatch.setattr(tokens, "_MAX_WORDS", 8)
     reference, fast = SimpleTokenizer(), CaptionTokenizer(SimpleTokenizer())
