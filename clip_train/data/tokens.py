@@ -7,9 +7,10 @@ word through byte-level BPE, whose cache still leaves a join, a split and a dict
 piece, and copies each row into the batch through its own tensor. Here a caption of printable
 ASCII without '&' skips ftfy and `html.unescape`, for which both leave it unchanged (ftfy's fixes
 all need a non-ASCII character, a control character or an HTML entity); each word's ids are
-cached whole; the batch is filled in numpy. Everything else -- the regex, the BPE, the clean-up,
-truncation -- is open_clip's own, called as it calls it. Other tokenizers (Hugging Face ones,
-open_clip's reduction masks) are used unchanged.
+cached whole; the batch is filled in numpy. The regex, the BPE, the vocabulary and the clean-up
+are open_clip's own, called as it calls them; truncation follows its rule (the last kept id
+becomes the end token). Other tokenizers (Hugging Face ones, open_clip's reduction masks) are
+used unchanged.
 """
 
 from __future__ import annotations
