@@ -288,6 +288,23 @@ def test_workers_reuse_a_batch_buffer_only_once_the_training_process_let_go_of_i
     assert all(torch.equal(a, b[:, :, 1:]) for a, b in zip(kept, expected, strict=True))
 
 
+def test_workers_freeze_the_objects_they_inherit(even_shards):
+    """A worker's garbage collector leaves alone what it inherited from the training process:
+    `init_worker` freezes it first (inside the worker, gc's frozen count is its parent's objects);
+    the training process itself is left as it was."""
+    import gc
+
+    def tokenizer(texts):  # runs inside the worker
+        return torch.tensor([[gc.get_freeze_count()]] * len(texts))
+
+    cfg = DataConfig(train=even_shards, shuffle_buffer=20, workers=1, resampled=True)
+    train_loader = build_train_loader(cfg, transform=to_tensor, tokenizer=tokenizer, local_batch_size=4,
+                                      seed=0, rank=0, world_size=1)
+    _, texts = next(iter(train_loader))
+    assert texts.min() > 10_000  # torch's, open_clip's... objects, imported before the fork
+    assert gc.get_freeze_count() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad data
 

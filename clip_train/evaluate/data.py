@@ -23,7 +23,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from tqdm import tqdm
 
 from clip_train.config import ConfigError, clip_benchmark_folder, expand_urls
-from clip_train.data.loader import ignore_stop_signals
+from clip_train.data.loader import init_worker
 
 log = logging.getLogger("clip_train.evaluate")
 
@@ -274,7 +274,7 @@ def shard_loader(
     )
     return torch.utils.data.DataLoader(
         pipeline, batch_size=None, num_workers=min(workers, len(urls)), generator=_own_generator(),
-        worker_init_fn=ignore_stop_signals
+        worker_init_fn=init_worker
     )
 
 
@@ -304,7 +304,7 @@ def imagefolder_loader(
     # A strided subset: every rank gets a disjoint share, together all images exactly once.
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                                       generator=_own_generator(), worker_init_fn=ignore_stop_signals)
+                                       generator=_own_generator(), worker_init_fn=init_worker)
 
 
 def _own_generator() -> torch.Generator:
