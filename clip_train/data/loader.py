@@ -52,8 +52,9 @@ def init_worker(worker_id: int) -> None:
     accelerate, W&B, the model: 0.4-1 million). Its garbage collector's full passes would walk
     them all, writing to each one's header -- copying the parent's pages -- and find nothing to
     free. Frozen first, they are left out and the collector walks only the worker's own objects.
-    Measured on DataComp-like 224-px samples with 600,000 more objects in the parent: 1.32-1.44
-    ms of worker CPU a sample without, 1.18-1.23 with (no change with a bare benchmark parent)."""
+    Measured on DataComp-like 224-px samples with 600,000 more objects in the parent, 4
+    alternating pairs: 1.27-1.32 ms of worker CPU a sample without, 1.14-1.18 with (0.90x; no
+    change with the benchmark's bare parent, docs/performance.md)."""
     gc.freeze()
     ignore_stop_signals(worker_id)
 
@@ -64,7 +65,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     worker killed by the signal would crash the trainer first ("DataLoader worker ... is killed
     by signal"). So a worker ignores SIGUSR1 and every SIGTERM but its trainer's own: the
     DataLoader's shutdown and multiprocessing's exit handler end workers with SIGTERM, and a
-    worker deaf to those would hang the trainer's exit. A thread reads SIGTERM's sender (sigwaitinfo) to tell them apart."""
+    worker deaf to those would hang the trainer's exit. A thread reads SIGTERM's sender
+    (sigwaitinfo) to tell them apart."""
     import multiprocessing
     import threading
 
